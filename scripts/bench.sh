@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Benchmark: `run --state WV --dry-run` against streaming the same two
+# queries with psql's binary COPY, on the sample generator at
+# companies=200000 people_per_company=3 focus_share=0.25 (WV: ~50k companies,
+# ~150k people). Prints medians of RUNS repetitions and the run's peak RSS.
+#   RUNS=5 COMPANIES=200000 scripts/bench.sh
+set -euo pipefail
+source "$(dirname "$0")/lib/services.sh"
+source "$(dirname "$0")/lib/sample.sh"
+cd "$OW_ROOT"
+RUNS=${RUNS:-5}
+
+ow_prepare
+ow_build
+ow_start_services
+ow_load_sample bench "${COMPANIES:-200000}" 3 0.25
+work=$(mktemp -d /tmp/ow-bench.XXXXXX)
+OW_STARTED+=("dir:$work")
+config=$(ow_write_config "$work" bench bench)
+ow_export_secrets
+
+companies_q="SELECT * FROM marketing.company_master WHERE address_state = 'WV'"
+people_q="SELECT p.* FROM marketing.people_master p WHERE p.company_unique_id IN (SELECT c.company_unique_id FROM marketing.company_master c WHERE c.address_state = 'WV')"
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+now() { date +%s.%N; }
+
+copy_times=() run_times=() run_rss=()
+"$OW_BIN" run --state WV --dry-run --config "$config" >"$work/warmup.txt" 2>/dev/null   # warm caches
+for i in $(seq 1 "$RUNS"); do
+    t0=$(now)
+    ow_psql -d bench -c "COPY ($companies_q) TO STDOUT (FORMAT binary)" >/dev/null
+    ow_psql -d bench -c "COPY ($people_q) TO STDOUT (FORMAT binary)" >/dev/null
+    t1=$(now)
+    copy_times+=("$(echo "$t1 - $t0" | bc -l)")
+    /usr/bin/time -f '%e %M' -o "$work/time.txt" \
+        "$OW_BIN" run --state WV --dry-run --config "$config" >"$work/run.txt" 2>/dev/null
+    read -r secs kib <"$work/time.txt"
+    run_times+=("$secs")
+    run_rss+=("$kib")
+done
+
+copy_med=$(printf '%s\n' "${copy_times[@]}" | median)
+run_med=$(printf '%s\n' "${run_times[@]}" | median)
+rss_med=$(printf '%s\n' "${run_rss[@]}" | median)
+rss_max=$(printf '%s\n' "${run_rss[@]}" | sort -g | tail -n 1)
+echo
+echo "outreach-workbench benchmark ($RUNS runs each, medians)"
+grep -E 'companies|people ' "$work/run.txt" | head -n 2
+grep -E '^  time' "$work/run.txt"
+printf '%-44s %8.2f s\n' "psql COPY (binary) of both queries" "$copy_med"
+printf '%-44s %8.2f s\n' "run --state WV --dry-run" "$run_med"
+printf '%-44s %8.2f x\n' "ratio run / COPY" "$(echo "$run_med / $copy_med" | bc -l)"
+printf '%-44s %8.0f MiB (max %.0f MiB)\n' "peak RSS of run" "$(echo "$rss_med / 1024" | bc -l)" "$(echo "$rss_max / 1024" | bc -l)"

@@ -1,0 +1,124 @@
+# Shared by scripts/test.sh, scripts/demo.sh and scripts/bench.sh: the build
+# environment, and throw-away local services on free loopback ports.
+#
+#   source scripts/lib/services.sh
+#   ow_prepare            # packages, s3s-fs, build environment
+#   ow_start_services     # PostgreSQL cluster + S3 server; stopped on exit
+#
+# Everything started here is stopped by the EXIT trap it installs.
+
+OW_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+OW_CACHE=${OW_CACHE:-$HOME/.cache/outreach-workbench}
+# One target dir outside the checkout, shared by every clone: DuckDB's C++
+# takes half an hour to build and must be built once per machine. Nothing
+# else about the build environment (CC, RUSTFLAGS, profile) may vary between
+# scripts, or it is rebuilt.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$OW_CACHE/target}
+OW_BIN=$CARGO_TARGET_DIR/release/outreach-workbench
+S3S_VERSION=0.14.1
+S3S_BIN=$OW_CACHE/tools/bin/s3s-fs
+
+ow_log() { printf '==> %s\n' "$*" >&2; }
+
+ow_free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Debian packages the scripts need; installed only when missing.
+ow_ensure_packages() {
+    local missing=()
+    command -v pg_createcluster >/dev/null || missing+=(postgresql postgresql-contrib)
+    dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+    command -v pkg-config >/dev/null || missing+=(pkg-config)
+    [ -x /usr/bin/time ] || missing+=(time)
+    command -v python3 >/dev/null || missing+=(python3)
+    command -v bc >/dev/null || missing+=(bc)
+    if [ ${#missing[@]} -gt 0 ]; then
+        ow_log "installing ${missing[*]}"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo=sudo
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+ow_ensure_s3s() {
+    if [ ! -x "$S3S_BIN" ]; then
+        ow_log "installing s3s-fs $S3S_VERSION (a local S3 server, once per machine)"
+        cargo install s3s-fs --version "$S3S_VERSION" --locked --features binary \
+            --root "$OW_CACHE/tools" --quiet
+    fi
+}
+
+ow_prepare() {
+    ow_ensure_packages
+    ow_ensure_s3s
+}
+
+ow_build() {
+    ow_log "building (release; the first build on a machine compiles DuckDB, ~30 min)"
+    (cd "$OW_ROOT" && cargo build --release --locked --quiet)
+}
+
+OW_STARTED=()
+
+ow_stop_services() {
+    local item
+    for item in "${OW_STARTED[@]}"; do
+        case $item in
+            pg:*)
+                IFS=: read -r _ ver name <<<"$item"
+                pg_dropcluster "$ver" "$name" --stop >/dev/null 2>&1 || true ;;
+            pid:*)
+                kill "${item#pid:}" 2>/dev/null || true ;;
+            dir:*)
+                rm -rf "${item#dir:}" ;;
+        esac
+    done
+    OW_STARTED=()
+}
+
+# Starts a private PostgreSQL cluster (TLS on, with Debian's snakeoil cert)
+# and an s3s-fs server, and exports where they are:
+#   OW_PG_HOST OW_PG_PORT OW_PG_USER OW_PG_PASSWORD
+#   OW_S3_ENDPOINT OW_S3_ACCESS_KEY OW_S3_SECRET_KEY OW_S3_ROOT
+ow_start_services() {
+    trap ow_stop_services EXIT
+    local ver name
+    ver=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+    name=ow_$$_$RANDOM
+    export OW_PG_HOST=127.0.0.1 OW_PG_PORT OW_PG_USER=ow_test OW_PG_PASSWORD=ow-test-password
+    OW_PG_PORT=$(ow_free_port)
+    ow_log "starting PostgreSQL $ver cluster $name on 127.0.0.1:$OW_PG_PORT"
+    OW_STARTED+=("pg:$ver:$name")
+    # (pg_createcluster quotes values itself and takes 127.0.0.1 for a number)
+    pg_createcluster "$ver" "$name" -p "$OW_PG_PORT" --start \
+        -o fsync=off -o synchronous_commit=off -o full_page_writes=off \
+        -o listen_addresses=localhost -o max_connections=200 >/dev/null
+    runuser -u postgres -- psql -q -p "$OW_PG_PORT" -h /var/run/postgresql -d postgres \
+        -c "CREATE ROLE $OW_PG_USER LOGIN SUPERUSER PASSWORD '$OW_PG_PASSWORD'" >/dev/null
+
+    export OW_S3_ENDPOINT OW_S3_ACCESS_KEY=ow-test-key OW_S3_SECRET_KEY=ow-test-secret OW_S3_ROOT
+    local port
+    port=$(ow_free_port)
+    OW_S3_ROOT=$(mktemp -d /tmp/ow-s3.XXXXXX)
+    OW_STARTED+=("dir:$OW_S3_ROOT")
+    OW_S3_ENDPOINT=http://127.0.0.1:$port
+    ow_log "starting s3s-fs on $OW_S3_ENDPOINT (root $OW_S3_ROOT)"
+    "$S3S_BIN" --host 127.0.0.1 --port "$port" \
+        --access-key "$OW_S3_ACCESS_KEY" --secret-key "$OW_S3_SECRET_KEY" \
+        "$OW_S3_ROOT" >"$OW_S3_ROOT.log" 2>&1 &
+    OW_STARTED+=("pid:$!")
+    for _ in $(seq 1 50); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    ow_log "s3s-fs did not start:"; cat "$OW_S3_ROOT.log" >&2
+    return 1
+}
+
+# psql as the test superuser against the private cluster.
+ow_psql() {
+    PGPASSWORD=$OW_PG_PASSWORD psql -q -X -v ON_ERROR_STOP=1 -h "$OW_PG_HOST" -p "$OW_PG_PORT" \
+        -U "$OW_PG_USER" "$@"
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite, against a real PostgreSQL and a real S3 server that
+# this script starts on free loopback ports and stops when it exits.
+#   scripts/test.sh                 # everything
+#   scripts/test.sh dedup           # only tests whose name contains "dedup"
+set -euo pipefail
+source "$(dirname "$0")/lib/services.sh"
+cd "$OW_ROOT"
+
+ow_prepare
+ow_log "cargo fmt --check"
+cargo fmt --all -- --check
+ow_build
+ow_start_services
+ow_log "cargo test"
+cargo test --release --locked -- "$@"

@@ -1,0 +1,548 @@
+//! Configuration: one TOML file plus environment overrides, merged by figment.
+//!
+//! Precedence, lowest first:
+//! 1. built-in defaults (the `Default` impls and `#[serde(default)]` below),
+//! 2. the TOML file,
+//! 3. the original script's variable names (`NEON_HOST`, `B2_KEY_ID`, ...),
+//!    so an existing `.env` keeps working unchanged,
+//! 4. `OUTREACH_<SECTION>__<KEY>` variables, for one-off overrides.
+//!
+//! Every struct refuses unknown keys: a typo such as `sslmod = "require"`
+//! would otherwise be silently ignored and the service would run with the
+//! default. figment's errors already name the key and where it came from
+//! (file or variable), so we pass them through instead of rewording them.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Where the packaged service looks when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/outreach-workbench/config.toml";
+
+/// The original script's variables and the keys they fill.
+const LEGACY_ENV: &[(&str, &str)] = &[
+    ("NEON_HOST", "source.host"),
+    ("NEON_DATABASE", "source.database"),
+    ("NEON_USER", "source.user"),
+    ("NEON_PASSWORD", "source.password"),
+    ("B2_KEY_ID", "storage.access_key_id"),
+    ("B2_APPLICATION_KEY", "storage.secret_access_key"),
+    ("B2_BUCKET", "storage.bucket"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist (pass --config PATH)")]
+    NotFound(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Figment(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub workbench: WorkbenchConfig,
+    #[serde(default)]
+    pub source: SourceConfig,
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub export: ExportConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub schedule: Vec<ScheduleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Runs of different states at the same time (one state never overlaps).
+    pub max_concurrent_runs: usize,
+    /// On SIGTERM, how long a running run may take before it is cancelled.
+    pub shutdown_grace_secs: u64,
+    /// Daily log files kept.
+    pub log_retention_days: usize,
+    /// Where the daily log files go; `<workbench>/logs` when unset.
+    pub log_dir: Option<PathBuf>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            max_concurrent_runs: 1,
+            shutdown_grace_secs: 60,
+            log_retention_days: 14,
+            log_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkbenchConfig {
+    /// Holds `duck/`, `exports/` and `logs/`.
+    pub dir: PathBuf,
+    /// How long a run waits for another process to release the DuckDB file.
+    pub lock_timeout_secs: u64,
+    /// DuckDB's `memory_limit`; above it DuckDB spills to `duck/tmp`.
+    pub memory_limit: String,
+    /// DuckDB worker threads; 0 lets DuckDB use every core.
+    pub threads: u32,
+}
+
+impl Default for WorkbenchConfig {
+    fn default() -> Self {
+        WorkbenchConfig {
+            dir: PathBuf::from("/var/lib/outreach-workbench"),
+            lock_timeout_secs: 30,
+            memory_limit: "256MB".into(),
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    #[serde(deserialize_with = "lenient_string")]
+    pub host: String,
+    pub port: u16,
+    #[serde(deserialize_with = "lenient_string")]
+    pub database: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub user: String,
+    pub password: Option<Secret>,
+    pub sslmode: SslMode,
+    pub connect_timeout_secs: u64,
+    /// `schema.table` of the companies; `state_column` filters it.
+    pub companies_table: String,
+    pub people_table: String,
+    pub state_column: String,
+    /// Primary key of the companies table (orders the Parquet rows).
+    pub company_key: String,
+    /// Primary key of the people table.
+    pub person_key: String,
+    /// Column of the people table that references `company_key`.
+    pub people_company_column: String,
+    /// Rows per Arrow batch handed to DuckDB's appender.
+    pub batch_rows: usize,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            host: "localhost".into(),
+            port: 5432,
+            database: "marketing".into(),
+            user: "outreach".into(),
+            password: None,
+            sslmode: SslMode::Prefer,
+            connect_timeout_secs: 15,
+            companies_table: "marketing.company_master".into(),
+            people_table: "marketing.people_master".into(),
+            state_column: "address_state".into(),
+            company_key: "company_unique_id".into(),
+            person_key: "unique_id".into(),
+            people_company_column: "company_unique_id".into(),
+            batch_rows: 16_384,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `https://s3.<region>.backblazeb2.com` for B2.
+    pub endpoint: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub bucket: String,
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    #[serde(default)]
+    pub path_style: bool,
+    #[serde(default)]
+    pub access_key_id: Option<Secret>,
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_prefix() -> String {
+    "outreach".into()
+}
+fn default_request_timeout() -> u64 {
+    300
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Snappy,
+    Zstd,
+    Uncompressed,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    pub compression: Compression,
+    /// Only used with `compression = "zstd"` (1..=22).
+    pub zstd_level: Option<u8>,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        ExportConfig {
+            compression: Compression::Snappy,
+            zstd_level: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// `schema.table`; created with the known layout when missing.
+    pub table: String,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            table: "shq.audit_log".into(),
+        }
+    }
+}
+
+/// One `[[schedule]]` entry; see `schedule.rs` for how it fires.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub states: Vec<String>,
+    /// 5 fields, or 6 with seconds first.
+    pub cron: Option<String>,
+    /// `hourly`, `daily` or `weekly`, instead of `cron`.
+    pub cadence: Option<String>,
+    /// IANA name; UTC when absent.
+    pub timezone: Option<String>,
+    /// Turn on the `company_not_valid` rule for people.
+    #[serde(default)]
+    pub link_rule: bool,
+}
+
+/// A secret string: never shown by `Debug` or `Display`, so it cannot end up
+/// in a log line or an error message by accident.
+#[derive(Clone, Deserialize)]
+pub struct Secret(#[serde(deserialize_with = "lenient_string")] String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Environment values arrive untyped and figment guesses: `NEON_PASSWORD=1234`
+/// would become a number. Strings accept numbers and booleans as written.
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Any {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Any::deserialize(d)? {
+        Any::S(s) => s,
+        Any::I(i) => i.to_string(),
+        Any::U(u) => u.to_string(),
+        Any::F(f) => f.to_string(),
+        Any::B(b) => b.to_string(),
+    })
+}
+
+/// A `schema.table` name, split and checked so it can be quoted safely.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QualifiedName {
+    pub schema: String,
+    pub table: String,
+}
+
+impl QualifiedName {
+    pub fn parse(key: &str, s: &str) -> Result<Self, ConfigError> {
+        let parts: Vec<&str> = s.split('.').collect();
+        let ok = |p: &str| !p.is_empty() && !p.contains('"') && !p.contains('\0');
+        match parts.as_slice() {
+            [schema, table] if ok(schema) && ok(table) => Ok(QualifiedName {
+                schema: schema.to_string(),
+                table: table.to_string(),
+            }),
+            _ => Err(invalid(
+                key,
+                format!("`{s}` is not a `schema.table` name (e.g. marketing.company_master)"),
+            )),
+        }
+    }
+
+    /// `"schema"."table"`, safe to paste into SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
+    }
+}
+
+impl fmt::Display for QualifiedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+/// Double-quotes an identifier for PostgreSQL and DuckDB alike.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+impl Config {
+    /// Reads `path`, applies the environment, and checks every value.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.is_file() {
+            return Err(ConfigError::NotFound(path.to_path_buf()));
+        }
+        Self::from_figment(Figment::from(Toml::file(path)))
+    }
+
+    /// Same as [`Config::load`] with the TOML given as a string (tests).
+    pub fn from_toml_str(toml: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(toml)))
+    }
+
+    fn from_figment(mut figment: Figment) -> Result<Config, ConfigError> {
+        for (var, key) in LEGACY_ENV {
+            if let Ok(value) = std::env::var(var) {
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
+        // OUTREACH_CONFIG names the file itself, it is not a key.
+        figment = figment.merge(Env::prefixed("OUTREACH_").ignore(&["config"]).split("__"));
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that serde cannot express: names, URLs, cross-field rules.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.source;
+        for (key, v) in [
+            ("source.companies_table", &s.companies_table),
+            ("source.people_table", &s.people_table),
+            ("audit.table", &self.audit.table),
+        ] {
+            QualifiedName::parse(key, v)?;
+        }
+        for (key, v) in [
+            ("source.host", &s.host),
+            ("source.database", &s.database),
+            ("source.user", &s.user),
+            ("source.state_column", &s.state_column),
+            ("source.company_key", &s.company_key),
+            ("source.person_key", &s.person_key),
+            ("source.people_company_column", &s.people_company_column),
+        ] {
+            if v.trim().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if s.batch_rows == 0 {
+            return Err(invalid("source.batch_rows", "must be at least 1"));
+        }
+        let st = &self.storage;
+        if !(st.endpoint.starts_with("http://") || st.endpoint.starts_with("https://")) {
+            return Err(invalid(
+                "storage.endpoint",
+                format!(
+                    "`{}` must be an http:// or https:// URL, e.g. https://s3.us-east-003.backblazeb2.com",
+                    st.endpoint
+                ),
+            ));
+        }
+        if st.bucket.trim().is_empty() {
+            return Err(invalid(
+                "storage.bucket",
+                "must not be empty (set it in the file or B2_BUCKET)",
+            ));
+        }
+        if st.prefix.starts_with('/') || st.prefix.ends_with('/') {
+            return Err(invalid(
+                "storage.prefix",
+                format!("`{}` must not start or end with `/`", st.prefix),
+            ));
+        }
+        if let Some(level) = self.export.zstd_level {
+            if !(1..=22).contains(&level) {
+                return Err(invalid("export.zstd_level", "must be between 1 and 22"));
+            }
+        }
+        if self.daemon.max_concurrent_runs == 0 {
+            return Err(invalid("daemon.max_concurrent_runs", "must be at least 1"));
+        }
+        if self.workbench.dir.as_os_str().is_empty() {
+            return Err(invalid("workbench.dir", "must not be empty"));
+        }
+        for (i, sched) in self.schedule.iter().enumerate() {
+            if sched.states.is_empty() {
+                return Err(invalid(&format!("schedule[{i}].states"), "lists no state"));
+            }
+            crate::schedule::Schedule::from_config(i, sched).map_err(|e| ConfigError::Invalid {
+                key: format!("schedule[{i}].{}", e.key),
+                message: e.message,
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn companies_table(&self) -> QualifiedName {
+        QualifiedName::parse("source.companies_table", &self.source.companies_table)
+            .expect("validated at load")
+    }
+    pub fn people_table(&self) -> QualifiedName {
+        QualifiedName::parse("source.people_table", &self.source.people_table)
+            .expect("validated at load")
+    }
+    pub fn audit_table(&self) -> QualifiedName {
+        QualifiedName::parse("audit.table", &self.audit.table).expect("validated at load")
+    }
+    pub fn log_dir(&self) -> PathBuf {
+        self.daemon
+            .log_dir
+            .clone()
+            .unwrap_or_else(|| self.workbench.dir.join("logs"))
+    }
+
+    pub fn lock_timeout(&self) -> Duration {
+        Duration::from_secs(self.workbench.lock_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [storage]
+        endpoint = "http://127.0.0.1:9000"
+        bucket = "b"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(c.source.port, 5432);
+        assert_eq!(c.audit.table, "shq.audit_log");
+        assert_eq!(c.storage.prefix, "outreach");
+        assert_eq!(c.export.compression, Compression::Snappy);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml_str(&format!("{MINIMAL}\n[source]\nsslmod = \"require\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sslmod"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let err = Config::from_toml_str(&format!("{MINIMAL}\n[source]\nsslmode = \"always\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sslmode") && err.contains("always"), "{err}");
+        let err = Config::from_toml_str(&format!("{MINIMAL}\n[source]\nport = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn bad_table_name_and_endpoint() {
+        let err = Config::from_toml_str(&format!(
+            "{MINIMAL}\n[source]\ncompanies_table = \"company_master\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("source.companies_table"), "{err}");
+        let err = Config::from_toml_str("[storage]\nendpoint = \"s3.example\"\nbucket = \"b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.endpoint"), "{err}");
+    }
+
+    #[test]
+    fn schedule_checks() {
+        let bad_state =
+            format!("{MINIMAL}\n[[schedule]]\nstates = [\"ZZ\"]\ncadence = \"daily\"\n");
+        assert!(Config::from_toml_str(&bad_state)
+            .unwrap_err()
+            .to_string()
+            .contains("schedule[0].states"));
+        let bad_tz = format!(
+            "{MINIMAL}\n[[schedule]]\nstates = [\"WV\"]\ncadence = \"daily\"\ntimezone = \"Mars/Base\"\n"
+        );
+        assert!(Config::from_toml_str(&bad_tz)
+            .unwrap_err()
+            .to_string()
+            .contains("timezone"));
+    }
+
+    #[test]
+    fn secret_debug_is_redacted() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        let q = QualifiedName::parse("k", "shq.audit_log").unwrap();
+        assert_eq!(q.quoted(), "\"shq\".\"audit_log\"");
+    }
+}

@@ -1,0 +1,272 @@
+//! The long-running service: fire schedules, run states, handle signals.
+//!
+//! Shape (after mini-redis): one tokio runtime; one task per schedule that
+//! sleeps until its next fire time; runs themselves on blocking threads,
+//! because the pipeline blocks (DuckDB, the postgres client). The main task
+//! waits for signals:
+//! - SIGHUP reloads the config. A config that does not load is refused and
+//!   the old schedules keep running.
+//! - SIGTERM / SIGINT stop new runs, give running ones `shutdown_grace_secs`
+//!   to finish, then cancel them. A cancelled run publishes nothing more and
+//!   is audited as cancelled; the daemon then exits 0.
+//!
+//! A trigger that finds its state still running (or queued behind
+//! `max_concurrent_runs`) is skipped with a log line: runs of one state never
+//! overlap in this process. Across processes and hosts, the pipeline's
+//! PostgreSQL advisory lock does the same.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::pipeline::{self, RunOptions, RunStatus};
+use crate::schedule::Schedule;
+use crate::state::StateCode;
+
+/// Longest single sleep: wall-clock time is re-read at least this often, so
+/// a suspended machine or a clock step does not delay a fire time by more.
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+/// What every schedule task and run shares.
+struct Shared {
+    /// States with a run in progress or waiting for a permit.
+    running: Mutex<HashSet<StateCode>>,
+    /// Bounds concurrent runs of different states.
+    permits: Arc<Semaphore>,
+    /// Set on SIGTERM: no new run starts.
+    stopping: CancellationToken,
+    /// Set when the grace period is over: running runs cancel.
+    cancel_runs: CancellationToken,
+}
+
+/// Runs until SIGTERM/SIGINT. Errors only for what prevents starting.
+pub fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(config_path, config))
+}
+
+async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
+    let mut signals = signal_stream()?;
+    let shared = Arc::new(Shared {
+        running: Mutex::new(HashSet::new()),
+        permits: Arc::new(Semaphore::new(config.daemon.max_concurrent_runs.max(1))),
+        stopping: CancellationToken::new(),
+        cancel_runs: CancellationToken::new(),
+    });
+    let mut tasks = start_schedules(&config, &shared)?;
+    tracing::info!(
+        config = %config_path.display(),
+        schedules = tasks.len(),
+        "daemon started"
+    );
+
+    while let Some(sig) = signals.recv().await {
+        match sig {
+            SIGHUP => match Config::load(&config_path).and_then(|c| {
+                // Parse the schedules before dropping the old ones.
+                schedules_of(&c).map(|_| c)
+            }) {
+                Ok(new) => {
+                    for t in tasks.drain(..) {
+                        t.abort();
+                    }
+                    if new.daemon.max_concurrent_runs != config.daemon.max_concurrent_runs {
+                        tracing::warn!(
+                            "max_concurrent_runs changes take effect at the next restart"
+                        );
+                    }
+                    config = new;
+                    tasks = start_schedules(&config, &shared)?;
+                    tracing::info!(schedules = tasks.len(), "configuration reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "new configuration refused; the old one keeps running");
+                }
+            },
+            _ => {
+                tracing::info!(signal = sig, "stopping: no new runs");
+                break;
+            }
+        }
+    }
+
+    shared.stopping.cancel();
+    for t in tasks {
+        t.abort();
+    }
+    let grace = Duration::from_secs(config.daemon.shutdown_grace_secs);
+    if !wait_idle(&shared, grace).await {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "grace period over; cancelling running runs"
+        );
+        shared.cancel_runs.cancel();
+        // Cancelled runs stop at their next check (between batches or
+        // files) and write their audit record; give them time for that.
+        if !wait_idle(&shared, Duration::from_secs(30)).await {
+            tracing::error!("runs did not stop after cancellation; exiting anyway");
+        }
+    }
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+/// SIGHUP, SIGTERM and SIGINT as a channel. signal-hook's iterator runs on
+/// its own thread; the registration happens before the first schedule
+/// fires, so no signal is lost to the default handler.
+fn signal_stream() -> anyhow::Result<mpsc::UnboundedReceiver<i32>> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok(rx)
+}
+
+fn schedules_of(config: &Config) -> Result<Vec<Schedule>, crate::config::ConfigError> {
+    config
+        .schedule
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Schedule::from_config(i, s).map_err(|e| crate::config::ConfigError::Invalid {
+                key: format!("schedule[{i}].{}", e.key),
+                message: e.message,
+            })
+        })
+        .collect()
+}
+
+fn start_schedules(config: &Config, shared: &Arc<Shared>) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let config = Arc::new(config.clone());
+    let mut tasks = Vec::new();
+    for (schedule, cfg) in schedules_of(&config)?.into_iter().zip(&config.schedule) {
+        let opts = RunOptions {
+            dry_run: false,
+            link_rule: cfg.link_rule,
+        };
+        if let Some(next) = schedule.next_after(Utc::now()) {
+            tracing::info!(
+                schedule = schedule.index,
+                spec = %schedule.spec,
+                timezone = %schedule.tz,
+                next = %next.with_timezone(&schedule.tz),
+                "schedule armed"
+            );
+        }
+        tasks.push(tokio::spawn(fire_forever(
+            schedule,
+            opts,
+            config.clone(),
+            shared.clone(),
+        )));
+    }
+    Ok(tasks)
+}
+
+async fn fire_forever(
+    schedule: Schedule,
+    opts: RunOptions,
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+) {
+    let mut after = Utc::now();
+    while let Some(next) = schedule.next_after(after) {
+        loop {
+            let now = Utc::now();
+            if now >= next {
+                break;
+            }
+            let wait = (next - now).to_std().unwrap_or_default().min(MAX_SLEEP);
+            tokio::time::sleep(wait).await;
+        }
+        after = next;
+        for state in &schedule.states {
+            trigger(state.clone(), &opts, &config, &shared);
+        }
+    }
+}
+
+/// Starts a run of `state` unless one is already running or queued.
+fn trigger(state: StateCode, opts: &RunOptions, config: &Arc<Config>, shared: &Arc<Shared>) {
+    if shared.stopping.is_cancelled() {
+        return;
+    }
+    if !shared.running.lock().unwrap().insert(state.clone()) {
+        tracing::warn!(state = %state, "skipped: the previous run of this state is still going");
+        return;
+    }
+    let (opts, config, shared) = (opts.clone(), config.clone(), shared.clone());
+    tokio::spawn(async move {
+        let permit = shared.permits.clone().acquire_owned().await;
+        if shared.stopping.is_cancelled() {
+            shared.running.lock().unwrap().remove(&state);
+            return;
+        }
+        let cancel = shared.cancel_runs.child_token();
+        let st = state.clone();
+        let joined =
+            tokio::task::spawn_blocking(move || pipeline::run(&config, &st, &cancel, &opts)).await;
+        drop(permit);
+        match joined {
+            Ok(report) => log_report(&report),
+            Err(e) => tracing::error!(state = %state, error = %e, "run panicked"),
+        }
+        shared.running.lock().unwrap().remove(&state);
+    });
+}
+
+fn log_report(r: &pipeline::RunReport) {
+    let counts = |c: &Option<pipeline::EntityCounts>| {
+        c.as_ref()
+            .map(|c| format!("{}/{}", c.good, c.bad))
+            .unwrap_or_else(|| "-".into())
+    };
+    match r.status {
+        RunStatus::Success => tracing::info!(
+            state = %r.state, run_id = %r.run_id,
+            companies_good_bad = %counts(&r.companies), people_good_bad = %counts(&r.people),
+            uploaded = r.uploaded, skipped = r.skipped, audit_id = ?r.audit_id,
+            secs = r.duration_secs.unwrap_or_default(), "run succeeded"
+        ),
+        RunStatus::Skipped => tracing::info!(
+            state = %r.state, run_id = %r.run_id, reason = r.error.as_deref().unwrap_or(""),
+            "run skipped"
+        ),
+        _ => tracing::error!(
+            state = %r.state, run_id = %r.run_id, status = r.status.as_str(),
+            error = r.error.as_deref().unwrap_or(""), audit_id = ?r.audit_id, "run did not succeed"
+        ),
+    }
+}
+
+/// Waits until no run is in progress, at most `limit`. True if idle.
+async fn wait_idle(shared: &Shared, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if shared.running.lock().unwrap().is_empty() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,15 @@
+//! outreach-workbench: pull a US state's companies and people from
+//! PostgreSQL, validate them in a DuckDB workbench, export good/bad Parquet
+//! files, publish the changed ones to an S3-compatible bucket, and audit
+//! every run.
+//!
+//! Where to start reading: [`pipeline::run`] is one run from start to end;
+//! [`config`] is everything a user can set.
+
+pub mod config;
+pub mod daemon;
+pub mod logging;
+pub mod pipeline;
+pub mod schedule;
+pub mod state;
+pub mod workbench;

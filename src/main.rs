@@ -1,0 +1,152 @@
+//! The command line. Each command loads the config, does one thing, and
+//! turns the outcome into an exit code; the work itself lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use outreach_workbench::config::{Config, DEFAULT_CONFIG_PATH};
+use outreach_workbench::pipeline::{self, RunOptions};
+use outreach_workbench::schedule::Schedule;
+use outreach_workbench::state::StateCode;
+
+/// Exit codes beyond 0/1, so scripts can tell failures apart.
+const EXIT_FAILED: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "outreach-workbench",
+    version,
+    about = "PostgreSQL → DuckDB → Parquet → S3 outreach pipeline"
+)]
+struct Cli {
+    /// Config file [default: $OUTREACH_CONFIG or /etc/outreach-workbench/config.toml]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline once for one state, now.
+    Run {
+        /// Two-letter state code, e.g. WV.
+        #[arg(long)]
+        state: String,
+        /// Validate and export, but neither upload nor write the audit.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also mark people whose company is not good as bad (company_not_valid).
+        #[arg(long)]
+        link_rule: bool,
+    },
+    /// Run the schedules until SIGTERM (what the systemd unit starts).
+    Daemon,
+    /// List each schedule with its next five fire times.
+    Schedule,
+    /// Check the configuration file (no network).
+    Check {
+        /// Only the config; the full check is not built yet.
+        #[arg(long)]
+        offline: bool,
+    },
+}
+
+fn config_path(cli: &Cli) -> PathBuf {
+    cli.config
+        .clone()
+        .or_else(|| std::env::var_os("OUTREACH_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Daemon) {
+        outreach_workbench::logging::init_stderr();
+    }
+    let path = config_path(&cli);
+    let config = match Config::load(&path).with_context(|| format!("config {}", path.display())) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command {
+        Command::Run {
+            state,
+            dry_run,
+            link_rule,
+        } => {
+            let state = match StateCode::parse(&state) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: --state: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let opts = RunOptions { dry_run, link_rule };
+            let report = pipeline::run(&config, &state, &CancellationToken::new(), &opts);
+            print!("{}", report.summary());
+            if report.succeeded() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
+        }
+        Command::Daemon => {
+            let logs = config.log_dir();
+            let _guard = match outreach_workbench::logging::init_daemon(
+                &logs,
+                config.daemon.log_retention_days,
+            ) {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(EXIT_FAILED);
+                }
+            };
+            match outreach_workbench::daemon::run(path, config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("daemon failed: {e:#}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
+        Command::Schedule => {
+            let now = chrono::Utc::now();
+            for (i, cfg) in config.schedule.iter().enumerate() {
+                let s = match Schedule::from_config(i, cfg) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                };
+                let states: Vec<&str> = s.states.iter().map(|s| s.as_str()).collect();
+                println!("schedule[{i}] {} `{}` ({})", states.join(","), s.spec, s.tz);
+                for t in s.upcoming(now, 5) {
+                    println!(
+                        "  {}  {}",
+                        t.format("%Y-%m-%d %H:%M:%S UTC"),
+                        t.with_timezone(&s.tz).format("%Y-%m-%d %H:%M:%S %Z")
+                    );
+                }
+            }
+            if config.schedule.is_empty() {
+                println!("no [[schedule]] in {}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Check { offline: _ } => {
+            println!("config {} is valid", path.display());
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Step 6: one row per run in the audit table (`shq.audit_log` by default).
+//!
+//! The table's layout is checked before a run does any work: finding out
+//! after an hour of pulling that the audit cannot be written would lose the
+//! run's record. A missing table is created with the known layout; an
+//! existing one must have the columns we write.
+
+use postgres::Client;
+
+use crate::config::QualifiedName;
+use crate::pipeline::PipelineError;
+
+pub const EVENT_TYPE: &str = "outreach_validation_run";
+pub const EVENT_SOURCE: &str = "outreach-workbench";
+
+/// Columns we write or read back, and the types they may have.
+const REQUIRED: &[(&str, &[&str])] = &[
+    ("id", &["integer", "bigint"]),
+    ("event_type", &["character varying", "text"]),
+    ("event_source", &["character varying", "text"]),
+    ("details", &["jsonb", "json"]),
+];
+
+fn err(table: &QualifiedName, e: postgres::Error) -> PipelineError {
+    PipelineError::Audit(format!("{table}: {e}"))
+}
+
+/// Creates the schema and table when missing; refuses a table of another
+/// layout, naming the missing or mistyped columns.
+pub fn ensure_table(client: &mut Client, table: &QualifiedName) -> Result<(), PipelineError> {
+    let rows = client
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns
+             WHERE table_schema = $1 AND table_name = $2",
+            &[&table.schema, &table.table],
+        )
+        .map_err(|e| err(table, e))?;
+    if rows.is_empty() {
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema};
+                 CREATE TABLE IF NOT EXISTS {t} (
+                     id SERIAL PRIMARY KEY,
+                     event_type VARCHAR(255) NOT NULL,
+                     event_source VARCHAR(255) NOT NULL,
+                     details JSONB,
+                     created_at TIMESTAMP DEFAULT NOW()
+                 );",
+                schema = crate::config::quote_ident(&table.schema),
+                t = table.quoted()
+            ))
+            .map_err(|e| err(table, e))?;
+        return Ok(());
+    }
+    let mut problems = Vec::new();
+    for (name, types) in REQUIRED {
+        match rows.iter().find(|r| r.get::<_, String>(0) == *name) {
+            None => problems.push(format!("missing column `{name}`")),
+            Some(r) => {
+                let ty: String = r.get(1);
+                if !types.contains(&ty.as_str()) {
+                    problems.push(format!(
+                        "column `{name}` is {ty}, expected {}",
+                        types.join(" or ")
+                    ));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(PipelineError::AuditLayout {
+            table: table.to_string(),
+            problems: problems.join(", "),
+        })
+    }
+}
+
+/// Inserts the run's record and returns its `id`.
+pub fn insert(
+    client: &mut Client,
+    table: &QualifiedName,
+    details: &serde_json::Value,
+) -> Result<i64, PipelineError> {
+    let row = client
+        .query_one(
+            &format!(
+                "INSERT INTO {} (event_type, event_source, details)
+                 VALUES ($1, $2, $3) RETURNING id::bigint",
+                table.quoted()
+            ),
+            &[&EVENT_TYPE, &EVENT_SOURCE, details],
+        )
+        .map_err(|e| err(table, e))?;
+    Ok(row.get(0))
+}

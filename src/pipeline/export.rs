@@ -1,0 +1,137 @@
+//! Step 4: write the four good/bad tables to Parquet.
+//!
+//! Rows are ordered by primary key so the same data always gives the same
+//! bytes; that is what lets publish skip unchanged files by hash. Each file
+//! is written under a temporary name, synced, then renamed over the old one:
+//! a reader (or an upload) never sees half a file.
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{quote_ident, Compression, ExportConfig};
+use crate::pipeline::PipelineError;
+use crate::state::StateCode;
+
+/// One exported Parquet file.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportedFile {
+    /// `companies` or `people`.
+    pub entity: String,
+    /// `good` or `bad`.
+    pub kind: String,
+    /// `companies_good`, ...: the workbench table and the file's stem.
+    pub table_name: String,
+    pub path: PathBuf,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl ExportedFile {
+    /// `<state>/<entity>/<kind>/<entity>_<kind>.parquet`, shared by the local
+    /// layout and the object key.
+    pub fn relative_path(state: &StateCode, entity: &str, kind: &str) -> String {
+        format!("{}/{entity}/{kind}/{entity}_{kind}.parquet", state.lower())
+    }
+}
+
+/// Exports `(entity, primary key)` pairs, good and bad each.
+pub fn export_all(
+    duck: &duckdb::Connection,
+    state: &StateCode,
+    exports_dir: &Path,
+    cfg: &ExportConfig,
+    entities: &[(&str, &str)],
+) -> Result<Vec<ExportedFile>, PipelineError> {
+    let schema = state.lower();
+    let mut files = Vec::new();
+    for (entity, key) in entities {
+        for kind in ["good", "bad"] {
+            let table_name = format!("{entity}_{kind}");
+            let path = exports_dir.join(ExportedFile::relative_path(state, entity, kind));
+            let rows = write_parquet(duck, &schema, &table_name, key, &path, cfg)?;
+            let (bytes, sha256) = hash_file(&path).map_err(|e| PipelineError::Export {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            files.push(ExportedFile {
+                entity: entity.to_string(),
+                kind: kind.to_string(),
+                table_name,
+                path,
+                rows,
+                bytes,
+                sha256,
+            });
+        }
+    }
+    Ok(files)
+}
+
+fn write_parquet(
+    duck: &duckdb::Connection,
+    schema: &str,
+    table: &str,
+    key: &str,
+    path: &Path,
+    cfg: &ExportConfig,
+) -> Result<u64, PipelineError> {
+    let err = |message: String| PipelineError::Export {
+        path: path.to_path_buf(),
+        message,
+    };
+    let dir = path.parent().expect("export path has a parent");
+    fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    let _ = fs::remove_file(&tmp);
+    let compression = match cfg.compression {
+        Compression::Snappy => "COMPRESSION snappy".to_string(),
+        Compression::Uncompressed => "COMPRESSION uncompressed".to_string(),
+        Compression::Zstd => match cfg.zstd_level {
+            Some(l) => format!("COMPRESSION zstd, COMPRESSION_LEVEL {l}"),
+            None => "COMPRESSION zstd".to_string(),
+        },
+    };
+    let sql = format!(
+        "COPY (SELECT * FROM {}.{} ORDER BY {}) TO '{}' (FORMAT parquet, {compression})",
+        quote_ident(schema),
+        quote_ident(table),
+        quote_ident(key),
+        tmp.to_string_lossy().replace('\'', "''"),
+    );
+    let rows = duck
+        .execute(&sql, [])
+        .map_err(|e| err(format!("writing {schema}.{table}: {e}")))?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| err(format!("syncing {}: {e}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(|e| err(format!("renaming {}: {e}", tmp.display())))?;
+    // The rename itself is durable only once the directory is synced.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(rows as u64)
+}
+
+/// Size and lower-case hex SHA-256 of a file, read in 1 MiB chunks.
+pub fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((total, hex::encode(hasher.finalize())))
+}

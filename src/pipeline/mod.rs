@@ -1,0 +1,269 @@
+//! One run: pull → validate → export → publish → audit, for one state.
+//!
+//! [`run`] is a plain function of a config, a state and a cancel token that
+//! returns a [`RunReport`]. It knows nothing of cron, signals or terminals:
+//! the CLI prints the report, the daemon logs it. It never panics on a
+//! failed stage; the failure is in the report (and in the audit).
+//!
+//! The stages, in the order a run goes through them:
+//! - [`source`]: PostgreSQL → `<state>.companies_raw` / `people_raw`
+//! - [`validate`]: raw → `_good` / `_bad` with the rules
+//! - [`export`]: good/bad → Parquet files, atomically
+//! - [`publish`]: Parquet → bucket, skipping unchanged content
+//! - [`audit`]: the run's record in PostgreSQL
+
+pub mod audit;
+pub mod export;
+pub mod pgtypes;
+pub mod publish;
+pub mod report;
+pub mod source;
+pub mod validate;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::state::StateCode;
+use crate::workbench::{Workbench, WorkbenchError};
+pub use report::{EntityCounts, RunReport, RunStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: postgres::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error("PostgreSQL error while {what}: {source}")]
+    Source {
+        what: String,
+        #[source]
+        source: postgres::Error,
+    },
+    #[error("cannot decode {table}.{column}: {message}")]
+    Decode {
+        table: String,
+        column: String,
+        message: String,
+    },
+    #[error(transparent)]
+    WorkbenchOpen(#[from] WorkbenchError),
+    #[error("workbench: {0}")]
+    Workbench(String),
+    #[error("validation failed: {0}")]
+    Validate(String),
+    #[error("export to {path} failed: {message}")]
+    Export { path: PathBuf, message: String },
+    #[error("upload of {key} failed: {message}")]
+    Publish { key: String, message: String },
+    #[error("audit table {0}")]
+    Audit(String),
+    #[error("audit table {table} exists with another layout ({problems}); set [audit] table (or OUTREACH_AUDIT__TABLE) to another schema.table and it will be created with the right layout")]
+    AuditLayout { table: String, problems: String },
+    #[error("run cancelled")]
+    Cancelled,
+    #[error("another process is running state {0} against this database (PostgreSQL advisory lock held); skipped")]
+    StateBusy(String),
+}
+
+/// First key of the per-state advisory lock ("OWWB"); the second is the
+/// state's hash. Any process using the same pair excludes the others.
+const ADVISORY_LOCK_CLASS: i32 = 0x4f57_5742;
+
+/// How to run, beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Validate and export, but neither upload nor write the audit.
+    pub dry_run: bool,
+    /// Turn on the `company_not_valid` rule for people.
+    pub link_rule: bool,
+}
+
+/// Runs the whole pipeline for `state` and reports what happened.
+pub fn run(
+    config: &Config,
+    state: &StateCode,
+    cancel: &CancellationToken,
+    opts: &RunOptions,
+) -> RunReport {
+    let mut report = RunReport::new(state, opts.dry_run);
+    let span = tracing::info_span!("run", state = %state, run_id = %report.run_id);
+    let _guard = span.enter();
+    tracing::info!(dry_run = opts.dry_run, "run started");
+
+    let mut workbench = None;
+    let outcome = stages(config, state, cancel, opts, &mut report, &mut workbench);
+    report.finish(outcome.as_ref().err());
+
+    // The audit is written for failed and cancelled runs too. It gets its
+    // own connection: the source's may be what failed.
+    let audit_possible = !matches!(
+        outcome,
+        Err(PipelineError::AuditLayout { .. } | PipelineError::StateBusy(_))
+    );
+    if !opts.dry_run && audit_possible {
+        let t = Instant::now();
+        let written = source::connect(&config.source).and_then(|mut c| {
+            let table = config.audit_table();
+            audit::ensure_table(&mut c, &table)?;
+            audit::insert(&mut c, &table, &report.to_json())
+        });
+        match written {
+            Ok(id) => report.audit_id = Some(id),
+            Err(e) => {
+                tracing::error!(error = %e, "could not write the audit record");
+                report.audit_error = Some(e.to_string());
+            }
+        }
+        report.stages.audit = Some(t.elapsed().as_secs_f64());
+    }
+    if let Some(wb) = &workbench {
+        if let Err(e) = wb.run_finished(&report) {
+            tracing::warn!(error = %e, "could not record the run in the workbench history");
+        }
+    }
+    match &report.error {
+        None => tracing::info!(status = report.status.as_str(), "run finished"),
+        Some(e) => tracing::error!(status = report.status.as_str(), error = %e, "run finished"),
+    }
+    report
+}
+
+fn check_cancel(cancel: &CancellationToken) -> Result<(), PipelineError> {
+    if cancel.is_cancelled() {
+        Err(PipelineError::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+fn stages(
+    config: &Config,
+    state: &StateCode,
+    cancel: &CancellationToken,
+    opts: &RunOptions,
+    report: &mut RunReport,
+    workbench: &mut Option<Workbench>,
+) -> Result<(), PipelineError> {
+    // Everything that can be refused is refused before any work is done.
+    if !opts.dry_run {
+        publish::bucket(&config.storage)?;
+    }
+    let mut client = source::connect(&config.source)?;
+    if !opts.dry_run {
+        audit::ensure_table(&mut client, &config.audit_table())?;
+        // One run per state across every daemon and host sharing this
+        // database; held by this session until `client` is dropped at the
+        // end of the run.
+        let locked: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                &[&ADVISORY_LOCK_CLASS, &state.as_str()],
+            )
+            .map_err(|e| PipelineError::Source {
+                what: "taking the state's advisory lock".into(),
+                source: e,
+            })?
+            .get(0);
+        if !locked {
+            return Err(PipelineError::StateBusy(state.to_string()));
+        }
+    }
+    check_cancel(cancel)?;
+
+    let wb = workbench.insert(Workbench::open(&config.workbench, config.lock_timeout())?);
+    wb.run_started(
+        &report.run_id,
+        state.as_str(),
+        opts.dry_run,
+        report.started_at,
+    )?;
+    let schema = state.lower();
+
+    // Pull and validate in one DuckDB transaction: a failed or cancelled run
+    // leaves the state's previous tables intact for analysts.
+    wb.exec(&format!(
+        "BEGIN; CREATE SCHEMA IF NOT EXISTS {};",
+        crate::config::quote_ident(&schema)
+    ))?;
+    let loaded = (|| {
+        let t = Instant::now();
+        let pulled = source::pull(&mut client, config, state, &wb.conn, &schema, cancel)?;
+        report.stages.pull = Some(t.elapsed().as_secs_f64());
+        report.text_fallbacks = pulled.text_fallbacks.clone();
+        tracing::info!(
+            companies = pulled.companies,
+            people = pulled.people,
+            "pulled"
+        );
+        check_cancel(cancel)?;
+
+        let t = Instant::now();
+        let companies = validate::split(
+            &wb.conn,
+            &schema,
+            "companies",
+            &validate::default_company_rules(),
+        )?;
+        let mut people_rules = validate::default_people_rules();
+        if opts.link_rule {
+            people_rules.push(validate::company_not_valid_rule(
+                &schema,
+                &config.source.people_company_column,
+                &config.source.company_key,
+            ));
+        }
+        let people = validate::split(&wb.conn, &schema, "people", &people_rules)?;
+        report.stages.validate = Some(t.elapsed().as_secs_f64());
+        report.companies = Some(EntityCounts::new(pulled.companies, companies));
+        report.people = Some(EntityCounts::new(pulled.people, people));
+        Ok(())
+    })();
+    match loaded {
+        Ok(()) => wb.exec("COMMIT")?,
+        Err(e) => {
+            let _ = wb.exec("ROLLBACK");
+            return Err(e);
+        }
+    }
+    check_cancel(cancel)?;
+
+    let t = Instant::now();
+    report.files = export::export_all(
+        &wb.conn,
+        state,
+        &wb.exports_dir(),
+        &config.export,
+        &[
+            ("companies", &config.source.company_key),
+            ("people", &config.source.person_key),
+        ],
+    )?;
+    report.stages.export = Some(t.elapsed().as_secs_f64());
+    check_cancel(cancel)?;
+
+    if opts.dry_run {
+        return Ok(());
+    }
+    let t = Instant::now();
+    let published = publish::publish(
+        &config.storage,
+        state,
+        &report.files,
+        cancel,
+        &mut report.objects,
+    );
+    report.stages.publish = Some(t.elapsed().as_secs_f64());
+    for o in report.objects.iter().filter(|o| o.action == "uploaded") {
+        wb.record_upload(&o.key, &o.sha256, o.bytes, &report.run_id)?;
+    }
+    published
+}

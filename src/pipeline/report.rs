@@ -1,0 +1,233 @@
+//! What a run returns: counts, files, objects, timings, outcome. The same
+//! value becomes the audit `details` JSON, the workbench `runs.report`, and
+//! the CLI's summary, so the three never disagree.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::export::ExportedFile;
+use super::publish::PublishedObject;
+use super::validate::Validation;
+use super::PipelineError;
+use crate::state::StateCode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Running,
+    Success,
+    Failed,
+    Cancelled,
+    /// Another process holds the state; nothing was done or audited.
+    Skipped,
+}
+
+impl RunStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Success => "success",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EntityCounts {
+    pub raw: u64,
+    pub good: u64,
+    pub bad: u64,
+    /// Rows failing each rule code.
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl EntityCounts {
+    pub fn new(raw: u64, v: Validation) -> Self {
+        EntityCounts {
+            raw,
+            good: v.good,
+            bad: v.bad,
+            errors: v.errors,
+        }
+    }
+}
+
+/// Seconds spent in each stage; `None` for a stage that did not run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StageTimes {
+    pub pull: Option<f64>,
+    pub validate: Option<f64>,
+    pub export: Option<f64>,
+    pub publish: Option<f64>,
+    pub audit: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub run_id: String,
+    pub state: String,
+    pub status: RunStatus,
+    pub dry_run: bool,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub duration_secs: Option<f64>,
+    pub companies: Option<EntityCounts>,
+    pub people: Option<EntityCounts>,
+    pub text_fallbacks: Vec<String>,
+    pub files: Vec<ExportedFile>,
+    pub objects: Vec<PublishedObject>,
+    pub uploaded: usize,
+    pub skipped: usize,
+    pub stages: StageTimes,
+    pub error: Option<String>,
+    /// Not part of the audit record (it is written before the id exists).
+    #[serde(skip)]
+    pub audit_id: Option<i64>,
+    #[serde(skip)]
+    pub audit_error: Option<String>,
+}
+
+impl RunReport {
+    pub fn new(state: &StateCode, dry_run: bool) -> Self {
+        RunReport {
+            run_id: uuid::Uuid::new_v4().to_string(),
+            state: state.to_string(),
+            status: RunStatus::Running,
+            dry_run,
+            started_at: Utc::now(),
+            finished_at: None,
+            duration_secs: None,
+            companies: None,
+            people: None,
+            text_fallbacks: Vec::new(),
+            files: Vec::new(),
+            objects: Vec::new(),
+            uploaded: 0,
+            skipped: 0,
+            stages: StageTimes::default(),
+            error: None,
+            audit_id: None,
+            audit_error: None,
+        }
+    }
+
+    pub(crate) fn finish(&mut self, error: Option<&PipelineError>) {
+        let now = Utc::now();
+        self.finished_at = Some(now);
+        self.duration_secs = Some((now - self.started_at).num_milliseconds() as f64 / 1000.0);
+        self.uploaded = self
+            .objects
+            .iter()
+            .filter(|o| o.action == "uploaded")
+            .count();
+        self.skipped = self
+            .objects
+            .iter()
+            .filter(|o| o.action == "skipped")
+            .count();
+        self.status = match error {
+            None => RunStatus::Success,
+            Some(PipelineError::Cancelled) => RunStatus::Cancelled,
+            Some(PipelineError::StateBusy(_)) => RunStatus::Skipped,
+            Some(_) => RunStatus::Failed,
+        };
+        self.error = error.map(|e| e.to_string());
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("report is plain data")
+    }
+
+    /// A run counts as successful only if its audit record was written too
+    /// (dry runs write none).
+    pub fn succeeded(&self) -> bool {
+        self.status == RunStatus::Success && self.audit_error.is_none()
+    }
+
+    /// The few lines a person reads after `run`.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "run {} state {}: {}{}",
+            self.run_id,
+            self.state,
+            self.status.as_str(),
+            if self.dry_run { " (dry run)" } else { "" }
+        );
+        for (name, c) in [("companies", &self.companies), ("people", &self.people)] {
+            if let Some(c) = c {
+                let errs: Vec<String> = c
+                    .errors
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(k, n)| format!("{k}={n}"))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "  {name:<9} {:>9} pulled {:>9} good {:>9} bad  {}",
+                    c.raw,
+                    c.good,
+                    c.bad,
+                    errs.join(" ")
+                );
+            }
+        }
+        for f in &self.files {
+            let action = self
+                .objects
+                .iter()
+                .find(|o| o.table_name == f.table_name)
+                .map(|o| format!("{} {}", o.action, o.url))
+                .unwrap_or_else(|| "not published".into());
+            let _ = writeln!(
+                s,
+                "  {:<15} {:>10} bytes  sha256 {}…  {action}",
+                f.table_name,
+                f.bytes,
+                &f.sha256[..12]
+            );
+        }
+        if !self.objects.is_empty() || !self.dry_run {
+            let _ = writeln!(s, "  uploaded {}, skipped {}", self.uploaded, self.skipped);
+        }
+        let st = &self.stages;
+        let stages: Vec<String> = [
+            ("pull", st.pull),
+            ("validate", st.validate),
+            ("export", st.export),
+            ("publish", st.publish),
+            ("audit", st.audit),
+        ]
+        .iter()
+        .filter_map(|(n, t)| t.map(|t| format!("{n} {t:.2}s")))
+        .collect();
+        let _ = writeln!(
+            s,
+            "  time {:.2}s: {}",
+            self.duration_secs.unwrap_or_default(),
+            stages.join(", ")
+        );
+        if !self.text_fallbacks.is_empty() {
+            let _ = writeln!(s, "  carried as text: {}", self.text_fallbacks.join(", "));
+        }
+        match (self.audit_id, &self.audit_error) {
+            (Some(id), _) => {
+                let _ = writeln!(s, "  audit id {id}");
+            }
+            (None, Some(e)) => {
+                let _ = writeln!(s, "  audit NOT written: {e}");
+            }
+            _ => {}
+        }
+        if let Some(e) = &self.error {
+            let _ = writeln!(s, "  error: {e}");
+        }
+        s
+    }
+}

@@ -1,0 +1,141 @@
+//! Step 3: split each raw table into good and bad rows with SQL in DuckDB.
+//!
+//! A rule is a code and a DuckDB boolean that is TRUE for a failing row. A
+//! row is good when no rule fails; bad rows carry `validation_errors`, the
+//! failing codes in rule order. NULL from a condition counts as "not
+//! failing" (`coalesce(..., false)`) so that good and bad are exact
+//! complements and every raw row lands in exactly one of them.
+
+use std::collections::BTreeMap;
+
+use crate::config::quote_ident;
+use crate::pipeline::PipelineError;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rule {
+    pub code: String,
+    pub condition: String,
+}
+
+fn rule(code: &str, condition: &str) -> Rule {
+    Rule {
+        code: code.into(),
+        condition: condition.into(),
+    }
+}
+
+/// The production rules for companies (SPEC step 3), in reporting order.
+pub fn default_company_rules() -> Vec<Rule> {
+    vec![
+        rule("company_name_missing", "company_name IS NULL"),
+        rule("website_url_missing", "website_url IS NULL"),
+        rule(
+            "website_url_invalid",
+            "website_url IS NOT NULL AND website_url NOT LIKE '%.%'",
+        ),
+    ]
+}
+
+/// The production rules for people. `regexp_matches` is a partial match, so
+/// `^` anchors it at the start exactly as PostgreSQL's `~` did; DuckDB string
+/// literals do not process backslashes, so `\.` is one backslash.
+pub fn default_people_rules() -> Vec<Rule> {
+    vec![
+        rule(
+            "email_invalid",
+            r"email IS NULL OR NOT regexp_matches(email, '^[^@]+@[^@]+\.[^@]+')",
+        ),
+        rule("title_missing", "title IS NULL"),
+    ]
+}
+
+/// The optional link rule: a person whose company is not good is bad.
+pub fn company_not_valid_rule(schema: &str, link_column: &str, company_key: &str) -> Rule {
+    rule(
+        "company_not_valid",
+        &format!(
+            "NOT coalesce({link} IN (SELECT {key} FROM {s}.companies_good), false)",
+            link = quote_ident(link_column),
+            key = quote_ident(company_key),
+            s = quote_ident(schema),
+        ),
+    )
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Validation {
+    pub good: u64,
+    pub bad: u64,
+    /// Rows failing each rule (a row can fail several).
+    pub errors: BTreeMap<String, u64>,
+}
+
+/// Creates `<schema>.<entity>_good` and `<entity>_bad` from `<entity>_raw`.
+pub fn split(
+    duck: &duckdb::Connection,
+    schema: &str,
+    entity: &str,
+    rules: &[Rule],
+) -> Result<Validation, PipelineError> {
+    let s = quote_ident(schema);
+    let raw = format!("{s}.{}", quote_ident(&format!("{entity}_raw")));
+    let good = format!("{s}.{}", quote_ident(&format!("{entity}_good")));
+    let bad = format!("{s}.{}", quote_ident(&format!("{entity}_bad")));
+    let fails: Vec<String> = rules
+        .iter()
+        .map(|r| format!("coalesce(({}), false)", r.condition))
+        .collect();
+    let any_fails = if fails.is_empty() {
+        "false".to_string()
+    } else {
+        fails.join(" OR ")
+    };
+    let errors_expr = if rules.is_empty() {
+        "[]::VARCHAR[]".to_string()
+    } else {
+        fails
+            .iter()
+            .zip(rules)
+            .map(|(f, r)| {
+                format!(
+                    "(CASE WHEN {f} THEN ['{}'] ELSE []::VARCHAR[] END)",
+                    r.code.replace('\'', "''")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" || ")
+    };
+    let sql = format!(
+        "CREATE OR REPLACE TABLE {good} AS SELECT * FROM {raw} WHERE NOT ({any_fails});
+         CREATE OR REPLACE TABLE {bad} AS
+            SELECT *, {errors_expr} AS validation_errors FROM {raw} WHERE {any_fails};"
+    );
+    duck.execute_batch(&sql)
+        .map_err(|e| PipelineError::Validate(format!("{entity}: {e}")))?;
+
+    let count = |table: &str| -> Result<u64, PipelineError> {
+        duck.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map(|n| n as u64)
+        .map_err(|e| PipelineError::Validate(format!("{entity}: {e}")))
+    };
+    let mut v = Validation {
+        good: count(&good)?,
+        bad: count(&bad)?,
+        errors: rules.iter().map(|r| (r.code.clone(), 0)).collect(),
+    };
+    let mut stmt = duck
+        .prepare(&format!(
+            "SELECT e, count(*) FROM (SELECT unnest(validation_errors) AS e FROM {bad}) GROUP BY e"
+        ))
+        .map_err(|e| PipelineError::Validate(format!("{entity}: {e}")))?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(|e| PipelineError::Validate(format!("{entity}: {e}")))?;
+    for row in rows {
+        let (code, n) = row.map_err(|e| PipelineError::Validate(format!("{entity}: {e}")))?;
+        v.errors.insert(code, n as u64);
+    }
+    Ok(v)
+}

@@ -1,0 +1,284 @@
+//! When schedules fire: cron expressions and cadences in a time zone.
+//!
+//! Fire times are computed here rather than by the cron library's own time
+//! zone support, which fires twice or an hour off around DST changes. The
+//! expression is matched against *local wall-clock time* (croner is asked
+//! about a naive local time dressed as UTC, where no DST exists), and each
+//! matching wall-clock time is then placed on the real timeline the way
+//! Vixie cron does:
+//! - a time that does not exist that day (spring forward) fires once, at
+//!   the first instant after the gap (02:30 becomes 03:00 EDT);
+//! - a time that exists twice (fall back) fires once, at the first of the two;
+//! - every other day it fires at exactly the stated local time.
+
+use chrono::offset::LocalResult;
+use chrono::{DateTime, Duration, NaiveDateTime, TimeZone, Utc};
+use chrono_tz::Tz;
+use croner::parser::{CronParser, Seconds};
+use croner::Cron;
+
+use crate::config::ScheduleConfig;
+use crate::state::StateCode;
+
+#[derive(Debug, thiserror::Error)]
+#[error("schedule[{index}].{key}: {message}")]
+pub struct ScheduleError {
+    pub index: usize,
+    pub key: &'static str,
+    pub message: String,
+}
+
+/// One `[[schedule]]` entry, parsed.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub index: usize,
+    pub states: Vec<StateCode>,
+    /// The expression as the user wrote it (or the cadence's name).
+    pub spec: String,
+    pub tz: Tz,
+    cron: Cron,
+}
+
+impl Schedule {
+    pub fn from_config(index: usize, cfg: &ScheduleConfig) -> Result<Schedule, ScheduleError> {
+        let err = |key, message: String| ScheduleError {
+            index,
+            key,
+            message,
+        };
+        let (spec, expr) = match (&cfg.cron, &cfg.cadence) {
+            (Some(c), None) => (c.clone(), c.clone()),
+            (None, Some(c)) => {
+                let expr = match c.as_str() {
+                    "hourly" => "0 * * * *",
+                    "daily" => "0 0 * * *",
+                    "weekly" => "0 0 * * 0",
+                    other => {
+                        return Err(err(
+                            "cadence",
+                            format!("`{other}` is not one of hourly, daily, weekly"),
+                        ))
+                    }
+                };
+                (c.clone(), expr.to_string())
+            }
+            _ => return Err(err("cron", "set exactly one of `cron` or `cadence`".into())),
+        };
+        let fields = expr.split_whitespace().count();
+        if !(5..=6).contains(&fields) {
+            return Err(err(
+                "cron",
+                format!("`{expr}` has {fields} fields; use 5 (minute hour day month weekday) or 6 (seconds first)"),
+            ));
+        }
+        let cron = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .build()
+            .parse(&expr)
+            .map_err(|e| err("cron", format!("`{expr}`: {e}")))?;
+        let tz = match &cfg.timezone {
+            None => chrono_tz::UTC,
+            Some(name) => name
+                .parse::<Tz>()
+                .map_err(|_| err("timezone", format!("`{name}` is not an IANA time zone")))?,
+        };
+        let states = cfg
+            .states
+            .iter()
+            .map(|s| StateCode::parse(s).map_err(|e| err("states", e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Schedule {
+            index,
+            states,
+            spec,
+            tz,
+            cron,
+        })
+    }
+
+    /// The first fire time strictly after `after`.
+    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let mut probe = after.with_timezone(&self.tz).naive_local();
+        // Each step moves to a later wall-clock match; a few steps are only
+        // needed inside a repeated hour, so the bound is generous.
+        for _ in 0..10_000 {
+            let wall = self
+                .cron
+                .find_next_occurrence(&Utc.from_utc_datetime(&probe), false)
+                .ok()?
+                .naive_utc();
+            let at = place(&self.tz, wall);
+            if at > after {
+                return Some(at);
+            }
+            probe = wall;
+        }
+        None
+    }
+
+    /// The next `n` fire times after `from`.
+    pub fn upcoming(&self, from: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
+        let mut out = Vec::with_capacity(n);
+        let mut t = from;
+        while out.len() < n {
+            match self.next_after(t) {
+                Some(next) => {
+                    out.push(next);
+                    t = next;
+                }
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+/// Places a wall-clock time of `tz` on the timeline: earliest of a repeated
+/// time, first instant after the gap for a skipped one.
+fn place(tz: &Tz, wall: NaiveDateTime) -> DateTime<Utc> {
+    match tz.from_local_datetime(&wall) {
+        LocalResult::Single(t) => t.with_timezone(&Utc),
+        LocalResult::Ambiguous(first, _) => first.with_timezone(&Utc),
+        LocalResult::None => {
+            // Gaps are whole minutes in every zone still in use; walk to the
+            // first wall-clock minute that exists again.
+            let start = wall - Duration::seconds(wall.and_utc().timestamp() % 60);
+            (1..=24 * 60)
+                .map(|m| start + Duration::minutes(m))
+                .find_map(|w| tz.from_local_datetime(&w).earliest())
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or_else(|| Utc.from_utc_datetime(&wall))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(cron: &str, tz: &str) -> Schedule {
+        Schedule::from_config(
+            0,
+            &ScheduleConfig {
+                states: vec!["WV".into()],
+                cron: Some(cron.into()),
+                timezone: Some(tz.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn fires(s: &Schedule, from: &str, n: usize) -> Vec<String> {
+        s.upcoming(utc(from), n)
+            .iter()
+            .map(|t| t.to_rfc3339())
+            .collect()
+    }
+
+    #[test]
+    fn spring_forward_skipped_time_runs_once_after_the_gap() {
+        // 2026-03-08: 02:00 EST jumps to 03:00 EDT in New York.
+        let s = sched("30 2 * * *", "America/New_York");
+        assert_eq!(
+            fires(&s, "2026-03-06T12:00:00Z", 4),
+            [
+                "2026-03-07T07:30:00+00:00", // 02:30 EST
+                "2026-03-08T07:00:00+00:00", // 03:00 EDT, right after the gap
+                "2026-03-09T06:30:00+00:00", // 02:30 EDT
+                "2026-03-10T06:30:00+00:00",
+            ]
+        );
+    }
+
+    #[test]
+    fn spring_forward_unaffected_time_is_never_an_hour_off() {
+        // The case that fires twice with the library's own zone handling.
+        let s = sched("0 30 1 * * *", "America/New_York");
+        assert_eq!(
+            fires(&s, "2026-03-07T12:00:00Z", 3),
+            [
+                "2026-03-08T06:30:00+00:00", // 01:30 EST, once
+                "2026-03-09T05:30:00+00:00", // 01:30 EDT
+                "2026-03-10T05:30:00+00:00",
+            ]
+        );
+        let s = sched("0 6 * * *", "America/New_York");
+        assert_eq!(
+            fires(&s, "2026-03-07T12:00:00Z", 2),
+            ["2026-03-08T10:00:00+00:00", "2026-03-09T10:00:00+00:00"]
+        );
+    }
+
+    #[test]
+    fn fall_back_repeated_time_runs_once_at_the_first() {
+        // 2026-11-01: 02:00 EDT falls back to 01:00 EST; 01:30 happens twice.
+        let s = sched("30 1 * * *", "America/New_York");
+        assert_eq!(
+            fires(&s, "2026-10-31T12:00:00Z", 3),
+            [
+                "2026-11-01T05:30:00+00:00", // 01:30 EDT, the first one
+                "2026-11-02T06:30:00+00:00", // 01:30 EST next day
+                "2026-11-03T06:30:00+00:00",
+            ]
+        );
+        // Asked from inside the repeated hour, it does not fire again.
+        assert_eq!(
+            fires(&s, "2026-11-01T06:10:00Z", 1),
+            ["2026-11-02T06:30:00+00:00"]
+        );
+        let s = sched("0 6 * * *", "America/New_York");
+        assert_eq!(
+            fires(&s, "2026-10-31T12:00:00Z", 2),
+            ["2026-11-01T11:00:00+00:00", "2026-11-02T11:00:00+00:00"]
+        );
+    }
+
+    #[test]
+    fn hourly_across_fall_back_has_no_duplicate() {
+        let s = Schedule::from_config(
+            0,
+            &ScheduleConfig {
+                states: vec!["WV".into()],
+                cadence: Some("hourly".into()),
+                timezone: Some("America/New_York".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let f = fires(&s, "2026-11-01T04:30:00Z", 4);
+        assert_eq!(
+            f,
+            [
+                "2026-11-01T05:00:00+00:00", // 01:00 EDT
+                "2026-11-01T07:00:00+00:00", // 02:00 EST (01:00 EST is the repeat)
+                "2026-11-01T08:00:00+00:00",
+                "2026-11-01T09:00:00+00:00",
+            ]
+        );
+    }
+
+    #[test]
+    fn six_fields_and_bad_expressions() {
+        let s = sched("*/5 * * * * *", "UTC");
+        assert_eq!(
+            fires(&s, "2026-01-01T00:00:01Z", 2),
+            ["2026-01-01T00:00:05+00:00", "2026-01-01T00:00:10+00:00"]
+        );
+        let bad = Schedule::from_config(
+            3,
+            &ScheduleConfig {
+                states: vec!["WV".into()],
+                cron: Some("61 * * * *".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad.starts_with("schedule[3].cron"), "{bad}");
+    }
+}

@@ -1,0 +1,198 @@
+//! The persistent DuckDB workbench: `<dir>/duck/outreach_workbench.duckdb`.
+//!
+//! Each state's tables live in a schema named after it (`wv.companies_raw`,
+//! `wv.companies_good`, ...) so runs of different states never overwrite each
+//! other. The project's own bookkeeping lives in `main`: `runs` (one row per
+//! run, what `history` reads) and `upload_manifest` (what was last uploaded
+//! to each object key).
+//!
+//! DuckDB lets one process at a time open a file for writing. A second
+//! process (an analyst's CLI, a manual `run` while the daemon works) waits
+//! up to `lock_timeout`, then gets an error that says who holds it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use duckdb::Connection;
+
+use crate::config::WorkbenchConfig;
+use crate::pipeline::RunReport;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkbenchError {
+    #[error("workbench {path} is busy: another process has held it for {waited:?} ({detail}); try again when it finishes, or stop the process holding it")]
+    Busy {
+        path: PathBuf,
+        waited: Duration,
+        detail: String,
+    },
+    #[error("cannot open workbench {path}: {detail}")]
+    Open { path: PathBuf, detail: String },
+    #[error("workbench {path}: {detail}")]
+    Sql { path: PathBuf, detail: String },
+}
+
+pub struct Workbench {
+    pub conn: Connection,
+    pub dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl Workbench {
+    pub fn db_path(dir: &Path) -> PathBuf {
+        dir.join("duck").join("outreach_workbench.duckdb")
+    }
+
+    pub fn exports_dir(&self) -> PathBuf {
+        self.dir.join("exports")
+    }
+
+    /// Opens (creating if needed) the workbench, waiting for a busy file.
+    pub fn open(
+        cfg: &WorkbenchConfig,
+        lock_timeout: Duration,
+    ) -> Result<Workbench, WorkbenchError> {
+        let dir = cfg.dir.clone();
+        let path = Self::db_path(&dir);
+        for sub in ["duck", "exports", "logs"] {
+            let d = dir.join(sub);
+            std::fs::create_dir_all(&d).map_err(|e| WorkbenchError::Open {
+                path: path.clone(),
+                detail: format!("creating {}: {e}", d.display()),
+            })?;
+        }
+        let start = Instant::now();
+        let mut logged = false;
+        let conn = loop {
+            match Connection::open(&path) {
+                Ok(c) => break c,
+                Err(e) => {
+                    let detail = e.to_string();
+                    let locked = detail.contains("lock");
+                    if !locked {
+                        return Err(WorkbenchError::Open { path, detail });
+                    }
+                    if start.elapsed() >= lock_timeout {
+                        return Err(WorkbenchError::Busy {
+                            path,
+                            waited: start.elapsed(),
+                            detail,
+                        });
+                    }
+                    if !logged {
+                        tracing::info!(path = %path.display(), "workbench is busy; waiting");
+                        logged = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        };
+        let wb = Workbench { conn, dir, path };
+        let tmp = wb.dir.join("duck").join("tmp");
+        wb.exec(&format!(
+            "SET memory_limit = '{}'; SET temp_directory = '{}'; {}
+             CREATE TABLE IF NOT EXISTS main.runs (
+                 run_id VARCHAR PRIMARY KEY,
+                 state VARCHAR NOT NULL,
+                 status VARCHAR NOT NULL,
+                 dry_run BOOLEAN NOT NULL,
+                 started_at TIMESTAMP NOT NULL,   -- UTC
+                 finished_at TIMESTAMP,           -- UTC
+                 audit_id BIGINT,
+                 error VARCHAR,
+                 report JSON
+             );
+             CREATE TABLE IF NOT EXISTS main.upload_manifest (
+                 object_key VARCHAR PRIMARY KEY,
+                 sha256 VARCHAR NOT NULL,
+                 bytes BIGINT NOT NULL,
+                 uploaded_at TIMESTAMP NOT NULL,  -- UTC
+                 run_id VARCHAR NOT NULL
+             );",
+            cfg.memory_limit.replace('\'', "''"),
+            tmp.to_string_lossy().replace('\'', "''"),
+            if cfg.threads > 0 {
+                format!("SET threads = {};", cfg.threads)
+            } else {
+                String::new()
+            },
+        ))?;
+        Ok(wb)
+    }
+
+    pub fn exec(&self, sql: &str) -> Result<(), WorkbenchError> {
+        self.conn
+            .execute_batch(sql)
+            .map_err(|e| WorkbenchError::Sql {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Records that a run started, so a crash leaves a trace.
+    pub fn run_started(
+        &self,
+        run_id: &str,
+        state: &str,
+        dry_run: bool,
+        started_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), WorkbenchError> {
+        self.conn
+            .execute(
+                "INSERT INTO main.runs (run_id, state, status, dry_run, started_at)
+                 VALUES (?, ?, 'running', ?, make_timestamp(?))",
+                duckdb::params![run_id, state, dry_run, started_at.timestamp_micros()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.sql_err(e))
+    }
+
+    pub fn run_finished(&self, report: &RunReport) -> Result<(), WorkbenchError> {
+        self.conn
+            .execute(
+                "UPDATE main.runs SET status = ?, finished_at = make_timestamp(?), audit_id = ?,
+                     error = ?, report = ?
+                 WHERE run_id = ?",
+                duckdb::params![
+                    report.status.as_str(),
+                    report.finished_at.map(|t| t.timestamp_micros()),
+                    report.audit_id,
+                    report.error.as_deref(),
+                    report.to_json().to_string(),
+                    report.run_id.as_str()
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.sql_err(e))
+    }
+
+    pub fn record_upload(
+        &self,
+        key: &str,
+        sha256: &str,
+        bytes: u64,
+        run_id: &str,
+    ) -> Result<(), WorkbenchError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO main.upload_manifest
+                 VALUES (?, ?, ?, make_timestamp(?), ?)",
+                duckdb::params![
+                    key,
+                    sha256,
+                    bytes as i64,
+                    chrono::Utc::now().timestamp_micros(),
+                    run_id
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.sql_err(e))
+    }
+
+    fn sql_err(&self, e: duckdb::Error) -> WorkbenchError {
+        WorkbenchError::Sql {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        }
+    }
+}

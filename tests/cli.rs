@@ -1,0 +1,145 @@
+//! The binary as a user runs it: config file plus the original environment
+//! variable names, exit codes, and messages.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_outreach-workbench"));
+    // Keep the caller's environment from leaking into the test.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OUTREACH_") || k.starts_with("NEON_") || k.starts_with("B2_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn run_with_the_original_variable_names() {
+    let w = World::new("cli");
+    let s = services();
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_person(&mut pg, "p1", "c1", Some("x@a.example"), Some("CEO"));
+    let cfg = w.write_config_file();
+    // The bucket comes from B2_BUCKET, overriding the file's.
+    let o = bin()
+        .args(["run", "--state", "wv", "--config"])
+        .arg(&cfg)
+        .env("NEON_PASSWORD", &s.pg_password)
+        .env("B2_KEY_ID", &s.s3_key)
+        .env("B2_APPLICATION_KEY", &s.s3_secret)
+        .env("B2_BUCKET", &w.bucket)
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("state WV: success"), "{out}");
+    assert!(out.contains("uploaded 4, skipped 0"), "{out}");
+    assert!(out.contains("audit id"), "{out}");
+    assert!(
+        !out.contains(&s.pg_password) && !out.contains(&s.s3_secret),
+        "{out}"
+    );
+
+    // OUTREACH_<SECTION>__<KEY> overrides the file too.
+    let o = bin()
+        .args(["run", "--state", "WV", "--dry-run", "--config"])
+        .arg(&cfg)
+        .env("NEON_PASSWORD", &s.pg_password)
+        .env("OUTREACH_SOURCE__PORT", "1")
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains(":1/"), "names the port it tried: {out}");
+}
+
+#[test]
+fn bad_input_is_refused_with_the_key_named() {
+    let w = World::new("clibad");
+    let cfg = w.write_config_file();
+    let o = bin()
+        .args(["run", "--state", "XX", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("not a US state"), "{}", text(&o));
+
+    let bad = w.dir.path().join("bad.toml");
+    let content = std::fs::read_to_string(&cfg).unwrap() + "\n[export]\ncompresion = \"zstd\"\n";
+    std::fs::write(&bad, content).unwrap();
+    let o = bin()
+        .args(["run", "--state", "WV", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("compresion"), "{}", text(&o));
+
+    let o = bin()
+        .args([
+            "run",
+            "--state",
+            "WV",
+            "--config",
+            "/nonexistent/config.toml",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("/nonexistent/config.toml"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_busy_workbench_is_waited_for_then_reported() {
+    let w = World::new("busy");
+    let s = services();
+    let cfg = w.write_config_file();
+    std::fs::create_dir_all(w.dir.path().join("duck")).unwrap();
+    let holder =
+        duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
+    let started = std::time::Instant::now();
+    let o = bin()
+        .args(["run", "--state", "WV", "--dry-run", "--config"])
+        .arg(&cfg)
+        .env("NEON_PASSWORD", &s.pg_password)
+        .output()
+        .unwrap();
+    drop(holder);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("is busy"), "{out}");
+    assert!(
+        started.elapsed().as_secs_f64() >= 2.0,
+        "waited lock_timeout_secs first"
+    );
+}
+
+#[test]
+fn shipped_config_toml_is_accepted_as_it_is() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+    let o = bin()
+        .args(["check", "--offline", "--config", path])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

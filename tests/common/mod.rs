@@ -1,0 +1,295 @@
+//! Shared test fixtures: a fresh database, bucket and workbench per test, on
+//! the real PostgreSQL and S3 servers that `scripts/test.sh` starts.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use outreach_workbench::config::{Config, Secret};
+use outreach_workbench::pipeline::{self, RunOptions, RunReport};
+use outreach_workbench::state::StateCode;
+use tokio_util::sync::CancellationToken;
+
+pub const SCHEMA_SQL: &str = include_str!("../sql/outreach_schema.sql");
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the suite with scripts/test.sh, which starts PostgreSQL and an S3 server")
+    })
+}
+
+pub struct Services {
+    pub pg_host: String,
+    pub pg_port: u16,
+    pub pg_user: String,
+    pub pg_password: String,
+    pub s3_endpoint: String,
+    pub s3_key: String,
+    pub s3_secret: String,
+}
+
+pub fn services() -> Services {
+    Services {
+        pg_host: var("OW_PG_HOST"),
+        pg_port: var("OW_PG_PORT").parse().unwrap(),
+        pg_user: var("OW_PG_USER"),
+        pg_password: var("OW_PG_PASSWORD"),
+        s3_endpoint: var("OW_S3_ENDPOINT"),
+        s3_key: var("OW_S3_ACCESS_KEY"),
+        s3_secret: var("OW_S3_SECRET_KEY"),
+    }
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A unique lower-case name for this test's database and bucket.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// One test's world: its own database (with the production schema), its own
+/// bucket and its own workbench directory.
+pub struct World {
+    pub db: String,
+    pub bucket: String,
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+}
+
+impl World {
+    pub fn new(name: &str) -> World {
+        let s = services();
+        let id = unique(name);
+        let db = id.replace('-', "_");
+        let mut admin = pg_client(&s, "postgres");
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+            .unwrap();
+        let mut c = pg_client(&s, &db);
+        c.batch_execute(SCHEMA_SQL).unwrap();
+        let bucket = id.clone();
+        create_bucket(&s, &bucket);
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_for(&s, &db, &bucket, dir.path());
+        World {
+            db,
+            bucket,
+            dir,
+            config,
+        }
+    }
+
+    pub fn pg(&self) -> postgres::Client {
+        pg_client(&services(), &self.db)
+    }
+
+    pub fn run(&self, state: &str) -> RunReport {
+        self.run_with(state, &RunOptions::default())
+    }
+
+    pub fn run_with(&self, state: &str, opts: &RunOptions) -> RunReport {
+        pipeline::run(
+            &self.config,
+            &StateCode::parse(state).unwrap(),
+            &CancellationToken::new(),
+            opts,
+        )
+    }
+
+    pub fn export_path(&self, state: &str, entity: &str, kind: &str) -> PathBuf {
+        self.dir.path().join(format!(
+            "exports/{state}/{entity}/{kind}/{entity}_{kind}.parquet"
+        ))
+    }
+
+    /// The config as a TOML file, for tests that run the binary.
+    pub fn write_config_file(&self) -> PathBuf {
+        let s = services();
+        let path = self.dir.path().join("config.toml");
+        std::fs::write(&path, toml_for(&s, &self.db, &self.bucket, self.dir.path())).unwrap();
+        path
+    }
+}
+
+pub fn pg_client(s: &Services, db: &str) -> postgres::Client {
+    postgres::Config::new()
+        .host(&s.pg_host)
+        .port(s.pg_port)
+        .user(&s.pg_user)
+        .password(&s.pg_password)
+        .dbname(db)
+        .connect(postgres::NoTls)
+        .unwrap()
+}
+
+pub fn toml_for(s: &Services, db: &str, bucket: &str, dir: &Path) -> String {
+    format!(
+        r#"
+[workbench]
+dir = "{dir}"
+lock_timeout_secs = 2
+
+[source]
+host = "{host}"
+port = {port}
+database = "{db}"
+user = "{user}"
+sslmode = "disable"
+
+[storage]
+endpoint = "{endpoint}"
+region = "us-east-1"
+bucket = "{bucket}"
+prefix = "outreach"
+path_style = true
+"#,
+        dir = dir.display(),
+        host = s.pg_host,
+        port = s.pg_port,
+        user = s.pg_user,
+        endpoint = s.s3_endpoint,
+    )
+}
+
+pub fn config_for(s: &Services, db: &str, bucket: &str, dir: &Path) -> Config {
+    let mut c = Config::from_toml_str(&toml_for(s, db, bucket, dir)).unwrap();
+    c.source.password = Some(Secret::new(s.pg_password.clone()));
+    c.storage.access_key_id = Some(Secret::new(s.s3_key.clone()));
+    c.storage.secret_access_key = Some(Secret::new(s.s3_secret.clone()));
+    c
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn s3_bucket(s: &Services, name: &str) -> Box<s3::Bucket> {
+    let creds =
+        s3::creds::Credentials::new(Some(&s.s3_key), Some(&s.s3_secret), None, None, None).unwrap();
+    let region = s3::Region::Custom {
+        region: "us-east-1".into(),
+        endpoint: s.s3_endpoint.clone(),
+    };
+    s3::Bucket::new(name, region, creds)
+        .unwrap()
+        .with_path_style()
+}
+
+pub fn create_bucket(s: &Services, name: &str) {
+    let creds =
+        s3::creds::Credentials::new(Some(&s.s3_key), Some(&s.s3_secret), None, None, None).unwrap();
+    let region = s3::Region::Custom {
+        region: "us-east-1".into(),
+        endpoint: s.s3_endpoint.clone(),
+    };
+    rt().block_on(s3::Bucket::create_with_path_style(
+        name,
+        region,
+        creds,
+        s3::BucketConfiguration::default(),
+    ))
+    .unwrap();
+}
+
+/// The object's metadata, or `None` when it does not exist.
+pub fn head(bucket: &str, key: &str) -> Option<std::collections::HashMap<String, String>> {
+    let s = services();
+    let b = s3_bucket(&s, bucket);
+    match rt().block_on(b.head_object(key)) {
+        Ok((h, _)) => Some(h.metadata.unwrap_or_default()),
+        Err(s3::error::S3Error::HttpFailWithBody(404, _)) => None,
+        Err(e) => panic!("HEAD {key}: {e}"),
+    }
+}
+
+pub fn get(bucket: &str, key: &str) -> Vec<u8> {
+    let s = services();
+    let b = s3_bucket(&s, bucket);
+    rt().block_on(b.get_object(key)).unwrap().to_vec()
+}
+
+/// Reads a Parquet file back with DuckDB: one string per row, columns
+/// joined with `|`, NULL as `NULL`, in file order.
+pub fn parquet_rows(path: &Path, columns: &str) -> Vec<String> {
+    let duck = duckdb::Connection::open_in_memory().unwrap();
+    let sql = format!(
+        "SELECT concat_ws('|', {}) FROM read_parquet('{}')",
+        columns
+            .split(',')
+            .map(|c| format!("coalesce(CAST({} AS VARCHAR), 'NULL')", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        path.display()
+    );
+    let mut stmt = duck.prepare(&sql).unwrap();
+    stmt.query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+/// `column -> DuckDB type` as read back from a Parquet file.
+pub fn parquet_types(path: &Path) -> Vec<(String, String)> {
+    let duck = duckdb::Connection::open_in_memory().unwrap();
+    let mut stmt = duck
+        .prepare(&format!(
+            "SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM read_parquet('{}'))",
+            path.display()
+        ))
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+pub fn count_rows(path: &Path) -> i64 {
+    let duck = duckdb::Connection::open_in_memory().unwrap();
+    duck.query_row(
+        &format!("SELECT count(*) FROM read_parquet('{}')", path.display()),
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// Inserts one company; `None` leaves a column NULL.
+pub fn add_company(
+    c: &mut postgres::Client,
+    id: &str,
+    name: Option<&str>,
+    url: Option<&str>,
+    state: &str,
+) {
+    c.execute(
+        "INSERT INTO marketing.company_master
+            (company_unique_id, company_name, website_url, address_state, source_system, promoted_from_intake_at)
+         VALUES ($1, $2, $3, $4, 'test', '2025-01-01 00:00:00+00')",
+        &[&id, &name, &url, &state],
+    )
+    .unwrap();
+}
+
+pub fn add_person(
+    c: &mut postgres::Client,
+    id: &str,
+    company: &str,
+    email: Option<&str>,
+    title: Option<&str>,
+) {
+    c.execute(
+        "INSERT INTO marketing.people_master
+            (unique_id, company_unique_id, company_slot_unique_id, first_name, last_name, email, title,
+             source_system, promoted_from_intake_at)
+         VALUES ($1, $2, 'slot', 'Ana', 'Smith', $3, $4, 'test', '2025-01-01 00:00:00+00')",
+        &[&id, &company, &email, &title],
+    )
+    .unwrap();
+}

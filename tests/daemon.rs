@@ -1,0 +1,342 @@
+//! The daemon binary against real services, with 6-field cron expressions
+//! firing every few seconds.
+
+mod common;
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A companies view that takes `secs` per row, to make runs slow on purpose.
+fn add_slow_view(w: &World, secs: f64) {
+    w.pg()
+        .batch_execute(&format!(
+            "CREATE VIEW marketing.slow_companies AS
+             SELECT c.* FROM marketing.company_master c, LATERAL (SELECT pg_sleep({secs})) s"
+        ))
+        .unwrap();
+}
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(w: &World, config: &PathBuf, name: &str, env: &[(&str, &str)]) -> Daemon {
+        let s = services();
+        let log = w.dir.path().join(format!("{name}.out"));
+        let out = File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outreach-workbench"));
+        cmd.args(["daemon", "--config"])
+            .arg(config)
+            .env("NEON_PASSWORD", &s.pg_password)
+            .env("B2_KEY_ID", &s.s3_key)
+            .env("B2_APPLICATION_KEY", &s.s3_secret)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Daemon {
+            child: cmd.spawn().unwrap(),
+            log,
+        }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    fn wait_for_log(&self, needle: &str, limit: Duration) {
+        let start = Instant::now();
+        while !self.output().contains(needle) {
+            assert!(
+                start.elapsed() < limit,
+                "no `{needle}` after {limit:?}; output:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns (exit code, seconds).
+    fn stop(mut self) -> (Option<i32>, f64) {
+        let start = Instant::now();
+        self.signal("TERM");
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), start.elapsed().as_secs_f64());
+            }
+            if start.elapsed() > Duration::from_secs(90) {
+                let _ = self.child.kill();
+                panic!("daemon did not stop; output:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config_with(w: &World, extra: &str) -> PathBuf {
+    let path = w.write_config_file();
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(extra);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Audit rows: (status, started_at, finished_at) of runs of `state`.
+fn audits(w: &World, state: &str) -> Vec<(String, String, String)> {
+    let mut pg = w.pg();
+    match pg.query(
+        "SELECT details->>'status', details->>'started_at', details->>'finished_at'
+         FROM shq.audit_log WHERE details->>'state' = $1 ORDER BY id",
+        &[&state],
+    ) {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+        Err(_) => Vec::new(), // table not created yet
+    }
+}
+
+fn wait_for_audits(
+    w: &World,
+    state: &str,
+    n: usize,
+    limit: Duration,
+) -> Vec<(String, String, String)> {
+    let start = Instant::now();
+    loop {
+        let a = audits(w, state);
+        if a.len() >= n {
+            return a;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "only {} audit rows after {limit:?}",
+            a.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn runs_fire_on_schedule_and_stop_cleanly() {
+    let w = World::new("dsched");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "c2", Some("B"), Some("b.example"), "PA");
+    let cfg = config_with(
+        &w,
+        "\n[daemon]\nmax_concurrent_runs = 2\n\n[[schedule]]\nstates = [\"WV\", \"PA\"]\ncron = \"*/2 * * * * *\"\n",
+    );
+    let d = Daemon::start(&w, &cfg, "d", &[]);
+    let wv = wait_for_audits(&w, "WV", 2, Duration::from_secs(60));
+    let pa = wait_for_audits(&w, "PA", 2, Duration::from_secs(60));
+    assert!(
+        wv.iter().chain(&pa).all(|a| a.0 == "success"),
+        "{wv:?} {pa:?}"
+    );
+    let out = d.output();
+    assert!(out.contains("state=WV") && out.contains("run_id="), "{out}");
+    // Daily log file beside the workbench.
+    let logs: Vec<_> = std::fs::read_dir(w.dir.path().join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        logs.iter()
+            .any(|n| n.starts_with("outreach-workbench") && n.ends_with(".log")),
+        "{logs:?}"
+    );
+    let (code, _) = d.stop();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn an_overlapping_trigger_is_skipped() {
+    let w = World::new("doverlap");
+    add_slow_view(&w, 1.0);
+    let mut pg = w.pg();
+    for i in 0..3 {
+        add_company(
+            &mut pg,
+            &format!("c{i}"),
+            Some("A"),
+            Some("a.example"),
+            "WV",
+        );
+    }
+    let cfg = config_with(
+        &w,
+        "\n[[schedule]]\nstates = [\"WV\"]\ncron = \"* * * * * *\"\n",
+    );
+    let d = Daemon::start(
+        &w,
+        &cfg,
+        "d",
+        &[(
+            "OUTREACH_SOURCE__COMPANIES_TABLE",
+            "marketing.slow_companies",
+        )],
+    );
+    d.wait_for_log(
+        "previous run of this state is still going",
+        Duration::from_secs(30),
+    );
+    let a = wait_for_audits(&w, "WV", 1, Duration::from_secs(30));
+    assert_eq!(a[0].0, "success");
+    d.stop();
+}
+
+#[test]
+fn sighup_reloads_a_good_config_and_refuses_a_broken_one() {
+    let w = World::new("dhup");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "c2", Some("B"), Some("b.example"), "PA");
+    // Starts with a schedule that will not fire during the test.
+    let cfg = config_with(
+        &w,
+        "\n[[schedule]]\nstates = [\"WV\"]\ncron = \"0 0 1 1 *\"\n",
+    );
+    let original = std::fs::read_to_string(&cfg).unwrap();
+    let d = Daemon::start(&w, &cfg, "d", &[]);
+    d.wait_for_log("daemon started", Duration::from_secs(20));
+
+    std::fs::write(
+        &cfg,
+        original
+            .replace("0 0 1 1 *", "*/2 * * * * *")
+            .replace("[\"WV\"]", "[\"PA\"]"),
+    )
+    .unwrap();
+    d.signal("HUP");
+    d.wait_for_log("configuration reloaded", Duration::from_secs(10));
+    wait_for_audits(&w, "PA", 1, Duration::from_secs(30));
+
+    std::fs::write(&cfg, original.replace("0 0 1 1 *", "not a cron")).unwrap();
+    d.signal("HUP");
+    d.wait_for_log("new configuration refused", Duration::from_secs(10));
+    // The old schedule (PA every 2 s) keeps firing.
+    let before = audits(&w, "PA").len();
+    wait_for_audits(&w, "PA", before + 1, Duration::from_secs(30));
+    assert!(audits(&w, "WV").is_empty());
+    let (code, _) = d.stop();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn sigterm_during_a_run_cancels_after_the_grace_period_and_publishes_nothing() {
+    let w = World::new("dterm");
+    add_slow_view(&w, 1.0);
+    let mut pg = w.pg();
+    for i in 0..30 {
+        add_company(
+            &mut pg,
+            &format!("c{i:02}"),
+            Some("A"),
+            Some("a.example"),
+            "WV",
+        );
+    }
+    let cfg = config_with(
+        &w,
+        "\n[daemon]\nshutdown_grace_secs = 2\n\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/2 * * * * *\"\n",
+    );
+    let d = Daemon::start(
+        &w,
+        &cfg,
+        "d",
+        &[
+            (
+                "OUTREACH_SOURCE__COMPANIES_TABLE",
+                "marketing.slow_companies",
+            ),
+            ("OUTREACH_SOURCE__BATCH_ROWS", "1"),
+        ],
+    );
+    d.wait_for_log("run started", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, secs) = d.stop();
+    assert_eq!(code, Some(0));
+    assert!(
+        secs < 2.0 + 15.0,
+        "stopped within the grace period plus a cancel check: {secs}s"
+    );
+    let a = wait_for_audits(&w, "WV", 1, Duration::from_secs(5));
+    assert_eq!(a[0].0, "cancelled", "{a:?}");
+    assert!(head(
+        &w.bucket,
+        "outreach/wv/companies/good/companies_good.parquet"
+    )
+    .is_none());
+}
+
+#[test]
+fn two_daemons_on_one_database_never_run_a_state_at_once() {
+    let w = World::new("dtwo");
+    add_slow_view(&w, 0.5);
+    let mut pg = w.pg();
+    for i in 0..4 {
+        add_company(
+            &mut pg,
+            &format!("c{i}"),
+            Some("A"),
+            Some("a.example"),
+            "WV",
+        );
+    }
+    let cfg = config_with(
+        &w,
+        "\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/3 * * * * *\"\n",
+    );
+    // The second daemon has its own workbench, as on another host.
+    let other_dir = w.dir.path().join("host2");
+    let env = [(
+        "OUTREACH_SOURCE__COMPANIES_TABLE",
+        "marketing.slow_companies",
+    )];
+    let d1 = Daemon::start(&w, &cfg, "d1", &env);
+    let mut env2 = env.to_vec();
+    let dir2 = other_dir.to_string_lossy().to_string();
+    env2.push(("OUTREACH_WORKBENCH__DIR", &dir2));
+    let d2 = Daemon::start(&w, &cfg, "d2", &env2);
+    let a = wait_for_audits(&w, "WV", 4, Duration::from_secs(90));
+    let out = format!("{}{}", d1.output(), d2.output());
+    assert!(
+        out.contains("advisory lock held"),
+        "one of them skipped: {out}"
+    );
+    // No two audited runs overlap in time.
+    let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
+    let mut spans: Vec<_> = a.iter().map(|r| (t(&r.1), t(&r.2))).collect();
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "overlapping runs: {pair:?}");
+    }
+    d1.stop();
+    d2.stop();
+}

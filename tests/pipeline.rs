@@ -1,0 +1,378 @@
+//! End-to-end runs of the pipeline against real PostgreSQL and S3 servers.
+
+mod common;
+
+use common::*;
+use outreach_workbench::pipeline::{RunOptions, RunStatus};
+
+fn dry() -> RunOptions {
+    RunOptions {
+        dry_run: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn every_rule_and_error_code() {
+    let w = World::new("rules");
+    let mut pg = w.pg();
+    add_company(
+        &mut pg,
+        "c1",
+        Some("Good Co"),
+        Some("https://good.example"),
+        "WV",
+    );
+    add_company(&mut pg, "c2", None, Some("https://noname.example"), "WV");
+    add_company(&mut pg, "c3", Some("No URL"), None, "WV");
+    add_company(&mut pg, "c4", Some("Bad URL"), Some("nodot"), "WV");
+    add_company(&mut pg, "c5", None, Some("nodot"), "WV");
+    add_company(&mut pg, "c6", None, None, "WV");
+    // people, all at the good company c1
+    let people = [
+        ("p01", Some("ana@example.com"), Some("CEO")),  // good
+        ("p02", None, Some("CEO")),                     // email null
+        ("p03", Some("ana.example.com"), Some("CEO")),  // no @
+        ("p04", Some("ana@localhost"), Some("CEO")),    // no dot after @
+        ("p05", Some("@example.com"), Some("CEO")),     // nothing before @
+        ("p06", Some("ana@@example.com"), Some("CEO")), // second @
+        ("p07", Some("a@b.c trailing @ junk"), Some("CEO")), // partial match: good
+        ("p08", Some("ana@example.com"), None),         // title missing
+        ("p09", None, None),                            // both
+        ("p10", Some(r"ana@example\com"), Some("CEO")), // backslash is not a dot
+    ];
+    for (id, email, title) in people {
+        add_person(&mut pg, id, "c1", email, title);
+    }
+
+    let r = w.run_with("WV", &dry());
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    let c = r.companies.as_ref().unwrap();
+    assert_eq!((c.raw, c.good, c.bad), (6, 1, 5));
+    assert_eq!(c.errors["company_name_missing"], 3);
+    assert_eq!(c.errors["website_url_missing"], 2);
+    assert_eq!(c.errors["website_url_invalid"], 2);
+    let p = r.people.as_ref().unwrap();
+    assert_eq!((p.raw, p.good, p.bad), (10, 2, 8));
+    assert_eq!(p.errors["email_invalid"], 7);
+    assert_eq!(p.errors["title_missing"], 2);
+
+    let bad = parquet_rows(
+        &w.export_path("wv", "companies", "bad"),
+        "company_unique_id, validation_errors",
+    );
+    assert_eq!(
+        bad,
+        vec![
+            "c2|[company_name_missing]",
+            "c3|[website_url_missing]",
+            "c4|[website_url_invalid]",
+            "c5|[company_name_missing, website_url_invalid]",
+            "c6|[company_name_missing, website_url_missing]",
+        ]
+    );
+    let good = parquet_rows(&w.export_path("wv", "people", "good"), "unique_id");
+    assert_eq!(good, vec!["p01", "p07"]);
+    let bad = parquet_rows(
+        &w.export_path("wv", "people", "bad"),
+        "unique_id, validation_errors",
+    );
+    assert_eq!(
+        bad,
+        vec![
+            "p02|[email_invalid]",
+            "p03|[email_invalid]",
+            "p04|[email_invalid]",
+            "p05|[email_invalid]",
+            "p06|[email_invalid]",
+            "p08|[title_missing]",
+            "p09|[email_invalid, title_missing]",
+            "p10|[email_invalid]",
+        ]
+    );
+    // Good files have no validation_errors column; bad files add exactly one.
+    let good_cols = parquet_types(&w.export_path("wv", "companies", "good"));
+    let bad_cols = parquet_types(&w.export_path("wv", "companies", "bad"));
+    assert_eq!(bad_cols.len(), good_cols.len() + 1);
+    assert_eq!(
+        bad_cols.last().unwrap(),
+        &("validation_errors".to_string(), "VARCHAR[]".to_string())
+    );
+}
+
+#[test]
+fn people_follow_their_company_and_the_link_rule() {
+    let w = World::new("link");
+    let mut pg = w.pg();
+    add_company(&mut pg, "wv-good", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "wv-bad", None, Some("b.example"), "WV");
+    add_company(&mut pg, "pa-good", Some("C"), Some("c.example"), "PA");
+    add_person(&mut pg, "p1", "wv-good", Some("x@a.example"), Some("CEO"));
+    add_person(&mut pg, "p2", "wv-bad", Some("y@b.example"), Some("CEO"));
+    add_person(&mut pg, "p3", "pa-good", Some("z@c.example"), Some("CEO"));
+
+    let r = w.run_with("WV", &dry());
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    assert_eq!(
+        r.people.as_ref().unwrap().raw,
+        2,
+        "PA's person must not be pulled"
+    );
+    assert_eq!(
+        parquet_rows(&w.export_path("wv", "people", "good"), "unique_id"),
+        vec!["p1", "p2"]
+    );
+
+    let r = w.run_with(
+        "WV",
+        &RunOptions {
+            dry_run: true,
+            link_rule: true,
+        },
+    );
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    assert_eq!(
+        parquet_rows(
+            &w.export_path("wv", "people", "bad"),
+            "unique_id, validation_errors"
+        ),
+        vec!["p2|[company_not_valid]"]
+    );
+
+    // PA in the same workbench does not touch WV's tables.
+    let r = w.run_with("PA", &dry());
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    let duck =
+        duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
+    let n: i64 = duck
+        .query_row("SELECT count(*) FROM wv.people_raw", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 2);
+    let n: i64 = duck
+        .query_row("SELECT count(*) FROM pa.people_raw", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn a_state_with_no_rows_gives_four_empty_valid_files() {
+    let w = World::new("empty");
+    let mut pg = w.pg();
+    add_company(&mut pg, "pa1", Some("A"), Some("a.example"), "PA");
+    let r = w.run("WV");
+    assert!(r.succeeded(), "{}", r.summary());
+    assert_eq!(r.files.len(), 4);
+    assert_eq!(r.uploaded, 4);
+    for (entity, kind) in [
+        ("companies", "good"),
+        ("companies", "bad"),
+        ("people", "good"),
+        ("people", "bad"),
+    ] {
+        let path = w.export_path("wv", entity, kind);
+        assert_eq!(count_rows(&path), 0, "{}", path.display());
+        let cols = parquet_types(&path);
+        assert!(
+            cols.len() > 20,
+            "{entity}_{kind} kept its columns: {cols:?}"
+        );
+    }
+}
+
+#[test]
+fn dedup_skips_unchanged_files_even_without_the_workbench() {
+    let w = World::new("dedup");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "c2", None, Some("b.example"), "WV");
+    add_person(&mut pg, "p1", "c1", Some("x@a.example"), Some("CEO"));
+    add_person(&mut pg, "p2", "c1", Some("bad"), Some("CEO"));
+
+    let r1 = w.run("WV");
+    assert!(r1.succeeded(), "{}", r1.summary());
+    assert_eq!((r1.uploaded, r1.skipped), (4, 0));
+    let key = "outreach/wv/companies/good/companies_good.parquet";
+    let meta = head(&w.bucket, key).expect("object exists");
+    assert_eq!(meta["sha256"], r1.files[0].sha256);
+    assert_eq!(meta["table_name"], "companies_good");
+    assert_eq!(meta["state"], "WV");
+    assert_eq!(meta["pipeline"], "outreach-workbench");
+    assert!(meta.contains_key("upload_timestamp"));
+    assert_eq!(
+        get(&w.bucket, key),
+        std::fs::read(w.export_path("wv", "companies", "good")).unwrap()
+    );
+
+    let r2 = w.run("WV");
+    assert!(r2.succeeded(), "{}", r2.summary());
+    assert_eq!((r2.uploaded, r2.skipped), (0, 4), "same data, same bytes");
+
+    // One good person changes: only people_good is uploaded again.
+    pg.execute(
+        "UPDATE marketing.people_master SET title = 'CFO' WHERE unique_id = 'p1'",
+        &[],
+    )
+    .unwrap();
+    let r3 = w.run("WV");
+    assert!(r3.succeeded(), "{}", r3.summary());
+    let uploaded: Vec<&str> = r3
+        .objects
+        .iter()
+        .filter(|o| o.action == "uploaded")
+        .map(|o| o.table_name.as_str())
+        .collect();
+    assert_eq!(uploaded, vec!["people_good"]);
+
+    // Without the workbench the bucket's metadata still decides.
+    std::fs::remove_dir_all(w.dir.path().join("duck")).unwrap();
+    std::fs::remove_dir_all(w.dir.path().join("exports")).unwrap();
+    let r4 = w.run("WV");
+    assert!(r4.succeeded(), "{}", r4.summary());
+    assert_eq!((r4.uploaded, r4.skipped), (0, 4));
+}
+
+#[test]
+fn audit_row_holds_the_run() {
+    let w = World::new("audit");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "c2", Some("B"), None, "WV");
+    add_person(&mut pg, "p1", "c1", Some("x@a.example"), None);
+    let r = w.run("WV");
+    assert!(r.succeeded(), "{}", r.summary());
+    let id = r.audit_id.expect("audit id");
+    let row = pg
+        .query_one(
+            "SELECT event_type, event_source, details, created_at IS NOT NULL FROM shq.audit_log WHERE id = $1",
+            &[&(id as i32)],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "outreach_validation_run");
+    assert_eq!(row.get::<_, String>(1), "outreach-workbench");
+    assert!(row.get::<_, bool>(3));
+    let d: serde_json::Value = row.get(2);
+    assert_eq!(d["state"], "WV");
+    assert_eq!(d["run_id"], r.run_id.as_str());
+    assert_eq!(d["status"], "success");
+    assert_eq!(d["companies"]["good"], 1);
+    assert_eq!(d["companies"]["bad"], 1);
+    assert_eq!(d["companies"]["errors"]["website_url_missing"], 1);
+    assert_eq!(d["people"]["bad"], 1);
+    assert_eq!(d["people"]["errors"]["title_missing"], 1);
+    assert_eq!(d["files"].as_array().unwrap().len(), 4);
+    assert_eq!(d["files"][0]["sha256"].as_str().unwrap().len(), 64);
+    assert!(d["files"][0]["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(d["uploaded"], 4);
+    assert_eq!(d["skipped"], 0);
+    assert_eq!(
+        d["objects"][0]["url"],
+        format!(
+            "s3://{}/outreach/wv/companies/good/companies_good.parquet",
+            w.bucket
+        )
+    );
+    assert!(d["started_at"].is_string() && d["finished_at"].is_string());
+    assert!(d["stages"]["pull"].is_number() && d["stages"]["publish"].is_number());
+    assert!(d["error"].is_null());
+    // Secrets never reach the audit.
+    let text = d.to_string();
+    assert!(!text.contains(&services().pg_password));
+    assert!(!text.contains(&services().s3_secret));
+}
+
+#[test]
+fn audit_table_of_another_layout_is_refused_before_any_work() {
+    let w = World::new("auditlayout");
+    let mut pg = w.pg();
+    pg.batch_execute(
+        "CREATE SCHEMA shq; CREATE TABLE shq.audit_log (id SERIAL PRIMARY KEY, message TEXT, details TEXT)",
+    )
+    .unwrap();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Failed);
+    let e = r.error.unwrap();
+    assert!(
+        e.contains("event_type") && e.contains("event_source"),
+        "{e}"
+    );
+    assert!(e.contains("details` is text"), "{e}");
+    assert!(e.contains("[audit] table"), "{e}");
+    assert!(r.files.is_empty(), "no work done");
+    assert!(!w.export_path("wv", "companies", "good").exists());
+    assert!(head(
+        &w.bucket,
+        "outreach/wv/companies/good/companies_good.parquet"
+    )
+    .is_none());
+}
+
+#[test]
+fn bad_password_fails_clearly_and_audits_no_success() {
+    let mut w = World::new("badpw");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    w.config.source.password = Some(outreach_workbench::config::Secret::new("wrong-password"));
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Failed);
+    let e = r.error.clone().unwrap();
+    assert!(e.contains("password authentication failed"), "{e}");
+    assert!(!e.contains("wrong-password"), "no secret in errors: {e}");
+    assert!(r.audit_id.is_none());
+    assert!(!r.succeeded());
+    let n: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'shq'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "nothing audited");
+}
+
+#[test]
+fn missing_bucket_fails_with_the_servers_error_and_is_audited_as_failed() {
+    let mut w = World::new("nobucket");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    w.config.storage.bucket = "no-such-bucket-here".into();
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Failed);
+    let e = r.error.clone().unwrap();
+    assert!(e.contains("NoSuchBucket"), "{e}");
+    assert!(e.contains("outreach/wv/"), "names the key: {e}");
+    let id = r.audit_id.expect("failed runs are audited");
+    let d: serde_json::Value = pg
+        .query_one(
+            "SELECT details FROM shq.audit_log WHERE id = $1",
+            &[&(id as i32)],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(d["status"], "failed");
+    assert!(d["error"].as_str().unwrap().contains("NoSuchBucket"));
+}
+
+#[test]
+fn tls_require_works_and_verify_full_checks_the_certificate() {
+    let mut w = World::new("tls");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    w.config.source.sslmode = outreach_workbench::config::SslMode::Require;
+    let r = w.run_with("WV", &dry());
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    let mut c = outreach_workbench::pipeline::source::connect(&w.config.source).unwrap();
+    let ssl: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ssl, "sslmode=require must encrypt");
+    // Debian's snakeoil certificate is self-signed: verify-full must refuse it.
+    w.config.source.sslmode = outreach_workbench::config::SslMode::VerifyFull;
+    let r = w.run_with("WV", &dry());
+    assert_eq!(r.status, RunStatus::Failed);
+    assert!(r.error.unwrap().contains("sslmode verify-full"));
+}
