@@ -13,4 +13,4 @@ cargo fmt --all -- --check
 ow_build
 ow_start_services
 ow_log "cargo test"
-cargo test --release --locked -- "$@"
+cargo test --release --locked --no-fail-fast -- "$@"

@@ -11,6 +11,7 @@
 //! `journalctl -p err` then finds our errors. `RUST_LOG` filters as usual;
 //! the default is `info`.
 
+use std::io::IsTerminal;
 use std::path::Path;
 
 use tracing::{Event, Level, Subscriber};
@@ -61,6 +62,7 @@ where
 pub fn init_stderr() {
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let layer = if under_journald() {
         layer.without_time().with_ansi(false).boxed()
@@ -104,6 +106,7 @@ pub fn init_daemon(log_dir: &Path, retention_days: usize) -> anyhow::Result<LogG
     } else {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stdout)
+            .with_ansi(std::io::stdout().is_terminal())
             .with_target(false)
             .boxed()
     };

@@ -89,8 +89,10 @@ impl Workbench {
         };
         let wb = Workbench { conn, dir, path };
         let tmp = wb.dir.join("duck").join("tmp");
+        // Nothing is ever downloaded: the extensions we use are compiled in.
         wb.exec(&format!(
-            "SET memory_limit = '{}'; SET temp_directory = '{}'; {}
+            "SET autoinstall_known_extensions = false; SET autoload_known_extensions = false;
+             SET memory_limit = '{}'; SET temp_directory = '{}'; {}
              CREATE TABLE IF NOT EXISTS main.runs (
                  run_id VARCHAR PRIMARY KEY,
                  state VARCHAR NOT NULL,
@@ -100,7 +102,7 @@ impl Workbench {
                  finished_at TIMESTAMP,           -- UTC
                  audit_id BIGINT,
                  error VARCHAR,
-                 report JSON
+                 report VARCHAR                    -- the run report as JSON text
              );
              CREATE TABLE IF NOT EXISTS main.upload_manifest (
                  object_key VARCHAR PRIMARY KEY,

@@ -34,7 +34,7 @@ pub use report::{EntityCounts, RunReport, RunStatus};
 pub enum PipelineError {
     #[error("{0}")]
     Config(String),
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}: {}", pg_message(.source))]
     Connect {
         target: String,
         #[source]
@@ -42,7 +42,7 @@ pub enum PipelineError {
     },
     #[error("TLS setup failed: {0}")]
     Tls(String),
-    #[error("PostgreSQL error while {what}: {source}")]
+    #[error("PostgreSQL error while {what}: {}", pg_message(.source))]
     Source {
         what: String,
         #[source]
@@ -62,6 +62,8 @@ pub enum PipelineError {
     Validate(String),
     #[error("export to {path} failed: {message}")]
     Export { path: PathBuf, message: String },
+    #[error("bucket {target} is not usable: {message}")]
+    Bucket { target: String, message: String },
     #[error("upload of {key} failed: {message}")]
     Publish { key: String, message: String },
     #[error("audit table {0}")]
@@ -77,6 +79,33 @@ pub enum PipelineError {
 /// First key of the per-state advisory lock ("OWWB"); the second is the
 /// state's hash. Any process using the same pair excludes the others.
 const ADVISORY_LOCK_CLASS: i32 = 0x4f57_5742;
+
+/// The server's own words for a database error (`FATAL: password
+/// authentication failed for user "x"`), which `postgres::Error`'s Display
+/// reduces to "db error"; the error chain for everything else.
+pub fn pg_message(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut m = format!("{}: {}", db.severity(), db.message());
+        if let Some(d) = db.detail() {
+            m.push_str(&format!(" ({d})"));
+        }
+        if let Some(h) = db.hint() {
+            m.push_str(&format!("; hint: {h}"));
+        }
+        return m;
+    }
+    let mut m = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !m.contains(&text) {
+            m.push_str(": ");
+            m.push_str(&text);
+        }
+        cause = c.source();
+    }
+    m
+}
 
 /// How to run, beyond the config.
 #[derive(Debug, Clone, Default)]
@@ -155,7 +184,7 @@ fn stages(
 ) -> Result<(), PipelineError> {
     // Everything that can be refused is refused before any work is done.
     if !opts.dry_run {
-        publish::bucket(&config.storage)?;
+        publish::check_bucket(&config.storage)?;
     }
     let mut client = source::connect(&config.source)?;
     if !opts.dry_run {

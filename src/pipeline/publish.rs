@@ -68,6 +68,30 @@ pub fn bucket(cfg: &StorageConfig) -> Result<Box<Bucket>, PipelineError> {
     Ok(bucket)
 }
 
+/// Lists at most one key under the prefix: proves the endpoint answers,
+/// the credentials work and the bucket exists, before a run does any work.
+pub fn check_bucket(cfg: &StorageConfig) -> Result<(), PipelineError> {
+    let bucket = bucket(cfg)?;
+    let where_ = format!("s3://{}/{}", cfg.bucket, cfg.prefix);
+    runtime(&where_)?
+        .block_on(bucket.list_page(format!("{}/", cfg.prefix), None, None, None, Some(1)))
+        .map(|_| ())
+        .map_err(|e| PipelineError::Bucket {
+            target: format!("{where_} at {}", cfg.endpoint),
+            message: s3_message("listing", e),
+        })
+}
+
+fn runtime(key: &str) -> Result<tokio::runtime::Runtime, PipelineError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PipelineError::Publish {
+            key: key.to_string(),
+            message: format!("starting the upload runtime: {e}"),
+        })
+}
+
 /// Uploads what changed, appending each file's outcome to `out` as it
 /// happens so that a failure half-way still reports what was published.
 /// Runs its own small tokio runtime: the pipeline is
@@ -81,14 +105,7 @@ pub fn publish(
     out: &mut Vec<PublishedObject>,
 ) -> Result<(), PipelineError> {
     let bucket = bucket(cfg)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| PipelineError::Publish {
-            key: String::new(),
-            message: format!("starting the upload runtime: {e}"),
-        })?;
-    rt.block_on(async {
+    runtime("")?.block_on(async {
         for file in files {
             if cancel.is_cancelled() {
                 return Err(PipelineError::Cancelled);
@@ -163,10 +180,17 @@ async fn upload(
     Ok(())
 }
 
+fn s3_error(key: &str, doing: &str, e: S3Error) -> PipelineError {
+    PipelineError::Publish {
+        key: key.to_string(),
+        message: s3_message(doing, e),
+    }
+}
+
 /// Turns an S3 error into one line: HTTP status plus the server's own
 /// `<Code>` and `<Message>`, which say far more than the XML blob.
-pub fn s3_error(key: &str, doing: &str, e: S3Error) -> PipelineError {
-    let message = match &e {
+fn s3_message(doing: &str, e: S3Error) -> String {
+    match &e {
         S3Error::HttpFailWithBody(status, body) => {
             let tag = |t: &str| {
                 let open = format!("<{t}>");
@@ -184,9 +208,5 @@ pub fn s3_error(key: &str, doing: &str, e: S3Error) -> PipelineError {
             }
         }
         other => format!("{doing}: {other}"),
-    };
-    PipelineError::Publish {
-        key: key.to_string(),
-        message,
     }
 }

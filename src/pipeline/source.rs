@@ -10,6 +10,7 @@
 //! belong to exactly the companies that were pulled, even while the source
 //! is being written to.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,11 +39,16 @@ impl<'a> FromSql<'a> for Raw<'a> {
     }
 }
 
-/// Opens a connection as `source.sslmode` asks, spelled as libpq does:
-/// `prefer` and `require` encrypt without checking the certificate,
-/// `verify-full` checks the chain and the host name. TLS always sends SNI,
-/// which Neon uses to route to the right endpoint.
-pub fn connect(cfg: &SourceConfig) -> Result<Client, PipelineError> {
+enum Tls {
+    Off,
+    Native(postgres_native_tls::MakeTlsConnector),
+}
+
+/// The connection settings and TLS connector for `source.sslmode`, spelled
+/// as libpq does: `prefer` and `require` encrypt without checking the
+/// certificate, `verify-full` checks the chain and the host name. TLS always
+/// sends SNI, which Neon uses to route to the right endpoint.
+fn settings(cfg: &SourceConfig) -> Result<(postgres::Config, Tls, String), PipelineError> {
     use postgres::config::SslMode as PgSsl;
     let mut pg = postgres::Config::new();
     pg.host(&cfg.host)
@@ -55,6 +61,23 @@ pub fn connect(cfg: &SourceConfig) -> Result<Client, PipelineError> {
     if let Some(p) = &cfg.password {
         pg.password(p.expose());
     }
+    let (mode, verify) = match cfg.sslmode {
+        SslMode::Disable => (PgSsl::Disable, false),
+        SslMode::Prefer => (PgSsl::Prefer, false),
+        SslMode::Require => (PgSsl::Require, false),
+        SslMode::VerifyFull => (PgSsl::Require, true),
+    };
+    pg.ssl_mode(mode);
+    let tls = if cfg.sslmode == SslMode::Disable {
+        Tls::Off
+    } else {
+        let connector = native_tls::TlsConnector::builder()
+            .danger_accept_invalid_certs(!verify)
+            .danger_accept_invalid_hostnames(!verify)
+            .build()
+            .map_err(|e| PipelineError::Tls(e.to_string()))?;
+        Tls::Native(postgres_native_tls::MakeTlsConnector::new(connector))
+    };
     let target = format!(
         "PostgreSQL {}@{}:{}/{} (sslmode {})",
         cfg.user,
@@ -68,35 +91,33 @@ pub fn connect(cfg: &SourceConfig) -> Result<Client, PipelineError> {
             SslMode::VerifyFull => "verify-full",
         }
     );
-    let wrap = |e: postgres::Error| PipelineError::Connect {
-        target: target.clone(),
-        source: e,
-    };
-    let tls = |verify: bool| {
-        native_tls::TlsConnector::builder()
-            .danger_accept_invalid_certs(!verify)
-            .danger_accept_invalid_hostnames(!verify)
-            .build()
-            .map_err(|e| PipelineError::Tls(e.to_string()))
-            .map(postgres_native_tls::MakeTlsConnector::new)
-    };
-    match cfg.sslmode {
-        SslMode::Disable => {
-            pg.ssl_mode(PgSsl::Disable);
-            pg.connect(postgres::NoTls).map_err(wrap)
+    Ok((pg, tls, target))
+}
+
+/// Opens a connection to the source database.
+pub fn connect(cfg: &SourceConfig) -> Result<Client, PipelineError> {
+    let (pg, tls, target) = settings(cfg)?;
+    match tls {
+        Tls::Off => pg.connect(postgres::NoTls),
+        Tls::Native(t) => pg.connect(t),
+    }
+    .map_err(|e| PipelineError::Connect { target, source: e })
+}
+
+/// Asks the server to cancel whatever `token`'s session is running.
+fn cancel_query(cfg: &SourceConfig, token: &postgres::CancelToken) {
+    let sent = settings(cfg).and_then(|(_, tls, _)| {
+        match tls {
+            Tls::Off => token.cancel_query(postgres::NoTls),
+            Tls::Native(t) => token.cancel_query(t),
         }
-        SslMode::Prefer => {
-            pg.ssl_mode(PgSsl::Prefer);
-            pg.connect(tls(false)?).map_err(wrap)
-        }
-        SslMode::Require => {
-            pg.ssl_mode(PgSsl::Require);
-            pg.connect(tls(false)?).map_err(wrap)
-        }
-        SslMode::VerifyFull => {
-            pg.ssl_mode(PgSsl::Require);
-            pg.connect(tls(true)?).map_err(wrap)
-        }
+        .map_err(|e| PipelineError::Source {
+            what: "cancelling the query".into(),
+            source: e,
+        })
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "could not cancel the running query");
     }
 }
 
@@ -111,7 +132,41 @@ pub struct PullStats {
 
 /// Pulls both entities into `<schema>.companies_raw` and `<schema>.people_raw`.
 /// The caller owns the DuckDB transaction.
+///
+/// Cancellation is checked between batches, and a watcher thread also asks
+/// the server to cancel the query: the server buffers output, so a slow
+/// query can go a long time without a batch boundary.
 pub fn pull(
+    client: &mut Client,
+    config: &Config,
+    state: &StateCode,
+    duck: &duckdb::Connection,
+    schema: &str,
+    cancel: &CancellationToken,
+) -> Result<PullStats, PipelineError> {
+    let token = client.cancel_token();
+    let done = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                if cancel.is_cancelled() {
+                    cancel_query(&config.source, &token);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let result = pull_in_transaction(client, config, state, duck, schema, cancel);
+        done.store(true, Ordering::Relaxed);
+        result
+    });
+    match result {
+        Err(_) if cancel.is_cancelled() => Err(PipelineError::Cancelled),
+        other => other,
+    }
+}
+
+fn pull_in_transaction(
     client: &mut Client,
     config: &Config,
     state: &StateCode,

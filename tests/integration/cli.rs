@@ -1,11 +1,9 @@
 //! The binary as a user runs it: config file plus the original environment
 //! variable names, exit codes, and messages.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_outreach-workbench"));

@@ -1,8 +1,6 @@
 //! End-to-end runs of the pipeline against real PostgreSQL and S3 servers.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use outreach_workbench::pipeline::{RunOptions, RunStatus};
 
 fn dry() -> RunOptions {
@@ -340,7 +338,8 @@ fn missing_bucket_fails_with_the_servers_error_and_is_audited_as_failed() {
     assert_eq!(r.status, RunStatus::Failed);
     let e = r.error.clone().unwrap();
     assert!(e.contains("NoSuchBucket"), "{e}");
-    assert!(e.contains("outreach/wv/"), "names the key: {e}");
+    assert!(e.contains("no-such-bucket-here"), "names the bucket: {e}");
+    assert!(r.files.is_empty(), "refused before any work");
     let id = r.audit_id.expect("failed runs are audited");
     let d: serde_json::Value = pg
         .query_one(

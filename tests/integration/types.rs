@@ -1,9 +1,7 @@
 //! Every supported PostgreSQL type goes through to Parquet value for value,
 //! with the type DuckDB's own PostgreSQL scanner would give it.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use outreach_workbench::pipeline::{RunOptions, RunStatus};
 
 const FIXTURE: &str = r#"

@@ -1,14 +1,12 @@
 //! The daemon binary against real services, with 6-field cron expressions
 //! firing every few seconds.
 
-mod common;
-
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A companies view that takes `secs` per row, to make runs slow on purpose.
 fn add_slow_view(w: &World, secs: f64) {

@@ -1,0 +1,9 @@
+//! Integration tests against real PostgreSQL and S3 servers (started by
+//! `scripts/test.sh`). One test binary: DuckDB is linked statically and each
+//! extra binary costs a long link.
+
+mod cli;
+mod common;
+mod daemon;
+mod pipeline;
+mod types;
