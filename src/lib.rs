@@ -6,6 +6,7 @@
 //! Where to start reading: [`pipeline::run`] is one run from start to end;
 //! [`config`] is everything a user can set.
 
+pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod logging;

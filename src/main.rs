@@ -49,9 +49,9 @@ enum Command {
     Daemon,
     /// List each schedule with its next five fire times.
     Schedule,
-    /// Check the configuration file (no network).
+    /// Check the config, secrets, PostgreSQL, the audit table and the bucket; one line per problem.
     Check {
-        /// Only the config; the full check is not built yet.
+        /// Only the config and secrets, no network (the service's pre-start step).
         #[arg(long)]
         offline: bool,
     },
@@ -144,9 +144,29 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Check { offline: _ } => {
-            println!("config {} is valid", path.display());
-            ExitCode::SUCCESS
+        Command::Check { offline } => {
+            let problems = if offline {
+                outreach_workbench::check::offline(&config)
+            } else {
+                outreach_workbench::check::online(&config)
+            };
+            for p in &problems {
+                println!("problem: {p}");
+            }
+            if problems.is_empty() {
+                println!(
+                    "ok: {} ({})",
+                    path.display(),
+                    if offline {
+                        "config only"
+                    } else {
+                        "config, PostgreSQL, audit table, bucket"
+                    }
+                );
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
         }
     }
 }

@@ -119,6 +119,6 @@ ow_start_services() {
 
 # psql as the test superuser against the private cluster.
 ow_psql() {
-    PGPASSWORD=$OW_PG_PASSWORD psql -q -X -v ON_ERROR_STOP=1 -h "$OW_PG_HOST" -p "$OW_PG_PORT" \
+    PGPASSWORD=$OW_PG_PASSWORD PGOPTIONS='-c client_min_messages=warning' psql -q -X -v ON_ERROR_STOP=1 -h "$OW_PG_HOST" -p "$OW_PG_PORT" \
         -U "$OW_PG_USER" "$@"
 }

@@ -25,9 +25,12 @@ fn err(table: &QualifiedName, e: postgres::Error) -> PipelineError {
     PipelineError::Audit(format!("{table}: {e}"))
 }
 
-/// Creates the schema and table when missing; refuses a table of another
-/// layout, naming the missing or mistyped columns.
-pub fn ensure_table(client: &mut Client, table: &QualifiedName) -> Result<(), PipelineError> {
+/// What is wrong with the table's layout: `None` when the table does not
+/// exist, an empty list when it is usable.
+pub fn inspect(
+    client: &mut Client,
+    table: &QualifiedName,
+) -> Result<Option<Vec<String>>, PipelineError> {
     let rows = client
         .query(
             "SELECT column_name::text, data_type::text FROM information_schema.columns
@@ -36,21 +39,7 @@ pub fn ensure_table(client: &mut Client, table: &QualifiedName) -> Result<(), Pi
         )
         .map_err(|e| err(table, e))?;
     if rows.is_empty() {
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema};
-                 CREATE TABLE IF NOT EXISTS {t} (
-                     id SERIAL PRIMARY KEY,
-                     event_type VARCHAR(255) NOT NULL,
-                     event_source VARCHAR(255) NOT NULL,
-                     details JSONB,
-                     created_at TIMESTAMP DEFAULT NOW()
-                 );",
-                schema = crate::config::quote_ident(&table.schema),
-                t = table.quoted()
-            ))
-            .map_err(|e| err(table, e))?;
-        return Ok(());
+        return Ok(None);
     }
     let mut problems = Vec::new();
     for (name, types) in REQUIRED {
@@ -67,13 +56,32 @@ pub fn ensure_table(client: &mut Client, table: &QualifiedName) -> Result<(), Pi
             }
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(PipelineError::AuditLayout {
+    Ok(Some(problems))
+}
+
+/// Creates the schema and table when missing; refuses a table of another
+/// layout, naming the missing or mistyped columns.
+pub fn ensure_table(client: &mut Client, table: &QualifiedName) -> Result<(), PipelineError> {
+    match inspect(client, table)? {
+        Some(problems) if problems.is_empty() => Ok(()),
+        Some(problems) => Err(PipelineError::AuditLayout {
             table: table.to_string(),
             problems: problems.join(", "),
-        })
+        }),
+        None => client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema};
+                 CREATE TABLE IF NOT EXISTS {t} (
+                     id SERIAL PRIMARY KEY,
+                     event_type VARCHAR(255) NOT NULL,
+                     event_source VARCHAR(255) NOT NULL,
+                     details JSONB,
+                     created_at TIMESTAMP DEFAULT NOW()
+                 );",
+                schema = crate::config::quote_ident(&table.schema),
+                t = table.quoted()
+            ))
+            .map_err(|e| err(table, e)),
     }
 }
 

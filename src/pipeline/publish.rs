@@ -82,6 +82,24 @@ pub fn check_bucket(cfg: &StorageConfig) -> Result<(), PipelineError> {
         })
 }
 
+/// Writes and deletes a small object under the prefix: proves the key may
+/// write, which listing alone does not.
+pub fn probe_write(cfg: &StorageConfig) -> Result<(), PipelineError> {
+    let bucket = bucket(cfg)?;
+    let key = format!("{}/.outreach-workbench-check", cfg.prefix);
+    runtime(&key)?.block_on(async {
+        bucket
+            .put_object(&key, b"outreach-workbench write check\n")
+            .await
+            .map_err(|e| s3_error(&key, "writing a check object", e))?;
+        bucket
+            .delete_object(&key)
+            .await
+            .map_err(|e| s3_error(&key, "deleting the check object", e))?;
+        Ok(())
+    })
+}
+
 fn runtime(key: &str) -> Result<tokio::runtime::Runtime, PipelineError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -137,7 +137,61 @@ fn shipped_config_toml_is_accepted_as_it_is() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
     let o = bin()
         .args(["check", "--offline", "--config", path])
+        .env("B2_KEY_ID", "k")
+        .env("B2_APPLICATION_KEY", "s")
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Without the secrets the pre-start check says what is missing.
+    let o = bin()
+        .args(["check", "--offline", "--config", path])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("B2_APPLICATION_KEY"), "{}", text(&o));
+}
+
+#[test]
+fn check_reports_each_problem_on_its_own_line() {
+    let w = World::new("check");
+    let s = services();
+    let cfg = w.write_config_file();
+    let ok = bin()
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .env("NEON_PASSWORD", &s.pg_password)
+        .env("B2_KEY_ID", &s.s3_key)
+        .env("B2_APPLICATION_KEY", &s.s3_secret)
+        .env("B2_BUCKET", &w.bucket)
+        .output()
+        .unwrap();
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+
+    w.pg()
+        .batch_execute("CREATE SCHEMA shq; CREATE TABLE shq.audit_log (id SERIAL, note TEXT)")
+        .unwrap();
+    let bad = bin()
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .env("NEON_PASSWORD", &s.pg_password)
+        .env("B2_KEY_ID", &s.s3_key)
+        .env("B2_APPLICATION_KEY", "wrong-secret")
+        .env("B2_BUCKET", &w.bucket)
+        .env("OUTREACH_SOURCE__STATE_COLUMN", "no_such_column")
+        .output()
+        .unwrap();
+    let out = text(&bad);
+    assert_eq!(bad.status.code(), Some(1), "{out}");
+    let problems: Vec<&str> = out.lines().filter(|l| l.starts_with("problem: ")).collect();
+    assert_eq!(problems.len(), 3, "{out}");
+    assert!(out.contains("no_such_column"), "{out}");
+    assert!(
+        out.contains("audit table shq.audit_log") && out.contains("event_type"),
+        "{out}"
+    );
+    assert!(
+        out.contains("SignatureDoesNotMatch") || out.contains("403"),
+        "{out}"
+    );
+    assert!(!out.contains("wrong-secret"), "{out}");
 }

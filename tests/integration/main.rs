@@ -5,5 +5,6 @@
 mod cli;
 mod common;
 mod daemon;
+mod packaging;
 mod pipeline;
 mod types;

@@ -1,0 +1,77 @@
+//! `check`: what a run needs, verified without running one. Each problem is
+//! one line; an empty list means a run can start.
+
+use crate::config::{quote_ident, Config};
+use crate::pipeline::{audit, publish, source};
+
+/// Config-only checks (the config already loaded and validated): secrets
+/// that a run will need. No network, for the service's pre-start step.
+pub fn offline(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if config.storage.access_key_id.is_none() || config.storage.secret_access_key.is_none() {
+        problems.push(
+            "storage credentials are not set: B2_KEY_ID and B2_APPLICATION_KEY (or OUTREACH_STORAGE__ACCESS_KEY_ID / OUTREACH_STORAGE__SECRET_ACCESS_KEY)".into(),
+        );
+    }
+    problems
+}
+
+/// Everything: the offline checks, PostgreSQL, the source tables, the
+/// audit table, and the bucket (readable and writable).
+pub fn online(config: &Config) -> Vec<String> {
+    let mut problems = offline(config);
+    if config.source.password.is_none() {
+        problems.push(
+            "source.password is not set (NEON_PASSWORD); fine only if the server trusts this host"
+                .into(),
+        );
+    }
+    match source::connect(&config.source) {
+        Err(e) => problems.push(e.to_string()),
+        Ok(mut client) => {
+            let s = &config.source;
+            for (table, columns) in [
+                (
+                    config.companies_table(),
+                    vec![&s.state_column, &s.company_key],
+                ),
+                (
+                    config.people_table(),
+                    vec![&s.person_key, &s.people_company_column],
+                ),
+            ] {
+                match client.prepare(&format!("SELECT * FROM {} LIMIT 0", table.quoted())) {
+                    Err(e) => problems.push(format!(
+                        "source table {table}: {}",
+                        crate::pipeline::pg_message(&e)
+                    )),
+                    Ok(stmt) => {
+                        for c in columns {
+                            if !stmt.columns().iter().any(|col| col.name() == c.as_str()) {
+                                problems.push(format!(
+                                    "source table {table} has no column {} (see [source] in the config)",
+                                    quote_ident(c)
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            let table = config.audit_table();
+            match audit::inspect(&mut client, &table) {
+                Err(e) => problems.push(e.to_string()),
+                Ok(Some(p)) if !p.is_empty() => problems.push(format!(
+                    "audit table {table} has another layout ({}); set [audit] table to another schema.table",
+                    p.join(", ")
+                )),
+                Ok(_) => {}
+            }
+        }
+    }
+    if let Err(e) =
+        publish::check_bucket(&config.storage).and_then(|_| publish::probe_write(&config.storage))
+    {
+        problems.push(e.to_string());
+    }
+    problems
+}

@@ -1,0 +1,134 @@
+//! The systemd unit and the Debian package, checked with the system's own
+//! tools.
+
+use std::path::Path;
+use std::process::Command;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const BIN: &str = env!("CARGO_BIN_EXE_outreach-workbench");
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    if !have("systemd-analyze") {
+        eprintln!("skipped: systemd-analyze is not installed on this machine");
+        return;
+    }
+    // verify checks that ExecStart's binary exists: point it at this build.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(Path::new(ROOT).join("systemd/outreach-workbench.service"))
+        .unwrap()
+        .replace("/usr/bin/outreach-workbench", BIN);
+    let path = dir.path().join("outreach-workbench.service");
+    std::fs::write(&path, unit).unwrap();
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    // Unknown keys are only warnings, with exit code 0: none allowed.
+    assert!(
+        !stderr.contains("outreach-workbench.service"),
+        "warnings: {stderr}"
+    );
+}
+
+#[test]
+fn deb_package_holds_every_file_with_the_right_modes() {
+    if !have("dpkg-deb") {
+        eprintln!("skipped: dpkg-deb is not installed on this machine");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let o = Command::new("bash")
+        .arg(Path::new(ROOT).join("packaging/build-deb.sh"))
+        .arg(out.path())
+        .env("OW_BIN", BIN)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let deb = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(deb.ends_with(".deb"), "{deb}");
+
+    let listing = Command::new("dpkg-deb")
+        .args(["-c", &deb])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).to_string();
+    for (mode, path) in [
+        ("-rwxr-xr-x", "./usr/bin/outreach-workbench"),
+        (
+            "-rw-r--r--",
+            "./lib/systemd/system/outreach-workbench.service",
+        ),
+        ("-rw-r-----", "./etc/outreach-workbench/config.toml"),
+        ("-rw-------", "./etc/outreach-workbench/env"),
+        ("-rw-r--r--", "./usr/share/doc/outreach-workbench/README.md"),
+    ] {
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with(mode) && l.ends_with(path) && l.contains("root/root")),
+            "{mode} root/root {path} missing from:\n{listing}"
+        );
+    }
+
+    let info = Command::new("dpkg-deb")
+        .args(["-I", &deb])
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout).to_string();
+    for needle in [
+        "postinst",
+        "prerm",
+        "postrm",
+        "conffiles",
+        "Package: outreach-workbench",
+    ] {
+        assert!(info.contains(needle), "{needle} missing from:\n{info}");
+    }
+    let ctrl = tempfile::tempdir().unwrap();
+    assert!(Command::new("dpkg-deb")
+        .args(["-e", &deb])
+        .arg(ctrl.path())
+        .status()
+        .unwrap()
+        .success());
+    let conf = std::fs::read_to_string(ctrl.path().join("conffiles")).unwrap();
+    assert!(conf.contains("/etc/outreach-workbench/config.toml"));
+    assert!(conf.contains("/etc/outreach-workbench/env"));
+    let postinst = std::fs::read_to_string(ctrl.path().join("postinst")).unwrap();
+    assert!(postinst.contains("adduser --system"));
+    let postrm = std::fs::read_to_string(ctrl.path().join("postrm")).unwrap();
+    assert!(postrm.contains("purge") && postrm.contains("/var/lib/outreach-workbench"));
+
+    // Unpacked into a scratch root, the shipped config is accepted as it is.
+    let root = tempfile::tempdir().unwrap();
+    assert!(Command::new("dpkg-deb")
+        .args(["-x", &deb])
+        .arg(root.path())
+        .status()
+        .unwrap()
+        .success());
+    let check = Command::new(root.path().join("usr/bin/outreach-workbench"))
+        .args(["check", "--offline", "--config"])
+        .arg(root.path().join("etc/outreach-workbench/config.toml"))
+        .env("B2_KEY_ID", "k")
+        .env("B2_APPLICATION_KEY", "s")
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
