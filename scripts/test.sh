@@ -11,6 +11,8 @@ ow_prepare
 ow_log "cargo fmt --check"
 cargo fmt --all -- --check
 ow_build
+ow_log "cargo clippy"
+cargo clippy --release --locked --all-targets --quiet -- -D warnings
 ow_start_services
 ow_log "cargo test"
 cargo test --release --locked --no-fail-fast -- "$@"

@@ -206,13 +206,12 @@ pub fn numeric_to_i128(raw: &[u8], precision: u8, scale: i8) -> Result<i128, Dec
     let digits: Vec<i16> = (0..ndigits).map(|i| be_i16(raw, 8 + 2 * i)).collect();
     // Trailing zero groups carry no value but could overflow i128 in the loop.
     let used = digits.iter().rposition(|&d| d != 0).map_or(0, |p| p + 1);
-    let overflow = DecodeError::NumericOverflow { precision, scale };
     let mut v: i128 = 0;
     for &d in &digits[..used] {
         v = v
             .checked_mul(10_000)
             .and_then(|v| v.checked_add(d as i128))
-            .ok_or_else(|| DecodeError::NumericOverflow { precision, scale })?;
+            .ok_or(DecodeError::NumericOverflow { precision, scale })?;
     }
     // `v` is the value times 10000^(used - 1 - weight); rescale to 10^scale.
     let exp10 = scale as i32 - 4 * (used as i32 - 1 - weight);
@@ -221,7 +220,7 @@ pub fn numeric_to_i128(raw: &[u8], precision: u8, scale: i8) -> Result<i128, Dec
             v = 10i128
                 .checked_pow(exp10 as u32)
                 .and_then(|p| v.checked_mul(p))
-                .ok_or(overflow)?;
+                .ok_or(DecodeError::NumericOverflow { precision, scale })?;
         } else {
             // Only zeros are dropped: the column's typmod bounds the scale.
             v /= 10i128.checked_pow((-exp10) as u32).unwrap_or(i128::MAX);

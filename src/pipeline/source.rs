@@ -395,12 +395,12 @@ fn stream_query(
             }
         }
         n += 1;
-        if n % batch_rows as u64 == 0 {
+        if n.is_multiple_of(batch_rows as u64) {
             flush(&mut builders)?;
             if cancel.is_cancelled() {
                 return Err(PipelineError::Cancelled);
             }
-            if n % (batch_rows as u64 * 16) == 0 {
+            if n.is_multiple_of(batch_rows as u64 * 16) {
                 tracing::info!(table, rows = n, "pulling");
             }
         }
