@@ -10,7 +10,9 @@
 //! process (an analyst's CLI, a manual `run` while the daemon works) waits
 //! up to `lock_timeout`, then gets an error that says who holds it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use duckdb::Connection;
@@ -38,6 +40,28 @@ pub struct Workbench {
     pub path: PathBuf,
 }
 
+/// Workbench files open in this process, with how many `Workbench`es use
+/// each. DuckDB must not open one file twice in a process (two instances
+/// would write the same file), so concurrent runs in the daemon share one
+/// database through cloned connections. The last one to finish closes it,
+/// which releases the file lock for analysts between runs.
+fn open_files() -> &'static Mutex<HashMap<PathBuf, (Connection, usize)>> {
+    static OPEN: OnceLock<Mutex<HashMap<PathBuf, (Connection, usize)>>> = OnceLock::new();
+    OPEN.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+impl Drop for Workbench {
+    fn drop(&mut self) {
+        let mut open = open_files().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, users)) = open.get_mut(&self.path) {
+            *users -= 1;
+            if *users == 0 {
+                open.remove(&self.path);
+            }
+        }
+    }
+}
+
 impl Workbench {
     pub fn db_path(dir: &Path) -> PathBuf {
         dir.join("duck").join("outreach_workbench.duckdb")
@@ -61,9 +85,31 @@ impl Workbench {
                 detail: format!("creating {}: {e}", d.display()),
             })?;
         }
+        let conn = Self::connect(cfg, &path, lock_timeout)?;
+        Ok(Workbench { conn, dir, path })
+    }
+
+    /// A connection to the file: a clone of this process's open database if
+    /// there is one, else a new one, waiting up to `lock_timeout` for
+    /// another process to let go of the file.
+    fn connect(
+        cfg: &WorkbenchConfig,
+        path: &Path,
+        lock_timeout: Duration,
+    ) -> Result<Connection, WorkbenchError> {
+        let mut open = open_files().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((base, users)) = open.get_mut(path) {
+            let conn = base.try_clone().map_err(|e| WorkbenchError::Open {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
+            *users += 1;
+            return Ok(conn);
+        }
+        let path = path.to_path_buf();
         let start = Instant::now();
         let mut logged = false;
-        let conn = loop {
+        let base = loop {
             match Connection::open(&path) {
                 Ok(c) => break c,
                 Err(e) => {
@@ -87,10 +133,10 @@ impl Workbench {
                 }
             }
         };
-        let wb = Workbench { conn, dir, path };
-        let tmp = wb.dir.join("duck").join("tmp");
+        // Settings and bookkeeping tables, once per opening of the file.
+        let tmp = cfg.dir.join("duck").join("tmp");
         // Nothing is ever downloaded: the extensions we use are compiled in.
-        wb.exec(&format!(
+        base.execute_batch(&format!(
             "SET autoinstall_known_extensions = false; SET autoload_known_extensions = false;
              SET memory_limit = '{}'; SET temp_directory = '{}'; {}
              CREATE TABLE IF NOT EXISTS main.runs (
@@ -118,8 +164,17 @@ impl Workbench {
             } else {
                 String::new()
             },
-        ))?;
-        Ok(wb)
+        ))
+        .map_err(|e| WorkbenchError::Sql {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let conn = base.try_clone().map_err(|e| WorkbenchError::Open {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        open.insert(path, (base, 1));
+        Ok(conn)
     }
 
     pub fn exec(&self, sql: &str) -> Result<(), WorkbenchError> {

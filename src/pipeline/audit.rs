@@ -5,7 +5,7 @@
 //! run's record. A missing table is created with the known layout; an
 //! existing one must have the columns we write.
 
-use postgres::Client;
+use postgres::{Client, GenericClient};
 
 use crate::config::QualifiedName;
 use crate::pipeline::PipelineError;
@@ -28,7 +28,7 @@ fn err(table: &QualifiedName, e: postgres::Error) -> PipelineError {
 /// What is wrong with the table's layout: `None` when the table does not
 /// exist, an empty list when it is usable.
 pub fn inspect(
-    client: &mut Client,
+    client: &mut impl GenericClient,
     table: &QualifiedName,
 ) -> Result<Option<Vec<String>>, PipelineError> {
     let rows = client
@@ -61,7 +61,22 @@ pub fn inspect(
 
 /// Creates the schema and table when missing; refuses a table of another
 /// layout, naming the missing or mistyped columns.
+///
+/// Concurrent runs (other states, other daemons) may all find the table
+/// missing; `CREATE ... IF NOT EXISTS` is not safe against that race in
+/// PostgreSQL, so the check-and-create holds a transaction advisory lock.
 pub fn ensure_table(client: &mut Client, table: &QualifiedName) -> Result<(), PipelineError> {
+    let mut tx = client.transaction().map_err(|e| err(table, e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&AUDIT_LOCK_CLASS])
+        .map_err(|e| err(table, e))?;
+    ensure_in(&mut tx, table)?;
+    tx.commit().map_err(|e| err(table, e))
+}
+
+/// Advisory lock key for creating the audit table ("OWAU").
+const AUDIT_LOCK_CLASS: i32 = 0x4f57_4155;
+
+fn ensure_in(client: &mut impl GenericClient, table: &QualifiedName) -> Result<(), PipelineError> {
     match inspect(client, table)? {
         Some(problems) if problems.is_empty() => Ok(()),
         Some(problems) => Err(PipelineError::AuditLayout {
