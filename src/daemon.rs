@@ -64,6 +64,9 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
         stopping: CancellationToken::new(),
         cancel_runs: CancellationToken::new(),
     });
+    // Blocking work (DuckDB, the postgres client) stays off the async threads.
+    let cfg = config.clone();
+    tokio::task::spawn_blocking(move || audit_abandoned_runs(&cfg)).await?;
     let mut tasks = start_schedules(&config, &shared)?;
     tracing::info!(
         config = %config_path.display(),
@@ -120,6 +123,45 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// Runs a previous process left `running` (it died mid-run) are marked
+/// abandoned in the workbench and audited, so no run goes missing without a
+/// record. Problems here are logged, never fatal: the schedules matter more.
+fn audit_abandoned_runs(config: &Config) {
+    let found = crate::workbench::Workbench::open(&config.workbench, config.lock_timeout())
+        .and_then(|wb| wb.take_abandoned());
+    let runs = match found {
+        Ok(runs) => runs,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for abandoned runs");
+            return;
+        }
+    };
+    for run in runs {
+        let started =
+            chrono::DateTime::from_timestamp_micros(run.started_at_us).unwrap_or_default();
+        tracing::warn!(state = %run.state, run_id = %run.run_id, started_at = %started, "run abandoned by a previous process");
+        if run.dry_run {
+            continue;
+        }
+        let details = serde_json::json!({
+            "state": run.state,
+            "run_id": run.run_id,
+            "status": "abandoned",
+            "started_at": started,
+            "finished_at": Utc::now(),
+            "error": "the process running it stopped before it finished (crash, kill -9 or power loss)",
+        });
+        let written = pipeline::source::connect(&config.source).and_then(|mut c| {
+            let table = config.audit_table();
+            pipeline::audit::ensure_table(&mut c, &table)?;
+            pipeline::audit::insert(&mut c, &table, &details)
+        });
+        if let Err(e) = written {
+            tracing::error!(run_id = %run.run_id, error = %e, "could not audit the abandoned run");
+        }
+    }
 }
 
 /// SIGHUP, SIGTERM and SIGINT as a channel. signal-hook's iterator runs on

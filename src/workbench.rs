@@ -62,6 +62,15 @@ impl Drop for Workbench {
     }
 }
 
+/// A run found still `running` when no process was running it.
+#[derive(Debug, Clone)]
+pub struct AbandonedRun {
+    pub run_id: String,
+    pub state: String,
+    pub dry_run: bool,
+    pub started_at_us: i64,
+}
+
 impl Workbench {
     pub fn db_path(dir: &Path) -> PathBuf {
         dir.join("duck").join("outreach_workbench.duckdb")
@@ -220,6 +229,32 @@ impl Workbench {
                 ],
             )
             .map(|_| ())
+            .map_err(|e| self.sql_err(e))
+    }
+
+    /// Runs left `running` by a process that died (kill -9, power loss):
+    /// marks them `abandoned` and returns them, for the audit.
+    pub fn take_abandoned(&self) -> Result<Vec<AbandonedRun>, WorkbenchError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "UPDATE main.runs SET status = 'abandoned', finished_at = make_timestamp(?),
+                     error = 'the process running it stopped before it finished (crash, kill -9 or power loss)'
+                 WHERE status = 'running'
+                 RETURNING run_id, state, dry_run, epoch_us(started_at)",
+            )
+            .map_err(|e| self.sql_err(e))?;
+        let rows = stmt
+            .query_map([chrono::Utc::now().timestamp_micros()], |r| {
+                Ok(AbandonedRun {
+                    run_id: r.get(0)?,
+                    state: r.get(1)?,
+                    dry_run: r.get(2)?,
+                    started_at_us: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.sql_err(e))?;
+        rows.collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.sql_err(e))
     }
 

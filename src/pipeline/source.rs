@@ -98,11 +98,17 @@ fn settings(cfg: &SourceConfig) -> Result<(postgres::Config, Tls, String), Pipel
 /// Opens a connection to the source database.
 pub fn connect(cfg: &SourceConfig) -> Result<Client, PipelineError> {
     let (pg, tls, target) = settings(cfg)?;
-    match tls {
+    let mut client = match tls {
         Tls::Off => pg.connect(postgres::NoTls),
         Tls::Native(t) => pg.connect(t),
     }
-    .map_err(|e| PipelineError::Connect { target, source: e })
+    .map_err(|e| PipelineError::Connect { target, source: e })?;
+    // If this process dies mid-query, let the server notice within seconds
+    // and end the query, releasing the state's advisory lock, instead of
+    // when it next writes to the socket. PostgreSQL 14+; older servers
+    // refuse the setting, which is harmless.
+    let _ = client.batch_execute("SET client_connection_check_interval = '2s'");
+    Ok(client)
 }
 
 /// Asks the server to cancel whatever `token`'s session is running.

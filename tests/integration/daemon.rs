@@ -338,3 +338,45 @@ fn two_daemons_on_one_database_never_run_a_state_at_once() {
     d1.stop();
     d2.stop();
 }
+
+#[test]
+fn a_run_killed_mid_way_is_audited_as_abandoned_at_the_next_start() {
+    let w = World::new("dkill");
+    add_slow_view(&w, 1.0);
+    let mut pg = w.pg();
+    for i in 0..20 {
+        add_company(
+            &mut pg,
+            &format!("c{i:02}"),
+            Some("A"),
+            Some("a.example"),
+            "WV",
+        );
+    }
+    let cfg = config_with(
+        &w,
+        "\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/2 * * * * *\"\n",
+    );
+    let slow = [(
+        "OUTREACH_SOURCE__COMPANIES_TABLE",
+        "marketing.slow_companies",
+    )];
+    let d = Daemon::start(&w, &cfg, "d1", &slow);
+    d.wait_for_log("run started", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    d.signal("KILL");
+    drop(d);
+
+    // Restart on fast data: the killed run is audited, the next one works.
+    let d = Daemon::start(&w, &cfg, "d2", &[]);
+    d.wait_for_log(
+        "run abandoned by a previous process",
+        Duration::from_secs(30),
+    );
+    d.wait_for_log("run succeeded", Duration::from_secs(40));
+    let a = audits(&w, "WV");
+    assert_eq!(a[0].0, "abandoned", "{a:?}\n{}", d.output());
+    assert!(a[1..].iter().any(|r| r.0 == "success"), "{a:?}");
+    let (code, _) = d.stop();
+    assert_eq!(code, Some(0));
+}
