@@ -66,7 +66,30 @@ pub struct Config {
     #[serde(default)]
     pub daemon: DaemonConfig,
     #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
     pub schedule: Vec<ScheduleConfig>,
+}
+
+/// Retries of transient failures (connection refused or reset, timeouts,
+/// S3 5xx) within a run, with exponential backoff.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Tries in all, the first included; 1 = no retry.
+    pub attempts: u32,
+    pub initial_backoff_secs: f64,
+    pub max_backoff_secs: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            attempts: 4,
+            initial_backoff_secs: 2.0,
+            max_backoff_secs: 60.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -421,6 +444,17 @@ impl Config {
             if !(1..=22).contains(&level) {
                 return Err(invalid("export.zstd_level", "must be between 1 and 22"));
             }
+        }
+        if self.retry.attempts == 0 {
+            return Err(invalid("retry.attempts", "must be at least 1"));
+        }
+        if !(self.retry.initial_backoff_secs >= 0.0
+            && self.retry.max_backoff_secs >= self.retry.initial_backoff_secs)
+        {
+            return Err(invalid(
+                "retry",
+                "needs 0 <= initial_backoff_secs <= max_backoff_secs",
+            ));
         }
         if self.daemon.max_concurrent_runs == 0 {
             return Err(invalid("daemon.max_concurrent_runs", "must be at least 1"));

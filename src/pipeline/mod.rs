@@ -17,6 +17,7 @@ pub mod export;
 pub mod pgtypes;
 pub mod publish;
 pub mod report;
+pub mod retry;
 pub mod source;
 pub mod validate;
 
@@ -63,9 +64,17 @@ pub enum PipelineError {
     #[error("export to {path} failed: {message}")]
     Export { path: PathBuf, message: String },
     #[error("bucket {target} is not usable: {message}")]
-    Bucket { target: String, message: String },
+    Bucket {
+        target: String,
+        message: String,
+        transient: bool,
+    },
     #[error("upload of {key} failed: {message}")]
-    Publish { key: String, message: String },
+    Publish {
+        key: String,
+        message: String,
+        transient: bool,
+    },
     #[error("audit table {0}")]
     Audit(String),
     #[error("audit table {table} exists with another layout ({problems}); set [audit] table (or OUTREACH_AUDIT__TABLE) to another schema.table and it will be created with the right layout")]
@@ -79,6 +88,19 @@ pub enum PipelineError {
 /// First key of the per-state advisory lock ("OWWB"); the second is the
 /// state's hash. Any process using the same pair excludes the others.
 const ADVISORY_LOCK_CLASS: i32 = 0x4f57_5742;
+
+impl PipelineError {
+    /// A failure that may pass by itself: worth retrying with backoff.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PipelineError::Connect { source, .. } => retry::is_transient_pg(source),
+            PipelineError::Bucket { transient, .. } | PipelineError::Publish { transient, .. } => {
+                *transient
+            }
+            _ => false,
+        }
+    }
+}
 
 /// The server's own words for a database error (`FATAL: password
 /// authentication failed for user "x"`), which `postgres::Error`'s Display
@@ -140,7 +162,13 @@ pub fn run(
     );
     if !opts.dry_run && audit_possible {
         let t = Instant::now();
-        let written = source::connect(&config.source).and_then(|mut c| {
+        let connected = retry::retry(
+            &config.retry,
+            &CancellationToken::new(),
+            "connecting for the audit",
+            || source::connect(&config.source),
+        );
+        let written = connected.and_then(|mut c| {
             let table = config.audit_table();
             audit::ensure_table(&mut c, &table)?;
             audit::insert(&mut c, &table, &report.to_json())
@@ -183,10 +211,15 @@ fn stages(
     workbench: &mut Option<Workbench>,
 ) -> Result<(), PipelineError> {
     // Everything that can be refused is refused before any work is done.
+    let r = &config.retry;
     if !opts.dry_run {
-        publish::check_bucket(&config.storage)?;
+        retry::retry(r, cancel, "checking the bucket", || {
+            publish::check_bucket(&config.storage)
+        })?;
     }
-    let mut client = source::connect(&config.source)?;
+    let mut client = retry::retry(r, cancel, "connecting to PostgreSQL", || {
+        source::connect(&config.source)
+    })?;
     if !opts.dry_run {
         audit::ensure_table(&mut client, &config.audit_table())?;
         // One run per state across every daemon and host sharing this
@@ -285,6 +318,7 @@ fn stages(
     let t = Instant::now();
     let published = publish::publish(
         &config.storage,
+        &config.retry,
         state,
         &report.files,
         cancel,

@@ -19,8 +19,9 @@ use s3::error::S3Error;
 use s3::{Bucket, Region};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::StorageConfig;
+use crate::config::{RetryConfig, StorageConfig};
 use crate::pipeline::export::ExportedFile;
+use crate::pipeline::retry::retry;
 use crate::pipeline::PipelineError;
 use crate::state::StateCode;
 
@@ -78,6 +79,7 @@ pub fn check_bucket(cfg: &StorageConfig) -> Result<(), PipelineError> {
         .map(|_| ())
         .map_err(|e| PipelineError::Bucket {
             target: format!("{where_} at {}", cfg.endpoint),
+            transient: is_transient(&e),
             message: s3_message("listing", e),
         })
 }
@@ -106,6 +108,7 @@ fn runtime(key: &str) -> Result<tokio::runtime::Runtime, PipelineError> {
         .build()
         .map_err(|e| PipelineError::Publish {
             key: key.to_string(),
+            transient: false,
             message: format!("starting the upload runtime: {e}"),
         })
 }
@@ -115,41 +118,52 @@ fn runtime(key: &str) -> Result<tokio::runtime::Runtime, PipelineError> {
 /// Runs its own small tokio runtime: the pipeline is
 /// synchronous (DuckDB and the postgres client block) and must not assume it
 /// is called from inside one.
+///
+/// Each file (its HEAD and its upload) is retried on transient errors.
 pub fn publish(
     cfg: &StorageConfig,
+    retry_cfg: &RetryConfig,
     state: &StateCode,
     files: &[ExportedFile],
     cancel: &CancellationToken,
     out: &mut Vec<PublishedObject>,
 ) -> Result<(), PipelineError> {
     let bucket = bucket(cfg)?;
-    runtime("")?.block_on(async {
-        for file in files {
-            if cancel.is_cancelled() {
-                return Err(PipelineError::Cancelled);
-            }
-            let key = object_key(cfg, state, file);
-            let url = format!("s3://{}/{key}", cfg.bucket);
-            let remote = remote_sha256(&bucket, &key).await?;
-            let action = if remote.as_deref() == Some(file.sha256.as_str()) {
-                tracing::info!(key, "unchanged, not uploading");
-                "skipped"
-            } else {
-                upload(&bucket, &key, state, file).await?;
-                tracing::info!(key, bytes = file.bytes, "uploaded");
-                "uploaded"
-            };
-            out.push(PublishedObject {
-                table_name: file.table_name.clone(),
-                key,
-                url,
-                sha256: file.sha256.clone(),
-                bytes: file.bytes,
-                action: action.into(),
-            });
+    let rt = runtime("")?;
+    for file in files {
+        if cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled);
         }
-        Ok(())
-    })
+        let key = object_key(cfg, state, file);
+        let action = retry(retry_cfg, cancel, &format!("publishing {key}"), || {
+            rt.block_on(publish_one(&bucket, &key, state, file))
+        })?;
+        out.push(PublishedObject {
+            table_name: file.table_name.clone(),
+            url: format!("s3://{}/{key}", cfg.bucket),
+            key,
+            sha256: file.sha256.clone(),
+            bytes: file.bytes,
+            action: action.into(),
+        });
+    }
+    Ok(())
+}
+
+async fn publish_one(
+    bucket: &Bucket,
+    key: &str,
+    state: &StateCode,
+    file: &ExportedFile,
+) -> Result<&'static str, PipelineError> {
+    let remote = remote_sha256(bucket, key).await?;
+    if remote.as_deref() == Some(file.sha256.as_str()) {
+        tracing::info!(key, "unchanged, not uploading");
+        return Ok("skipped");
+    }
+    upload(bucket, key, state, file).await?;
+    tracing::info!(key, bytes = file.bytes, "uploaded");
+    Ok("uploaded")
 }
 
 /// The `sha256` metadata of the object at `key`, `None` when there is no
@@ -190,6 +204,7 @@ async fn upload(
             .await
             .map_err(|e| PipelineError::Publish {
                 key: key.to_string(),
+                transient: false,
                 message: format!("opening {}: {e}", file.path.display()),
             })?;
     req.execute_stream(&mut reader)
@@ -201,7 +216,19 @@ async fn upload(
 fn s3_error(key: &str, doing: &str, e: S3Error) -> PipelineError {
     PipelineError::Publish {
         key: key.to_string(),
+        transient: is_transient(&e),
         message: s3_message(doing, e),
+    }
+}
+
+/// Worth another try: the server's 5xx and 429, timeouts, refused or
+/// broken connections. Not: 4xx (credentials, bucket, signature).
+fn is_transient(e: &S3Error) -> bool {
+    match e {
+        S3Error::HttpFailWithBody(status, _) => *status >= 500 || *status == 429,
+        S3Error::Reqwest(r) => r.is_timeout() || r.is_connect() || r.is_request() || r.is_body(),
+        S3Error::Io(_) => true,
+        _ => false,
     }
 }
 

@@ -140,6 +140,11 @@ database = "{db}"
 user = "{user}"
 sslmode = "disable"
 
+[retry]
+attempts = 2
+initial_backoff_secs = 0.2
+max_backoff_secs = 0.5
+
 [storage]
 endpoint = "{endpoint}"
 region = "us-east-1"
@@ -292,4 +297,38 @@ pub fn add_person(
         &[&id, &company, &email, &title],
     )
     .unwrap();
+}
+
+/// A free loopback port, with nothing listening on it.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts forwarding `port` to the test PostgreSQL after `delay`: until then
+/// connections to `port` are refused, as with a database that is down.
+pub fn pg_comes_back_on(port: u16, delay: std::time::Duration) {
+    let target = format!("{}:{}", services().pg_host, services().pg_port);
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = std::net::TcpStream::connect(&target) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
 }

@@ -380,3 +380,26 @@ fn a_run_killed_mid_way_is_audited_as_abandoned_at_the_next_start() {
     let (code, _) = d.stop();
     assert_eq!(code, Some(0));
 }
+
+#[test]
+fn a_database_down_at_a_fire_time_fails_that_run_only() {
+    let w = World::new("ddown");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    let cfg = config_with(
+        &w,
+        "\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/2 * * * * *\"\n",
+    );
+    // The daemon reaches PostgreSQL through a port that is down at first.
+    let port = free_port();
+    let port_s = port.to_string();
+    let d = Daemon::start(&w, &cfg, "d", &[("OUTREACH_SOURCE__PORT", &port_s)]);
+    d.wait_for_log("run did not succeed", Duration::from_secs(30));
+    assert!(d.output().contains("Connection refused"), "{}", d.output());
+    pg_comes_back_on(port, Duration::ZERO);
+    d.wait_for_log("run succeeded", Duration::from_secs(30));
+    let a = audits(&w, "WV");
+    assert!(a.iter().any(|r| r.0 == "success"), "{a:?}");
+    let (code, _) = d.stop();
+    assert_eq!(code, Some(0), "the daemon stayed up");
+}

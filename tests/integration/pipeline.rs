@@ -375,3 +375,36 @@ fn tls_require_works_and_verify_full_checks_the_certificate() {
     assert_eq!(r.status, RunStatus::Failed);
     assert!(r.error.unwrap().contains("sslmode verify-full"));
 }
+
+#[test]
+fn a_database_back_within_the_retries_does_not_fail_the_run() {
+    let mut w = World::new("retry");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    let port = free_port();
+    w.config.source.port = port;
+    w.config.retry = outreach_workbench::config::RetryConfig {
+        attempts: 6,
+        initial_backoff_secs: 0.5,
+        max_backoff_secs: 1.0,
+    };
+    pg_comes_back_on(port, std::time::Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    let r = w.run_with("WV", &dry());
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    assert!(
+        started.elapsed().as_secs_f64() >= 1.4,
+        "it did wait for the database"
+    );
+
+    // Authentication failures are not retried: they fail at once.
+    w.config.source.port = services().pg_port;
+    w.config.source.password = Some(outreach_workbench::config::Secret::new("wrong"));
+    let started = std::time::Instant::now();
+    let r = w.run_with("WV", &dry());
+    assert_eq!(r.status, RunStatus::Failed);
+    assert!(
+        started.elapsed().as_secs_f64() < 1.0,
+        "no retry for a bad password"
+    );
+}
