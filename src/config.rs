@@ -103,6 +103,8 @@ pub struct DaemonConfig {
     pub log_retention_days: usize,
     /// Where the daily log files go; `<workbench>/logs` when unset.
     pub log_dir: Option<PathBuf>,
+    /// A run still going after this long is cancelled; 0 = no limit.
+    pub run_timeout_secs: u64,
 }
 
 impl Default for DaemonConfig {
@@ -112,6 +114,7 @@ impl Default for DaemonConfig {
             shutdown_grace_secs: 60,
             log_retention_days: 14,
             log_dir: None,
+            run_timeout_secs: 4 * 3600,
         }
     }
 }
@@ -282,6 +285,11 @@ pub struct ScheduleConfig {
     /// Turn on the `company_not_valid` rule for people.
     #[serde(default)]
     pub link_rule: bool,
+    /// At start-up, run once if a fire time was missed while the daemon was
+    /// down (judged from the workbench's run history), like systemd's
+    /// `Persistent=`.
+    #[serde(default)]
+    pub catch_up: bool,
 }
 
 /// A secret string: never shown by `Debug` or `Display`, so it cannot end up

@@ -66,8 +66,17 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     });
     // Blocking work (DuckDB, the postgres client) stays off the async threads.
     let cfg = config.clone();
-    tokio::task::spawn_blocking(move || audit_abandoned_runs(&cfg)).await?;
+    let missed = tokio::task::spawn_blocking(move || {
+        audit_abandoned_runs(&cfg);
+        missed_runs(&cfg)
+    })
+    .await?;
     let mut tasks = start_schedules(&config, &shared)?;
+    let config_arc = Arc::new(config.clone());
+    for (state, opts) in missed {
+        tracing::info!(state = %state, "catching up a fire time missed while the daemon was down");
+        trigger(state, &opts, &config_arc, &shared);
+    }
     tracing::info!(
         config = %config_path.display(),
         schedules = tasks.len(),
@@ -162,6 +171,49 @@ fn audit_abandoned_runs(config: &Config) {
             tracing::error!(run_id = %run.run_id, error = %e, "could not audit the abandoned run");
         }
     }
+}
+
+/// States of `catch_up` schedules whose last run started before a fire
+/// time that has passed: the daemon was down then. A state with no run
+/// history is not caught up (as systemd's `Persistent=` with no stamp).
+fn missed_runs(config: &Config) -> Vec<(StateCode, RunOptions)> {
+    let Ok(schedules) = schedules_of(config) else {
+        return Vec::new();
+    };
+    if !config.schedule.iter().any(|s| s.catch_up) {
+        return Vec::new();
+    }
+    let wb = match crate::workbench::Workbench::open(&config.workbench, config.lock_timeout()) {
+        Ok(wb) => wb,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the run history for catch_up");
+            return Vec::new();
+        }
+    };
+    let now = Utc::now();
+    let mut missed: Vec<(StateCode, RunOptions)> = Vec::new();
+    for (schedule, cfg) in schedules.iter().zip(&config.schedule) {
+        if !cfg.catch_up {
+            continue;
+        }
+        for state in &schedule.states {
+            let last = match wb.last_started(state.as_str()) {
+                Ok(Some(us)) => chrono::DateTime::from_timestamp_micros(us),
+                _ => None,
+            };
+            let due = last
+                .and_then(|t| schedule.next_after(t))
+                .is_some_and(|fire| fire <= now);
+            if due && !missed.iter().any(|(s, _)| s == state) {
+                let opts = RunOptions {
+                    dry_run: false,
+                    link_rule: cfg.link_rule,
+                };
+                missed.push((state.clone(), opts));
+            }
+        }
+    }
+    missed
 }
 
 /// SIGHUP, SIGTERM and SIGINT as a channel. signal-hook's iterator runs on
@@ -263,9 +315,22 @@ fn trigger(state: StateCode, opts: &RunOptions, config: &Arc<Config>, shared: &A
             return;
         }
         let cancel = shared.cancel_runs.child_token();
+        // The overall timeout cancels the run the way a shutdown does.
+        let timeout = config.daemon.run_timeout_secs;
+        let timer = (timeout > 0).then(|| {
+            let (cancel, state) = (cancel.clone(), state.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(timeout)).await;
+                tracing::error!(state = %state, timeout_secs = timeout, "run timed out; cancelling it");
+                cancel.cancel();
+            })
+        });
         let st = state.clone();
         let joined =
             tokio::task::spawn_blocking(move || pipeline::run(&config, &st, &cancel, &opts)).await;
+        if let Some(t) = timer {
+            t.abort();
+        }
         drop(permit);
         match joined {
             Ok(report) => log_report(&report),

@@ -96,6 +96,7 @@ pub fn init_daemon(log_dir: &Path, retention_days: usize) -> anyhow::Result<LogG
     let stdout_layer = if under_journald() {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stdout)
+            .with_ansi(false)
             .event_format(SyslogPriority(
                 tracing_subscriber::fmt::format()
                     .without_time()

@@ -258,6 +258,17 @@ impl Workbench {
             .map_err(|e| self.sql_err(e))
     }
 
+    /// When the last real (not dry) run of `state` started, in epoch µs.
+    pub fn last_started(&self, state: &str) -> Result<Option<i64>, WorkbenchError> {
+        self.conn
+            .query_row(
+                "SELECT epoch_us(max(started_at)) FROM main.runs WHERE state = ? AND NOT dry_run",
+                [state],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.sql_err(e))
+    }
+
     pub fn record_upload(
         &self,
         key: &str,

@@ -403,3 +403,83 @@ fn a_database_down_at_a_fire_time_fails_that_run_only() {
     let (code, _) = d.stop();
     assert_eq!(code, Some(0), "the daemon stayed up");
 }
+
+#[test]
+fn catch_up_runs_a_missed_fire_time_once_at_start() {
+    let w = World::new("dcatch");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "c2", Some("B"), Some("b.example"), "PA");
+    // History: both states last ran two days ago; the daily 00:00 UTC fire
+    // times since were missed. Only the catch_up schedule runs at start.
+    std::fs::create_dir_all(w.dir.path().join("duck")).unwrap();
+    {
+        let duck =
+            duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
+        duck.execute_batch(
+            "CREATE TABLE main.runs (run_id VARCHAR PRIMARY KEY, state VARCHAR NOT NULL, status VARCHAR NOT NULL,
+                 dry_run BOOLEAN NOT NULL, started_at TIMESTAMP NOT NULL, finished_at TIMESTAMP, audit_id BIGINT,
+                 error VARCHAR, report VARCHAR);
+             INSERT INTO main.runs VALUES
+                 ('old-wv', 'WV', 'success', false, now()::TIMESTAMP - INTERVAL 2 DAY, NULL, NULL, NULL, NULL),
+                 ('old-pa', 'PA', 'success', false, now()::TIMESTAMP - INTERVAL 2 DAY, NULL, NULL, NULL, NULL);",
+        )
+        .unwrap();
+    }
+    let cfg = config_with(
+        &w,
+        "\n[[schedule]]\nstates = [\"WV\"]\ncron = \"0 0 * * *\"\ncatch_up = true\n\n[[schedule]]\nstates = [\"PA\"]\ncron = \"0 0 * * *\"\n",
+    );
+    let d = Daemon::start(&w, &cfg, "d", &[]);
+    d.wait_for_log("catching up", Duration::from_secs(20));
+    d.wait_for_log("run succeeded", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(audits(&w, "WV").len(), 1, "caught up once");
+    assert!(audits(&w, "PA").is_empty(), "no catch_up for PA");
+    let (code, _) = d.stop();
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn a_run_over_its_timeout_is_cancelled_and_logs_are_journald_friendly() {
+    let w = World::new("dtimeout");
+    add_slow_view(&w, 1.0);
+    let mut pg = w.pg();
+    for i in 0..30 {
+        add_company(
+            &mut pg,
+            &format!("c{i:02}"),
+            Some("A"),
+            Some("a.example"),
+            "WV",
+        );
+    }
+    let cfg = config_with(
+        &w,
+        "\n[daemon]\nrun_timeout_secs = 2\n\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/2 * * * * *\"\n",
+    );
+    let d = Daemon::start(
+        &w,
+        &cfg,
+        "d",
+        &[
+            (
+                "OUTREACH_SOURCE__COMPANIES_TABLE",
+                "marketing.slow_companies",
+            ),
+            ("JOURNAL_STREAM", "8:12345"),
+        ],
+    );
+    d.wait_for_log("run timed out; cancelling it", Duration::from_secs(30));
+    d.wait_for_log("run did not succeed", Duration::from_secs(20));
+    let a = audits(&w, "WV");
+    assert_eq!(a[0].0, "cancelled", "{a:?}");
+    // Under journald: a syslog priority first, no timestamp of our own.
+    let out = d.output();
+    let err_line = out.lines().find(|l| l.contains("run timed out")).unwrap();
+    assert!(err_line.starts_with("<3>"), "{err_line}");
+    let info_line = out.lines().find(|l| l.contains("daemon started")).unwrap();
+    assert!(info_line.starts_with("<6>"), "{info_line}");
+    assert!(!info_line.contains("Z "), "no timestamp: {info_line}");
+    d.stop();
+}
