@@ -474,12 +474,23 @@ impl Config {
             if sched.states.is_empty() {
                 return Err(invalid(&format!("schedule[{i}].states"), "lists no state"));
             }
-            crate::schedule::Schedule::from_config(i, sched).map_err(|e| ConfigError::Invalid {
-                key: format!("schedule[{i}].{}", e.key),
-                message: e.message,
-            })?;
         }
+        self.schedules()?;
         Ok(())
+    }
+
+    /// The `[[schedule]]` entries, parsed (cron, zone, states).
+    pub fn schedules(&self) -> Result<Vec<crate::schedule::Schedule>, ConfigError> {
+        self.schedule
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                crate::schedule::Schedule::from_config(i, s).map_err(|e| ConfigError::Invalid {
+                    key: format!("schedule[{i}].{}", e.key),
+                    message: e.message,
+                })
+            })
+            .collect()
     }
 
     pub fn companies_table(&self) -> QualifiedName {

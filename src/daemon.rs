@@ -87,7 +87,7 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
         match sig {
             SIGHUP => match Config::load(&config_path).and_then(|c| {
                 // Parse the schedules before dropping the old ones.
-                schedules_of(&c).map(|_| c)
+                c.schedules().map(|_| c)
             }) {
                 Ok(new) => {
                     for t in tasks.drain(..) {
@@ -162,11 +162,7 @@ fn audit_abandoned_runs(config: &Config) {
             "finished_at": Utc::now(),
             "error": "the process running it stopped before it finished (crash, kill -9 or power loss)",
         });
-        let written = pipeline::source::connect(&config.source).and_then(|mut c| {
-            let table = config.audit_table();
-            pipeline::audit::ensure_table(&mut c, &table)?;
-            pipeline::audit::insert(&mut c, &table, &details)
-        });
+        let written = pipeline::audit::write(config, &details);
         if let Err(e) = written {
             tracing::error!(run_id = %run.run_id, error = %e, "could not audit the abandoned run");
         }
@@ -177,7 +173,7 @@ fn audit_abandoned_runs(config: &Config) {
 /// time that has passed: the daemon was down then. A state with no run
 /// history is not caught up (as systemd's `Persistent=` with no stamp).
 fn missed_runs(config: &Config) -> Vec<(StateCode, RunOptions)> {
-    let Ok(schedules) = schedules_of(config) else {
+    let Ok(schedules) = config.schedules() else {
         return Vec::new();
     };
     if !config.schedule.iter().any(|s| s.catch_up) {
@@ -234,24 +230,10 @@ fn signal_stream() -> anyhow::Result<mpsc::UnboundedReceiver<i32>> {
     Ok(rx)
 }
 
-fn schedules_of(config: &Config) -> Result<Vec<Schedule>, crate::config::ConfigError> {
-    config
-        .schedule
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            Schedule::from_config(i, s).map_err(|e| crate::config::ConfigError::Invalid {
-                key: format!("schedule[{i}].{}", e.key),
-                message: e.message,
-            })
-        })
-        .collect()
-}
-
 fn start_schedules(config: &Config, shared: &Arc<Shared>) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let config = Arc::new(config.clone());
     let mut tasks = Vec::new();
-    for (schedule, cfg) in schedules_of(&config)?.into_iter().zip(&config.schedule) {
+    for (schedule, cfg) in config.schedules()?.into_iter().zip(&config.schedule) {
         let opts = RunOptions {
             dry_run: false,
             link_rule: cfg.link_rule,

@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 
 use outreach_workbench::config::{Config, DEFAULT_CONFIG_PATH};
 use outreach_workbench::pipeline::{self, RunOptions};
-use outreach_workbench::schedule::Schedule;
 use outreach_workbench::state::StateCode;
 
 /// Exit codes beyond 0/1, so scripts can tell failures apart.
@@ -121,16 +120,16 @@ fn main() -> ExitCode {
         }
         Command::Schedule => {
             let now = chrono::Utc::now();
-            for (i, cfg) in config.schedule.iter().enumerate() {
-                let s = match Schedule::from_config(i, cfg) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::from(EXIT_CONFIG);
-                    }
-                };
+            // Already validated at load: parsing cannot fail here.
+            for s in config.schedules().unwrap_or_default() {
                 let states: Vec<&str> = s.states.iter().map(|s| s.as_str()).collect();
-                println!("schedule[{i}] {} `{}` ({})", states.join(","), s.spec, s.tz);
+                println!(
+                    "schedule[{}] {} `{}` ({})",
+                    s.index,
+                    states.join(","),
+                    s.spec,
+                    s.tz
+                );
                 for t in s.upcoming(now, 5) {
                     println!(
                         "  {}  {}",

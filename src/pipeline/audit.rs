@@ -100,6 +100,22 @@ fn ensure_in(client: &mut impl GenericClient, table: &QualifiedName) -> Result<(
     }
 }
 
+/// Writes one record on a connection of its own (the run's may be what
+/// failed), retrying transient connection failures. Returns its `id`.
+pub fn write(
+    config: &crate::config::Config,
+    details: &serde_json::Value,
+) -> Result<i64, PipelineError> {
+    let never = tokio_util::sync::CancellationToken::new();
+    let mut client =
+        crate::pipeline::retry::retry(&config.retry, &never, "connecting for the audit", || {
+            crate::pipeline::source::connect(&config.source)
+        })?;
+    let table = config.audit_table();
+    ensure_table(&mut client, &table)?;
+    insert(&mut client, &table, details)
+}
+
 /// Inserts the run's record and returns its `id`.
 pub fn insert(
     client: &mut Client,

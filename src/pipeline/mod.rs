@@ -162,17 +162,7 @@ pub fn run(
     );
     if !opts.dry_run && audit_possible {
         let t = Instant::now();
-        let connected = retry::retry(
-            &config.retry,
-            &CancellationToken::new(),
-            "connecting for the audit",
-            || source::connect(&config.source),
-        );
-        let written = connected.and_then(|mut c| {
-            let table = config.audit_table();
-            audit::ensure_table(&mut c, &table)?;
-            audit::insert(&mut c, &table, &report.to_json())
-        });
+        let written = audit::write(config, &report.to_json());
         match written {
             Ok(id) => report.audit_id = Some(id),
             Err(e) => {

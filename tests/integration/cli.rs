@@ -195,3 +195,24 @@ fn check_reports_each_problem_on_its_own_line() {
     );
     assert!(!out.contains("wrong-secret"), "{out}");
 }
+
+#[test]
+fn schedule_lists_the_next_five_fire_times_in_utc_and_local_time() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+    let o = bin().args(["schedule", "--config", path]).output().unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("schedule[0] WV `0 6 * * *` (America/New_York)"),
+        "{out}"
+    );
+    let times: Vec<&str> = out.lines().filter(|l| l.contains(" UTC  ")).collect();
+    assert_eq!(times.len(), 5, "{out}");
+    for t in times {
+        // 06:00 local, whichever side of DST the date falls on.
+        assert!(
+            t.contains(" 06:00:00 ES") || t.contains(" 06:00:00 ED"),
+            "{t}"
+        );
+    }
+}
