@@ -8,6 +8,27 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
+/// Reads companies through the slow view (see `add_slow_view`).
+const SLOW: (&str, &str) = (
+    "OUTREACH_SOURCE__COMPANIES_TABLE",
+    "marketing.slow_companies",
+);
+
+/// `n` good WV companies behind a view that takes `secs` per row.
+fn slow_wv_companies(w: &World, n: usize, secs: f64) {
+    add_slow_view(w, secs);
+    let mut pg = w.pg();
+    for i in 0..n {
+        add_company(
+            &mut pg,
+            &format!("c{i:02}"),
+            Some("A"),
+            Some("a.example"),
+            "WV",
+        );
+    }
+}
+
 /// A companies view that takes `secs` per row, to make runs slow on purpose.
 fn add_slow_view(w: &World, secs: f64) {
     w.pg()
@@ -176,30 +197,12 @@ fn runs_fire_on_schedule_and_stop_cleanly() {
 #[test]
 fn an_overlapping_trigger_is_skipped() {
     let w = World::new("doverlap");
-    add_slow_view(&w, 1.0);
-    let mut pg = w.pg();
-    for i in 0..3 {
-        add_company(
-            &mut pg,
-            &format!("c{i}"),
-            Some("A"),
-            Some("a.example"),
-            "WV",
-        );
-    }
+    slow_wv_companies(&w, 3, 1.0);
     let cfg = config_with(
         &w,
         "\n[[schedule]]\nstates = [\"WV\"]\ncron = \"* * * * * *\"\n",
     );
-    let d = Daemon::start(
-        &w,
-        &cfg,
-        "d",
-        &[(
-            "OUTREACH_SOURCE__COMPANIES_TABLE",
-            "marketing.slow_companies",
-        )],
-    );
+    let d = Daemon::start(&w, &cfg, "d", &[SLOW]);
     d.wait_for_log(
         "previous run of this state is still going",
         Duration::from_secs(30),
@@ -249,33 +252,12 @@ fn sighup_reloads_a_good_config_and_refuses_a_broken_one() {
 #[test]
 fn sigterm_during_a_run_cancels_after_the_grace_period_and_publishes_nothing() {
     let w = World::new("dterm");
-    add_slow_view(&w, 1.0);
-    let mut pg = w.pg();
-    for i in 0..30 {
-        add_company(
-            &mut pg,
-            &format!("c{i:02}"),
-            Some("A"),
-            Some("a.example"),
-            "WV",
-        );
-    }
+    slow_wv_companies(&w, 30, 1.0);
     let cfg = config_with(
         &w,
         "\n[daemon]\nshutdown_grace_secs = 2\n\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/2 * * * * *\"\n",
     );
-    let d = Daemon::start(
-        &w,
-        &cfg,
-        "d",
-        &[
-            (
-                "OUTREACH_SOURCE__COMPANIES_TABLE",
-                "marketing.slow_companies",
-            ),
-            ("OUTREACH_SOURCE__BATCH_ROWS", "1"),
-        ],
-    );
+    let d = Daemon::start(&w, &cfg, "d", &[SLOW, ("OUTREACH_SOURCE__BATCH_ROWS", "1")]);
     d.wait_for_log("run started", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(2));
     let (code, secs) = d.stop();
@@ -296,27 +278,14 @@ fn sigterm_during_a_run_cancels_after_the_grace_period_and_publishes_nothing() {
 #[test]
 fn two_daemons_on_one_database_never_run_a_state_at_once() {
     let w = World::new("dtwo");
-    add_slow_view(&w, 0.5);
-    let mut pg = w.pg();
-    for i in 0..4 {
-        add_company(
-            &mut pg,
-            &format!("c{i}"),
-            Some("A"),
-            Some("a.example"),
-            "WV",
-        );
-    }
+    slow_wv_companies(&w, 4, 0.5);
     let cfg = config_with(
         &w,
         "\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/3 * * * * *\"\n",
     );
     // The second daemon has its own workbench, as on another host.
     let other_dir = w.dir.path().join("host2");
-    let env = [(
-        "OUTREACH_SOURCE__COMPANIES_TABLE",
-        "marketing.slow_companies",
-    )];
+    let env = [SLOW];
     let d1 = Daemon::start(&w, &cfg, "d1", &env);
     let mut env2 = env.to_vec();
     let dir2 = other_dir.to_string_lossy().to_string();
@@ -342,26 +311,12 @@ fn two_daemons_on_one_database_never_run_a_state_at_once() {
 #[test]
 fn a_run_killed_mid_way_is_audited_as_abandoned_at_the_next_start() {
     let w = World::new("dkill");
-    add_slow_view(&w, 1.0);
-    let mut pg = w.pg();
-    for i in 0..20 {
-        add_company(
-            &mut pg,
-            &format!("c{i:02}"),
-            Some("A"),
-            Some("a.example"),
-            "WV",
-        );
-    }
+    slow_wv_companies(&w, 20, 1.0);
     let cfg = config_with(
         &w,
         "\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/2 * * * * *\"\n",
     );
-    let slow = [(
-        "OUTREACH_SOURCE__COMPANIES_TABLE",
-        "marketing.slow_companies",
-    )];
-    let d = Daemon::start(&w, &cfg, "d1", &slow);
+    let d = Daemon::start(&w, &cfg, "d1", &[SLOW]);
     d.wait_for_log("run started", Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500));
     d.signal("KILL");
@@ -443,33 +398,12 @@ fn catch_up_runs_a_missed_fire_time_once_at_start() {
 #[test]
 fn a_run_over_its_timeout_is_cancelled_and_logs_are_journald_friendly() {
     let w = World::new("dtimeout");
-    add_slow_view(&w, 1.0);
-    let mut pg = w.pg();
-    for i in 0..30 {
-        add_company(
-            &mut pg,
-            &format!("c{i:02}"),
-            Some("A"),
-            Some("a.example"),
-            "WV",
-        );
-    }
+    slow_wv_companies(&w, 30, 1.0);
     let cfg = config_with(
         &w,
         "\n[daemon]\nrun_timeout_secs = 2\n\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/2 * * * * *\"\n",
     );
-    let d = Daemon::start(
-        &w,
-        &cfg,
-        "d",
-        &[
-            (
-                "OUTREACH_SOURCE__COMPANIES_TABLE",
-                "marketing.slow_companies",
-            ),
-            ("JOURNAL_STREAM", "8:12345"),
-        ],
-    );
+    let d = Daemon::start(&w, &cfg, "d", &[SLOW, ("JOURNAL_STREAM", "8:12345")]);
     d.wait_for_log("run timed out; cancelling it", Duration::from_secs(30));
     d.wait_for_log("run did not succeed", Duration::from_secs(20));
     let a = audits(&w, "WV");
