@@ -2,10 +2,11 @@
 //! one line; an empty list means a run can start.
 
 use crate::config::{quote_ident, Config};
-use crate::pipeline::{audit, publish, source};
+use crate::pipeline::{audit, publish, rules, source};
 
-/// Config-only checks (the config already loaded and validated): secrets
-/// that a run will need. No network, for the service's pre-start step.
+/// Config-only checks (the config already loaded and validated, the rules'
+/// SQL parsed): secrets that a run will need. No network, for the
+/// service's pre-start step.
 pub fn offline(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     if config.storage.access_key_id.is_none() || config.storage.secret_access_key.is_none() {
@@ -53,6 +54,27 @@ pub fn online(config: &Config) -> Vec<String> {
                                     quote_ident(c)
                                 ));
                             }
+                        }
+                    }
+                }
+            }
+            match source::describe(&mut client, config) {
+                // The tables' own problems are reported just above; rules are
+                // checked against the columns only when both tables are readable.
+                Err(_) => {}
+                Ok((companies, people)) => {
+                    let s = &config.source;
+                    for (entity, table, cols, list) in [
+                        (
+                            "companies",
+                            &s.companies_table,
+                            &companies,
+                            &config.rules.companies,
+                        ),
+                        ("people", &s.people_table, &people, &config.rules.people),
+                    ] {
+                        if let Err(e) = rules::check_columns(entity, table, cols, list) {
+                            problems.push(e.to_string());
                         }
                     }
                 }

@@ -20,6 +20,10 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::pipeline::gates::GatesConfig;
+use crate::pipeline::rules::{self, RulesConfig};
+use crate::state::StateCode;
+
 /// Where the packaged service looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/outreach-workbench/config.toml";
 
@@ -42,6 +46,8 @@ pub enum ConfigError {
     Figment(#[from] Box<figment::Error>),
     #[error("invalid configuration: {key}: {message}")]
     Invalid { key: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Rule(Box<rules::RuleError>),
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
@@ -67,6 +73,10 @@ pub struct Config {
     pub daemon: DaemonConfig,
     #[serde(default)]
     pub retry: RetryConfig,
+    #[serde(default)]
+    pub rules: RulesConfig,
+    #[serde(default)]
+    pub gates: GatesConfig,
     #[serde(default)]
     pub schedule: Vec<ScheduleConfig>,
 }
@@ -290,6 +300,9 @@ pub struct ScheduleConfig {
     /// `Persistent=`.
     #[serde(default)]
     pub catch_up: bool,
+    /// Overrides `[gates]` key by key for these states.
+    #[serde(default)]
+    pub gates: GatesConfig,
 }
 
 /// A secret string: never shown by `Debug` or `Display`, so it cannot end up
@@ -470,10 +483,26 @@ impl Config {
         if self.workbench.dir.as_os_str().is_empty() {
             return Err(invalid("workbench.dir", "must not be empty"));
         }
+        for (entity, list) in [
+            ("companies", &self.rules.companies),
+            ("people", &self.rules.people),
+        ] {
+            // Parsed here, so every command, the daemon's start and its
+            // SIGHUP reload refuse a rule DuckDB cannot parse; the columns
+            // are checked when the database is at hand (`check`, each run).
+            rules::check_syntax(entity, list).map_err(|e| ConfigError::Rule(Box::new(e)))?;
+        }
+        self.gates
+            .check()
+            .map_err(|(k, m)| invalid(&format!("gates.{k}"), m))?;
         for (i, sched) in self.schedule.iter().enumerate() {
             if sched.states.is_empty() {
                 return Err(invalid(&format!("schedule[{i}].states"), "lists no state"));
             }
+            sched
+                .gates
+                .check()
+                .map_err(|(k, m)| invalid(&format!("schedule[{i}].gates.{k}"), m))?;
         }
         self.schedules()?;
         Ok(())
@@ -491,6 +520,16 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// The first `[[schedule]]` that lists `state`, whose gates and link
+    /// rule a one-off `run` of that state uses too.
+    pub fn schedule_for(&self, state: &StateCode) -> Option<&ScheduleConfig> {
+        self.schedule.iter().find(|s| {
+            s.states
+                .iter()
+                .any(|x| x.eq_ignore_ascii_case(state.as_str()))
+        })
     }
 
     pub fn companies_table(&self) -> QualifiedName {
@@ -584,6 +623,49 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("timezone"));
+    }
+
+    #[test]
+    fn rules_and_gates() {
+        let c = Config::from_toml_str(MINIMAL).unwrap();
+        assert_eq!(c.rules.companies, rules::default_company_rules());
+        assert!(c.gates.is_empty());
+        let toml = format!(
+            "{MINIMAL}
+[gates]
+max_bad_ratio = 0.15
+no_null_ids = true
+[rules]
+people = [{{ code = \"no_phone\", condition = \"phone IS NULL\" }}]
+[[schedule]]
+states = [\"wv\"]
+cadence = \"daily\"
+[schedule.gates]
+max_bad_ratio = 0.5
+"
+        );
+        let c = Config::from_toml_str(&toml).unwrap();
+        assert_eq!(c.rules.companies, rules::default_company_rules());
+        assert_eq!(c.rules.people.len(), 1);
+        let opts = |s| crate::pipeline::RunOptions::for_state(&c, &StateCode::parse(s).unwrap());
+        let wv = opts("WV").gates;
+        assert_eq!((wv.max_bad_ratio, wv.no_null_ids), (Some(0.5), Some(true)));
+        assert_eq!(opts("OH").gates.max_bad_ratio, Some(0.15));
+
+        let e = Config::from_toml_str(&format!("{MINIMAL}\n[gates]\nmax_bad_ratio = 2.0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gates.max_bad_ratio"), "{e}");
+        let e = Config::from_toml_str(&format!("{MINIMAL}\n[gates]\nmax_bad_rate = 0.1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_bad_rate"), "{e}");
+        let e = Config::from_toml_str(&format!(
+            "{MINIMAL}\n[rules]\ncompanies = [{{ code = \"x y\", condition = \"true\" }}]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rules.companies[0]"), "{e}");
     }
 
     #[test]

@@ -201,10 +201,7 @@ fn missed_runs(config: &Config) -> Vec<(StateCode, RunOptions)> {
                 .and_then(|t| schedule.next_after(t))
                 .is_some_and(|fire| fire <= now);
             if due && !missed.iter().any(|(s, _)| s == state) {
-                let opts = RunOptions {
-                    dry_run: false,
-                    link_rule: cfg.link_rule,
-                };
+                let opts = RunOptions::for_schedule(config, cfg);
                 missed.push((state.clone(), opts));
             }
         }
@@ -234,10 +231,7 @@ fn start_schedules(config: &Config, shared: &Arc<Shared>) -> anyhow::Result<Vec<
     let config = Arc::new(config.clone());
     let mut tasks = Vec::new();
     for (schedule, cfg) in config.schedules()?.into_iter().zip(&config.schedule) {
-        let opts = RunOptions {
-            dry_run: false,
-            link_rule: cfg.link_rule,
-        };
+        let opts = RunOptions::for_schedule(&config, cfg);
         if let Some(next) = schedule.next_after(Utc::now()) {
             tracing::info!(
                 schedule = schedule.index,

@@ -9,6 +9,7 @@
 pub mod check;
 pub mod config;
 pub mod daemon;
+pub mod history;
 pub mod logging;
 pub mod pipeline;
 pub mod schedule;

@@ -9,12 +9,14 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use outreach_workbench::config::{Config, DEFAULT_CONFIG_PATH};
-use outreach_workbench::pipeline::{self, RunOptions};
+use outreach_workbench::pipeline::{self, RunOptions, RunStatus};
 use outreach_workbench::state::StateCode;
 
 /// Exit codes beyond 0/1, so scripts can tell failures apart.
 const EXIT_FAILED: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
+/// A quality gate stopped the run: nothing was published.
+const EXIT_GATED: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -40,9 +42,25 @@ enum Command {
         /// Validate and export, but neither upload nor write the audit.
         #[arg(long)]
         dry_run: bool,
-        /// Also mark people whose company is not good as bad (company_not_valid).
+        /// Also mark people whose company is not good as bad (company_not_valid);
+        /// on anyway when the state's [[schedule]] sets link_rule.
         #[arg(long)]
         link_rule: bool,
+        /// Publish even if a quality gate trips (the audit records it).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Recent runs from the workbench, newest first.
+    History {
+        /// Only this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// How many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// A JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the schedules until SIGTERM (what the systemd unit starts).
     Daemon,
@@ -81,6 +99,7 @@ fn main() -> ExitCode {
             state,
             dry_run,
             link_rule,
+            force,
         } => {
             let state = match StateCode::parse(&state) {
                 Ok(s) => s,
@@ -89,13 +108,48 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            let opts = RunOptions { dry_run, link_rule };
+            let mut opts = RunOptions::for_state(&config, &state);
+            opts.dry_run = dry_run;
+            opts.link_rule |= link_rule;
+            opts.force = force;
             let report = pipeline::run(&config, &state, &CancellationToken::new(), &opts);
             print!("{}", report.summary());
             if report.succeeded() {
                 ExitCode::SUCCESS
+            } else if report.status == RunStatus::Gated {
+                ExitCode::from(EXIT_GATED)
             } else {
                 ExitCode::from(EXIT_FAILED)
+            }
+        }
+        Command::History { state, limit, json } => {
+            let state = match state.as_deref().map(StateCode::parse).transpose() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: --state: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match outreach_workbench::history::read(&config, state.as_ref(), limit) {
+                Ok(entries) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&entries).expect("plain data")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(entries) if entries.is_empty() => {
+                    println!("no runs recorded in {}", config.workbench.dir.display());
+                    ExitCode::SUCCESS
+                }
+                Ok(entries) => {
+                    print!("{}", outreach_workbench::history::table(&entries));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_FAILED)
+                }
             }
         }
         Command::Daemon => {

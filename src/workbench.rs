@@ -62,6 +62,59 @@ impl Drop for Workbench {
     }
 }
 
+/// Opens `path` with `open`, retrying while another process holds the
+/// file's lock, up to `lock_timeout`.
+fn wait_for_lock(
+    path: &Path,
+    lock_timeout: Duration,
+    open: impl Fn() -> duckdb::Result<Connection>,
+) -> Result<Connection, WorkbenchError> {
+    let start = Instant::now();
+    let mut logged = false;
+    loop {
+        match open() {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                let detail = e.to_string();
+                let path = path.to_path_buf();
+                if !detail.contains("lock") {
+                    return Err(WorkbenchError::Open { path, detail });
+                }
+                if start.elapsed() >= lock_timeout {
+                    return Err(WorkbenchError::Busy {
+                        path,
+                        waited: start.elapsed(),
+                        detail,
+                    });
+                }
+                if !logged {
+                    tracing::info!(path = %path.display(), "workbench is busy; waiting");
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// Opens the workbench read-only for `history`, without creating anything:
+/// `None` when no run has created it yet. Readers in several processes may
+/// share the file; a run in progress elsewhere makes this wait.
+pub fn open_read_only(
+    cfg: &WorkbenchConfig,
+    lock_timeout: Duration,
+) -> Result<Option<Connection>, WorkbenchError> {
+    let path = Workbench::db_path(&cfg.dir);
+    if !path.exists() {
+        return Ok(None);
+    }
+    wait_for_lock(&path, lock_timeout, || {
+        let flags = duckdb::Config::default().access_mode(duckdb::AccessMode::ReadOnly)?;
+        Connection::open_with_flags(&path, flags)
+    })
+    .map(Some)
+}
+
 /// A run found still `running` when no process was running it.
 #[derive(Debug, Clone)]
 pub struct AbandonedRun {
@@ -116,32 +169,7 @@ impl Workbench {
             return Ok(conn);
         }
         let path = path.to_path_buf();
-        let start = Instant::now();
-        let mut logged = false;
-        let base = loop {
-            match Connection::open(&path) {
-                Ok(c) => break c,
-                Err(e) => {
-                    let detail = e.to_string();
-                    let locked = detail.contains("lock");
-                    if !locked {
-                        return Err(WorkbenchError::Open { path, detail });
-                    }
-                    if start.elapsed() >= lock_timeout {
-                        return Err(WorkbenchError::Busy {
-                            path,
-                            waited: start.elapsed(),
-                            detail,
-                        });
-                    }
-                    if !logged {
-                        tracing::info!(path = %path.display(), "workbench is busy; waiting");
-                        logged = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
-        };
+        let base = wait_for_lock(&path, lock_timeout, || Connection::open(&path))?;
         // Settings and bookkeeping tables, once per opening of the file.
         let tmp = cfg.dir.join("duck").join("tmp");
         // Nothing is ever downloaded: the extensions we use are compiled in.
@@ -267,6 +295,40 @@ impl Workbench {
                 |r| r.get(0),
             )
             .map_err(|e| self.sql_err(e))
+    }
+
+    /// The last successful real run of `state` and its total rows, for the
+    /// `max_row_delta` gate.
+    pub fn previous_success(
+        &self,
+        state: &str,
+    ) -> Result<Option<crate::pipeline::gates::Previous>, WorkbenchError> {
+        let row: Option<(String, Option<String>)> = self
+            .conn
+            .query_row(
+                "SELECT run_id, report FROM main.runs
+                 WHERE state = ? AND status = 'success' AND NOT dry_run
+                 ORDER BY started_at DESC LIMIT 1",
+                [state],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map(Some)
+            .or_else(|e| match e {
+                duckdb::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(self.sql_err(e)),
+            })?;
+        let Some((run_id, Some(report))) = row else {
+            return Ok(None);
+        };
+        let json: serde_json::Value = serde_json::from_str(&report).unwrap_or_default();
+        let raw = |entity: &str| json[entity]["raw"].as_u64();
+        Ok(match (raw("companies"), raw("people")) {
+            (Some(c), Some(p)) => Some(crate::pipeline::gates::Previous {
+                run_id,
+                rows: c + p,
+            }),
+            _ => None,
+        })
     }
 
     pub fn record_upload(

@@ -47,12 +47,39 @@ pub fn export_all(
     entities: &[(&str, &str)],
 ) -> Result<Vec<ExportedFile>, PipelineError> {
     let schema = state.lower();
+    // DuckDB marks a Parquet column REQUIRED when the optimizer's statistics
+    // prove it has no NULL, and those statistics come from the raw table,
+    // bad rows included: one bad row with a NULL name would turn the good
+    // file's `company_name` OPTIONAL, changing its schema and bytes though
+    // its rows did not change. Without that pass every column is OPTIONAL,
+    // as in the source, and the bytes depend on the rows alone. The setting
+    // is this connection's; the run's other queries do not see it.
+    let set = |sql: &str| {
+        duck.execute_batch(sql).map_err(|e| PipelineError::Export {
+            path: exports_dir.to_path_buf(),
+            message: e.to_string(),
+        })
+    };
+    set("SET disabled_optimizers = 'statistics_propagation'")?;
+    let files = export_each(duck, state, &schema, exports_dir, cfg, entities);
+    set("RESET disabled_optimizers")?;
+    files
+}
+
+fn export_each(
+    duck: &duckdb::Connection,
+    state: &StateCode,
+    schema: &str,
+    exports_dir: &Path,
+    cfg: &ExportConfig,
+    entities: &[(&str, &str)],
+) -> Result<Vec<ExportedFile>, PipelineError> {
     let mut files = Vec::new();
     for (entity, key) in entities {
         for kind in ["good", "bad"] {
             let table_name = format!("{entity}_{kind}");
             let path = exports_dir.join(ExportedFile::relative_path(state, entity, kind));
-            let rows = write_parquet(duck, &schema, &table_name, key, &path, cfg)?;
+            let rows = write_parquet(duck, schema, &table_name, key, &path, cfg)?;
             let (bytes, sha256) = hash_file(&path).map_err(|e| PipelineError::Export {
                 path: path.clone(),
                 message: e.to_string(),

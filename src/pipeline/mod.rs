@@ -14,10 +14,12 @@
 
 pub mod audit;
 pub mod export;
+pub mod gates;
 pub mod pgtypes;
 pub mod publish;
 pub mod report;
 pub mod retry;
+pub mod rules;
 pub mod source;
 pub mod validate;
 
@@ -79,6 +81,10 @@ pub enum PipelineError {
     Audit(String),
     #[error("audit table {table} exists with another layout ({problems}); set [audit] table (or OUTREACH_AUDIT__TABLE) to another schema.table and it will be created with the right layout")]
     AuditLayout { table: String, problems: String },
+    #[error(transparent)]
+    Rule(#[from] rules::RuleError),
+    #[error("{0}; nothing published, the local exports are kept")]
+    Gated(String),
     #[error("run cancelled")]
     Cancelled,
     #[error("another process is running state {0} against this database (PostgreSQL advisory lock held); skipped")]
@@ -136,6 +142,34 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Turn on the `company_not_valid` rule for people.
     pub link_rule: bool,
+    /// The quality gates that apply (already merged with `[gates]`).
+    pub gates: gates::GatesConfig,
+    /// Publish even when a gate trips (the audit says so).
+    pub force: bool,
+}
+
+impl RunOptions {
+    /// What the runs fired by `schedule` use.
+    pub fn for_schedule(config: &Config, schedule: &crate::config::ScheduleConfig) -> RunOptions {
+        RunOptions {
+            dry_run: false,
+            link_rule: schedule.link_rule,
+            gates: schedule.gates.over(config.gates),
+            force: false,
+        }
+    }
+
+    /// What a one-off `run` of `state` uses: the settings of the first
+    /// `[[schedule]]` listing it, else `[gates]` alone.
+    pub fn for_state(config: &Config, state: &StateCode) -> RunOptions {
+        match config.schedule_for(state) {
+            Some(s) => Self::for_schedule(config, s),
+            None => RunOptions {
+                gates: config.gates,
+                ..Default::default()
+            },
+        }
+    }
 }
 
 /// Runs the whole pipeline for `state` and reports what happened.
@@ -146,6 +180,7 @@ pub fn run(
     opts: &RunOptions,
 ) -> RunReport {
     let mut report = RunReport::new(state, opts.dry_run);
+    report.forced = opts.force;
     let span = tracing::info_span!("run", state = %state, run_id = %report.run_id);
     let _guard = span.enter();
     tracing::info!(dry_run = opts.dry_run, "run started");
@@ -210,6 +245,21 @@ fn stages(
     let mut client = retry::retry(r, cancel, "connecting to PostgreSQL", || {
         source::connect(&config.source)
     })?;
+    // A rule naming a column the source does not have fails here, before
+    // any row is pulled, naming the rule.
+    let (company_cols, people_cols) = source::describe(&mut client, config)?;
+    rules::check_columns(
+        "companies",
+        &config.source.companies_table,
+        &company_cols,
+        &config.rules.companies,
+    )?;
+    rules::check_columns(
+        "people",
+        &config.source.people_table,
+        &people_cols,
+        &config.rules.people,
+    )?;
     if !opts.dry_run {
         audit::ensure_table(&mut client, &config.audit_table())?;
         // One run per state across every daemon and host sharing this
@@ -259,21 +309,23 @@ fn stages(
         check_cancel(cancel)?;
 
         let t = Instant::now();
+        let src = &config.source;
         let companies = validate::split(
             &wb.conn,
             &schema,
             "companies",
-            &validate::default_company_rules(),
+            &src.company_key,
+            &config.rules.companies,
         )?;
-        let mut people_rules = validate::default_people_rules();
+        let mut people_rules = config.rules.people.clone();
         if opts.link_rule {
-            people_rules.push(validate::company_not_valid_rule(
+            people_rules.push(rules::company_not_valid_rule(
                 &schema,
-                &config.source.people_company_column,
-                &config.source.company_key,
+                &src.people_company_column,
+                &src.company_key,
             ));
         }
-        let people = validate::split(&wb.conn, &schema, "people", &people_rules)?;
+        let people = validate::split(&wb.conn, &schema, "people", &src.person_key, &people_rules)?;
         report.stages.validate = Some(t.elapsed().as_secs_f64());
         report.companies = Some(EntityCounts::new(pulled.companies, companies));
         report.people = Some(EntityCounts::new(pulled.people, people));
@@ -301,6 +353,19 @@ fn stages(
     )?;
     report.stages.export = Some(t.elapsed().as_secs_f64());
     check_cancel(cancel)?;
+
+    // The gates sit between export and publish: the files are on disk for
+    // whoever investigates, the bucket keeps the last good ones.
+    if let (Some(c), Some(p)) = (&report.companies, &report.people) {
+        let previous = wb.previous_success(state.as_str())?;
+        report.gates = gates::evaluate(&opts.gates, c, p, previous.as_ref());
+    }
+    if let Some(reason) = gates::reason(&report.gates) {
+        if !opts.force {
+            return Err(PipelineError::Gated(reason));
+        }
+        tracing::warn!(%reason, "publishing anyway: --force");
+    }
 
     if opts.dry_run {
         return Ok(());

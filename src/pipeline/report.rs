@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::export::ExportedFile;
+use super::gates::GateResult;
 use super::publish::PublishedObject;
 use super::validate::Validation;
 use super::PipelineError;
@@ -23,6 +24,8 @@ pub enum RunStatus {
     Cancelled,
     /// Another process holds the state; nothing was done or audited.
     Skipped,
+    /// A quality gate tripped: exported locally, nothing published.
+    Gated,
 }
 
 impl RunStatus {
@@ -33,15 +36,19 @@ impl RunStatus {
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
             RunStatus::Skipped => "skipped",
+            RunStatus::Gated => "gated",
         }
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EntityCounts {
     pub raw: u64,
     pub good: u64,
     pub bad: u64,
+    /// Rows with a NULL primary key.
+    #[serde(default)]
+    pub null_keys: u64,
     /// Rows failing each rule code.
     pub errors: BTreeMap<String, u64>,
 }
@@ -52,6 +59,7 @@ impl EntityCounts {
             raw,
             good: v.good,
             bad: v.bad,
+            null_keys: v.null_keys,
             errors: v.errors,
         }
     }
@@ -84,6 +92,10 @@ pub struct RunReport {
     pub uploaded: usize,
     pub skipped: usize,
     pub stages: StageTimes,
+    /// Every configured gate's verdict, tripped or not.
+    pub gates: Vec<GateResult>,
+    /// `run --force`: published although a gate tripped.
+    pub forced: bool,
     pub error: Option<String>,
     /// Not part of the audit record (it is written before the id exists).
     #[serde(skip)]
@@ -110,6 +122,8 @@ impl RunReport {
             uploaded: 0,
             skipped: 0,
             stages: StageTimes::default(),
+            gates: Vec::new(),
+            forced: false,
             error: None,
             audit_id: None,
             audit_error: None,
@@ -134,6 +148,7 @@ impl RunReport {
             None => RunStatus::Success,
             Some(PipelineError::Cancelled) => RunStatus::Cancelled,
             Some(PipelineError::StateBusy(_)) => RunStatus::Skipped,
+            Some(PipelineError::Gated(_)) => RunStatus::Gated,
             Some(_) => RunStatus::Failed,
         };
         self.error = error.map(|e| e.to_string());
@@ -213,6 +228,14 @@ impl RunReport {
             self.duration_secs.unwrap_or_default(),
             stages.join(", ")
         );
+        for g in &self.gates {
+            let verdict = match (g.tripped, self.forced) {
+                (false, _) => "ok",
+                (true, false) => "TRIPPED",
+                (true, true) => "TRIPPED, published anyway (--force)",
+            };
+            let _ = writeln!(s, "  gate {}: {verdict}", g.describe());
+        }
         if !self.text_fallbacks.is_empty() {
             let _ = writeln!(s, "  carried as text: {}", self.text_fallbacks.join(", "));
         }

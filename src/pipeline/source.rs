@@ -128,6 +128,31 @@ fn cancel_query(cfg: &SourceConfig, token: &postgres::CancelToken) {
     }
 }
 
+/// A source table's columns with the DuckDB types the pull gives them.
+pub type Columns = Vec<(String, ColType)>;
+
+/// The companies' and people's columns as they will land in the workbench,
+/// without reading a row: what the rules are checked against.
+pub fn describe(client: &mut Client, config: &Config) -> Result<(Columns, Columns), PipelineError> {
+    let mut one = |table: crate::config::QualifiedName| -> Result<Columns, PipelineError> {
+        let stmt = client
+            .prepare(&format!("SELECT * FROM {} LIMIT 0", table.quoted()))
+            .map_err(|e| PipelineError::Source {
+                what: format!("describing {table}"),
+                source: e,
+            })?;
+        Ok(stmt
+            .columns()
+            .iter()
+            .map(|c| {
+                let t = ColType::from_pg(c.type_(), c.type_modifier()).unwrap_or(ColType::Text);
+                (c.name().to_string(), t)
+            })
+            .collect())
+    };
+    Ok((one(config.companies_table())?, one(config.people_table())?))
+}
+
 /// What the pull did, for the run report.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct PullStats {

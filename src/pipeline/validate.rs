@@ -9,69 +9,21 @@
 use std::collections::BTreeMap;
 
 use crate::config::quote_ident;
+use crate::pipeline::rules::Rule;
 use crate::pipeline::PipelineError;
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Rule {
-    pub code: String,
-    pub condition: String,
-}
-
-fn rule(code: &str, condition: &str) -> Rule {
-    Rule {
-        code: code.into(),
-        condition: condition.into(),
-    }
-}
-
-/// The production rules for companies (SPEC step 3), in reporting order.
-pub fn default_company_rules() -> Vec<Rule> {
-    vec![
-        rule("company_name_missing", "company_name IS NULL"),
-        rule("website_url_missing", "website_url IS NULL"),
-        rule(
-            "website_url_invalid",
-            "website_url IS NOT NULL AND website_url NOT LIKE '%.%'",
-        ),
-    ]
-}
-
-/// The production rules for people. `regexp_matches` is a partial match, so
-/// `^` anchors it at the start exactly as PostgreSQL's `~` did; DuckDB string
-/// literals do not process backslashes, so `\.` is one backslash.
-pub fn default_people_rules() -> Vec<Rule> {
-    vec![
-        rule(
-            "email_invalid",
-            r"email IS NULL OR NOT regexp_matches(email, '^[^@]+@[^@]+\.[^@]+')",
-        ),
-        rule("title_missing", "title IS NULL"),
-    ]
-}
-
-/// The optional link rule: a person whose company is not good is bad.
-pub fn company_not_valid_rule(schema: &str, link_column: &str, company_key: &str) -> Rule {
-    rule(
-        "company_not_valid",
-        &format!(
-            "NOT coalesce({link} IN (SELECT {key} FROM {s}.companies_good), false)",
-            link = quote_ident(link_column),
-            key = quote_ident(company_key),
-            s = quote_ident(schema),
-        ),
-    )
-}
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Validation {
     pub good: u64,
     pub bad: u64,
+    /// Rows whose primary key is NULL (for the `no_null_ids` gate).
+    pub null_keys: u64,
     /// Rows failing each rule (a row can fail several).
     pub errors: BTreeMap<String, u64>,
 }
 
 /// Defines `<schema>.<entity>_good` and `<entity>_bad` over `<entity>_raw`
-/// and counts them.
+/// and counts them (and the rows without a primary key `key`).
 ///
 /// They are views, not tables: the split is a cheap filter, and views keep
 /// the workbench from storing every row three times (measured: building
@@ -81,6 +33,7 @@ pub fn split(
     duck: &duckdb::Connection,
     schema: &str,
     entity: &str,
+    key: &str,
     rules: &[Rule],
 ) -> Result<Validation, PipelineError> {
     let err = |e: duckdb::Error| PipelineError::Validate(format!("{entity}: {e}"));
@@ -120,7 +73,10 @@ pub fn split(
     .map_err(err)?;
 
     // One pass over the raw rows for every count.
-    let mut counts = vec![format!("count(*) FILTER (WHERE {any_fails})")];
+    let mut counts = vec![
+        format!("count(*) FILTER (WHERE {any_fails})"),
+        format!("count(*) FILTER (WHERE {} IS NULL)", quote_ident(key)),
+    ];
     counts.extend(fails.iter().map(|f| format!("count(*) FILTER (WHERE {f})")));
     let (total, per_rule) = duck
         .query_row(
@@ -139,9 +95,10 @@ pub fn split(
     Ok(Validation {
         good: total - bad_rows,
         bad: bad_rows,
+        null_keys: per_rule[1] as u64,
         errors: rules
             .iter()
-            .zip(&per_rule[1..])
+            .zip(&per_rule[2..])
             .map(|(r, n)| (r.code.clone(), *n as u64))
             .collect(),
     })

@@ -1,29 +1,7 @@
 //! The binary as a user runs it: config file plus the original environment
 //! variable names, exit codes, and messages.
 
-use std::process::{Command, Output};
-
 use crate::common::*;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_outreach-workbench"));
-    // Keep the caller's environment from leaking into the test.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OUTREACH_") || k.starts_with("NEON_") || k.starts_with("B2_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 #[test]
 fn run_with_the_original_variable_names() {

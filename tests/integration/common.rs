@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use outreach_workbench::config::{Config, Secret};
@@ -108,11 +109,60 @@ impl World {
 
     /// The config as a TOML file, for tests that run the binary.
     pub fn write_config_file(&self) -> PathBuf {
+        self.write_config_file_with("")
+    }
+
+    /// The config file with `extra` TOML appended (rules, gates, schedules).
+    pub fn write_config_file_with(&self, extra: &str) -> PathBuf {
         let s = services();
         let path = self.dir.path().join("config.toml");
-        std::fs::write(&path, toml_for(&s, &self.db, &self.bucket, self.dir.path())).unwrap();
+        let toml = toml_for(&s, &self.db, &self.bucket, self.dir.path());
+        std::fs::write(&path, format!("{toml}\n{extra}\n")).unwrap();
         path
     }
+
+    /// Replaces the in-process config with the base one plus `extra` TOML.
+    pub fn set_config_extra(&mut self, extra: &str) {
+        let s = services();
+        let toml = toml_for(&s, &self.db, &self.bucket, self.dir.path());
+        let mut c = Config::from_toml_str(&format!("{toml}\n{extra}\n")).unwrap();
+        c.source.password = self.config.source.password.clone();
+        c.storage.access_key_id = self.config.storage.access_key_id.clone();
+        c.storage.secret_access_key = self.config.storage.secret_access_key.clone();
+        self.config = c;
+    }
+}
+
+/// The binary, with the caller's own settings removed from its environment.
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_outreach-workbench"));
+    // Keep the caller's environment from leaking into the test.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OUTREACH_") || k.starts_with("NEON_") || k.starts_with("B2_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The `details` of audit row `id`.
+pub fn audit_details(w: &World, id: i64) -> serde_json::Value {
+    w.pg()
+        .query_one(
+            "SELECT details FROM shq.audit_log WHERE id = $1",
+            &[&(id as i32)],
+        )
+        .unwrap()
+        .get(0)
 }
 
 pub fn pg_client(s: &Services, db: &str) -> postgres::Client {
@@ -252,6 +302,21 @@ pub fn parquet_types(path: &Path) -> Vec<(String, String)> {
     stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
         .unwrap()
         .map(|r| r.unwrap())
+        .collect()
+}
+
+/// Each leaf column's Parquet repetition type (`OPTIONAL`, `REQUIRED`).
+pub fn parquet_repetitions(path: &Path) -> Vec<(String, String)> {
+    let duck = duckdb::Connection::open_in_memory().unwrap();
+    let mut st = duck
+        .prepare(&format!(
+            "SELECT name, repetition_type FROM parquet_schema('{}') WHERE num_children IS NULL",
+            path.display()
+        ))
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
         .collect()
 }
 

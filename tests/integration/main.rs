@@ -5,6 +5,7 @@
 mod cli;
 mod common;
 mod daemon;
+mod gates;
 mod packaging;
 mod pipeline;
 mod types;

@@ -126,6 +126,7 @@ fn people_follow_their_company_and_the_link_rule() {
         &RunOptions {
             dry_run: true,
             link_rule: true,
+            ..Default::default()
         },
     );
     assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
@@ -227,6 +228,38 @@ fn dedup_skips_unchanged_files_even_without_the_workbench() {
     let r4 = w.run("WV");
     assert!(r4.succeeded(), "{}", r4.summary());
     assert_eq!((r4.uploaded, r4.skipped), (0, 4));
+}
+
+/// Found by the gate tests: DuckDB's writer made a column REQUIRED when the
+/// raw table happened to hold no NULL in it, so a new *bad* row with a NULL
+/// name changed the *good* file's schema and bytes, and it was uploaded
+/// again with the same rows.
+#[test]
+fn good_file_bytes_depend_on_good_rows_only() {
+    let w = World::new("bytes");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    let r1 = w.run("WV");
+    assert!(r1.succeeded(), "{}", r1.summary());
+    let good = w.export_path("wv", "companies", "good");
+    let types = parquet_repetitions(&good);
+    assert!(
+        types.iter().all(|(_, r)| r == "OPTIONAL"),
+        "every column OPTIONAL, as in the source: {types:?}"
+    );
+
+    add_company(&mut pg, "c2", None, None, "WV");
+    let r2 = w.run("WV");
+    assert!(r2.succeeded(), "{}", r2.summary());
+    assert_eq!(r2.files[0].table_name, "companies_good");
+    assert_eq!(r2.files[0].sha256, r1.files[0].sha256);
+    let uploaded: Vec<&str> = r2
+        .objects
+        .iter()
+        .filter(|o| o.action == "uploaded")
+        .map(|o| o.table_name.as_str())
+        .collect();
+    assert_eq!(uploaded, vec!["companies_bad"]);
 }
 
 #[test]

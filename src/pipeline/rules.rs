@@ -1,0 +1,291 @@
+//! Validation rules: what they are, the production defaults, and how they
+//! are checked before any run uses them.
+//!
+//! A rule is a code and a DuckDB boolean that is TRUE for a failing row
+//! (`validate.rs` applies them). Rules come from `[rules]` in the config, so
+//! a typo in one must be caught when the service starts, not at 06:00 in the
+//! middle of a run. Two checks, both run against a private in-memory DuckDB:
+//! - [`check_syntax`] needs no database: it refuses what DuckDB cannot
+//!   parse, and more than one statement (a rule is pasted into SQL).
+//! - [`check_columns`] binds each rule against the source table's real
+//!   columns and types, so an unknown column or a non-boolean condition is
+//!   refused with the rule's name and the column's.
+
+use duckdb::Connection;
+use serde::{Deserialize, Serialize};
+
+use crate::config::quote_ident;
+use crate::pipeline::pgtypes::ColType;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub code: String,
+    pub condition: String,
+}
+
+fn rule(code: &str, condition: &str) -> Rule {
+    Rule {
+        code: code.into(),
+        condition: condition.into(),
+    }
+}
+
+/// `[rules]`: one list per entity. A list left out gets the production
+/// rules; a list given replaces them (an empty list validates nothing).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    pub companies: Vec<Rule>,
+    pub people: Vec<Rule>,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            companies: default_company_rules(),
+            people: default_people_rules(),
+        }
+    }
+}
+
+/// The code the optional link rule reports; not usable by a configured rule.
+pub const LINK_RULE_CODE: &str = "company_not_valid";
+
+/// The production rules for companies (SPEC step 3), in reporting order.
+pub fn default_company_rules() -> Vec<Rule> {
+    vec![
+        rule("company_name_missing", "company_name IS NULL"),
+        rule("website_url_missing", "website_url IS NULL"),
+        rule(
+            "website_url_invalid",
+            "website_url IS NOT NULL AND website_url NOT LIKE '%.%'",
+        ),
+    ]
+}
+
+/// The production rules for people. `regexp_matches` is a partial match, so
+/// `^` anchors it at the start exactly as PostgreSQL's `~` did; DuckDB string
+/// literals do not process backslashes, so `\.` is one backslash.
+pub fn default_people_rules() -> Vec<Rule> {
+    vec![
+        rule(
+            "email_invalid",
+            r"email IS NULL OR NOT regexp_matches(email, '^[^@]+@[^@]+\.[^@]+')",
+        ),
+        rule("title_missing", "title IS NULL"),
+    ]
+}
+
+/// The optional link rule: a person whose company is not good is bad.
+pub fn company_not_valid_rule(schema: &str, link_column: &str, company_key: &str) -> Rule {
+    rule(
+        LINK_RULE_CODE,
+        &format!(
+            "NOT coalesce({link} IN (SELECT {key} FROM {s}.companies_good), false)",
+            link = quote_ident(link_column),
+            key = quote_ident(company_key),
+            s = quote_ident(schema),
+        ),
+    )
+}
+
+/// A rule that cannot be used, with the config key that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rules.{entity}[{index}] (code `{code}`): {message}")]
+pub struct RuleError {
+    pub entity: String,
+    pub index: usize,
+    pub code: String,
+    pub message: String,
+}
+
+fn rule_error(entity: &str, index: usize, code: &str, message: impl Into<String>) -> RuleError {
+    RuleError {
+        entity: entity.into(),
+        index,
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+/// What serde cannot check: codes are unique lower-case words (they become
+/// Parquet values and audit keys) and conditions are not empty.
+pub fn check_shape(entity: &str, rules: &[Rule]) -> Result<(), RuleError> {
+    for (i, r) in rules.iter().enumerate() {
+        let word = !r.code.is_empty()
+            && r.code
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !word {
+            return Err(rule_error(
+                entity,
+                i,
+                &r.code,
+                "code must be lower-case letters, digits and `_`",
+            ));
+        }
+        if r.code == LINK_RULE_CODE {
+            return Err(rule_error(
+                entity,
+                i,
+                &r.code,
+                "this code belongs to the link rule; switch it on with `link_rule = true` in a [[schedule]]",
+            ));
+        }
+        if rules[..i].iter().any(|o| o.code == r.code) {
+            return Err(rule_error(entity, i, &r.code, "code is used twice"));
+        }
+        if r.condition.trim().is_empty() {
+            return Err(rule_error(entity, i, &r.code, "condition is empty"));
+        }
+    }
+    Ok(())
+}
+
+fn memory_db() -> Result<Connection, String> {
+    let db = Connection::open_in_memory().map_err(|e| e.to_string())?;
+    db.execute_batch("SET autoinstall_known_extensions = false; SET threads = 1;")
+        .map_err(|e| e.to_string())?;
+    Ok(db)
+}
+
+/// DuckDB's messages end with a caret diagram over several lines; the first
+/// line says it.
+fn first_line(e: &duckdb::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+/// Parses every condition, without knowing the columns (no database needed):
+/// for `check --offline` and the daemon's start-up.
+pub fn check_syntax(entity: &str, rules: &[Rule]) -> Result<(), RuleError> {
+    check_shape(entity, rules)?;
+    let db = memory_db().map_err(|e| rule_error(entity, 0, "", e))?;
+    for (i, r) in rules.iter().enumerate() {
+        // Binding fails here for every column (there is no table); only a
+        // parser error means the SQL itself is broken. `prepare` also
+        // refuses a second statement smuggled in after a `;`.
+        if let Err(e) = db.prepare(&format!("SELECT ({}) AS failing", r.condition)) {
+            let msg = e.to_string();
+            if !msg.starts_with("Binder Error") && !msg.contains("not found in FROM clause") {
+                return Err(rule_error(entity, i, &r.code, first_line(&e)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Binds every condition against a table with `columns` (the source table's
+/// names and DuckDB types): unknown columns, wrong types and non-boolean
+/// conditions are refused here, naming the rule and the column.
+pub fn check_columns(
+    entity: &str,
+    table: &str,
+    columns: &[(String, ColType)],
+    rules: &[Rule],
+) -> Result<(), RuleError> {
+    check_shape(entity, rules)?;
+    let db = memory_db().map_err(|e| rule_error(entity, 0, "", e))?;
+    let ddl: Vec<String> = columns
+        .iter()
+        .map(|(n, t)| format!("{} {}", quote_ident(n), t.duckdb_sql()))
+        .collect();
+    db.execute_batch(&format!(
+        "CREATE TABLE source_row ({}); INSERT INTO source_row DEFAULT VALUES;",
+        ddl.join(", ")
+    ))
+    .map_err(|e| rule_error(entity, 0, "", format!("describing {table}: {e}")))?;
+    for (i, r) in rules.iter().enumerate() {
+        let typ: Result<String, duckdb::Error> = db.query_row(
+            &format!("SELECT typeof(({})) FROM source_row", r.condition),
+            [],
+            |row| row.get(0),
+        );
+        match typ {
+            Ok(t) if t == "BOOLEAN" || t == "\"NULL\"" || t == "NULL" => {}
+            Ok(t) => {
+                return Err(rule_error(
+                    entity,
+                    i,
+                    &r.code,
+                    format!("condition is {t}, not a boolean (TRUE must mean the row fails)"),
+                ))
+            }
+            Err(e) => {
+                let line = first_line(&e);
+                let message = match unknown_column(&line) {
+                    Some(col) => {
+                        format!("unknown column \"{col}\": {table} has no such column ({line})")
+                    }
+                    None => format!("{line} (against the columns of {table})"),
+                };
+                return Err(rule_error(entity, i, &r.code, message));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The column in DuckDB's `Referenced column "x" not found` binder error.
+fn unknown_column(message: &str) -> Option<&str> {
+    let rest = message.split("Referenced column \"").nth(1)?;
+    rest.split('"').next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cols() -> Vec<(String, ColType)> {
+        vec![
+            ("company_name".into(), ColType::Text),
+            ("website_url".into(), ColType::Text),
+            ("employees".into(), ColType::Int4),
+        ]
+    }
+
+    #[test]
+    fn defaults_pass_both_checks() {
+        check_syntax("companies", &default_company_rules()).unwrap();
+        check_syntax("people", &default_people_rules()).unwrap();
+        check_columns("companies", "t", &cols(), &default_company_rules()).unwrap();
+    }
+
+    #[test]
+    fn syntax_errors_name_the_rule() {
+        let rules = vec![
+            rule("ok", "employees > 1"),
+            rule("broken", "employees >> AND"),
+        ];
+        let e = check_syntax("companies", &rules).unwrap_err();
+        assert_eq!((e.index, e.code.as_str()), (1, "broken"));
+        assert!(
+            e.to_string()
+                .starts_with("rules.companies[1] (code `broken`)"),
+            "{e}"
+        );
+        let smuggled = vec![rule("x", "true); DROP TABLE t; SELECT (1")];
+        assert!(check_syntax("companies", &smuggled).is_err());
+    }
+
+    #[test]
+    fn unknown_column_and_non_boolean_are_named() {
+        let rules = vec![rule("emp", "employee_count IS NULL")];
+        let e = check_columns("companies", "marketing.company_master", &cols(), &rules)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rules.companies[0] (code `emp`)"), "{e}");
+        assert!(e.contains("unknown column \"employee_count\""), "{e}");
+        let rules = vec![rule("num", "employees + 1")];
+        let e = check_columns("companies", "t", &cols(), &rules).unwrap_err();
+        assert!(e.message.contains("not a boolean"), "{e}");
+    }
+
+    #[test]
+    fn shape_checks() {
+        assert!(check_shape("people", &[rule("Bad Code", "true")]).is_err());
+        assert!(check_shape("people", &[rule("a", "true"), rule("a", "false")]).is_err());
+        assert!(check_shape("people", &[rule("company_not_valid", "true")]).is_err());
+        assert!(check_shape("people", &[rule("a", " ")]).is_err());
+    }
+}
