@@ -2,7 +2,8 @@
 # The main job, end to end, on this machine: starts a local PostgreSQL with
 # generated sample data and a local S3 server, runs
 # `outreach-workbench run --state WV` twice (the second run finds nothing
-# changed and uploads nothing), shows the files, objects and audit rows,
+# changed and uploads nothing), once more with a quality gate that trips,
+# shows the history, the files, objects and audit rows,
 # then stops what it started.
 #   COMPANIES=20000 scripts/demo.sh     # more sample data (default 4000)
 set -euo pipefail
@@ -23,6 +24,11 @@ ow_log "outreach-workbench run --state WV"
 "$OW_BIN" run --state WV --config "$config"
 ow_log "again: unchanged files are skipped"
 "$OW_BIN" run --state WV --config "$config"
+
+ow_log "with a strict quality gate (5 % bad at most): gated, exit 3, nothing published"
+OUTREACH_GATES__MAX_BAD_RATIO=0.05 "$OW_BIN" run --state WV --config "$config" || echo "(exit $?)"
+ow_log "outreach-workbench history --state WV"
+"$OW_BIN" history --state WV --config "$config"
 
 ow_log "local exports"
 (cd "$work" && find exports -name '*.parquet' -printf '%10s  %p\n' | sort -k2)

@@ -668,6 +668,23 @@ max_bad_ratio = 0.5
         assert!(e.contains("rules.companies[0]"), "{e}");
     }
 
+    /// The commented `[rules]` block in the shipped config.toml, uncommented,
+    /// is exactly the built-in production rules: the example cannot drift.
+    #[test]
+    fn shipped_rules_example_is_the_defaults() {
+        let shipped = include_str!("../config.toml");
+        let start = shipped.find("# [rules]").unwrap();
+        let end = start + shipped[start..].find("\n\n").unwrap();
+        let block: String = shipped[start..end]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::from_toml_str(&format!("{MINIMAL}\n{block}\n")).unwrap();
+        assert_eq!(c.rules.companies, rules::default_company_rules());
+        assert_eq!(c.rules.people, rules::default_people_rules());
+    }
+
     #[test]
     fn secret_debug_is_redacted() {
         let s = Secret::new("hunter2");

@@ -146,7 +146,7 @@ pub fn table(entries: &[Entry]) -> String {
             e.status.clone()
         };
         let up_skip = match (e.uploaded, e.skipped) {
-            (Some(u), Some(k)) if !e.dry_run => format!("{u}/{k}"),
+            (Some(u), Some(k)) if !e.dry_run && e.status != "gated" => format!("{u}/{k}"),
             _ => "-".into(),
         };
         s.push_str(&format!(
@@ -162,7 +162,9 @@ pub fn table(entries: &[Entry]) -> String {
             up_skip,
             gates
         ));
-        if let Some(err) = e.error.as_deref().filter(|_| e.status != "success") {
+        // A gated run's reason is its GATES column already.
+        let shown = e.status == "success" || e.status == "gated";
+        if let Some(err) = e.error.as_deref().filter(|_| !shown) {
             s.push_str(&format!("    {}: {err}\n", e.run_id));
         }
     }

@@ -208,7 +208,9 @@ impl RunReport {
                 &f.sha256[..12]
             );
         }
-        if !self.objects.is_empty() || !self.dry_run {
+        if self.status == RunStatus::Gated {
+            let _ = writeln!(s, "  nothing published: a quality gate tripped");
+        } else if !self.objects.is_empty() || !self.dry_run {
             let _ = writeln!(s, "  uploaded {}, skipped {}", self.uploaded, self.skipped);
         }
         let st = &self.stages;

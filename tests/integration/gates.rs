@@ -425,7 +425,12 @@ max_bad_ratio = 0.9
         lines[3].contains("WV") && lines[3].contains("gated") && lines[3].contains("1/1"),
         "{out}"
     );
-    assert!(lines[4].contains("quality gate tripped"), "{out}");
+    // The gated run's reason, with its figures, in the GATES column.
+    assert!(
+        lines[3].contains("max_bad_ratio.companies: 0.5 > 0.15 (1 of 2 rows bad)"),
+        "{out}"
+    );
+    assert_eq!(lines.len(), 4, "{out}");
 
     let o = run(&["history", "--state", "WV", "--limit", "1", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
