@@ -38,6 +38,8 @@ pub struct Workbench {
     pub conn: Connection,
     pub dir: PathBuf,
     pub path: PathBuf,
+    /// `workbench.threads`, to restore after the pull.
+    threads: u32,
 }
 
 /// Workbench files open in this process, with how many `Workbench`es use
@@ -148,7 +150,12 @@ impl Workbench {
             })?;
         }
         let conn = Self::connect(cfg, &path, lock_timeout)?;
-        Ok(Workbench { conn, dir, path })
+        Ok(Workbench {
+            conn,
+            dir,
+            path,
+            threads: cfg.threads,
+        })
     }
 
     /// A connection to the file: a clone of this process's open database if
@@ -212,6 +219,14 @@ impl Workbench {
         })?;
         open.insert(path, (base, 1));
         Ok(conn)
+    }
+
+    /// Puts DuckDB's thread count back to `workbench.threads` (0: all cores).
+    pub fn restore_threads(&self) -> Result<(), WorkbenchError> {
+        match self.threads {
+            0 => self.exec("RESET threads"),
+            n => self.exec(&format!("SET threads = {n}")),
+        }
     }
 
     pub fn exec(&self, sql: &str) -> Result<(), WorkbenchError> {

@@ -290,6 +290,12 @@ fn stages(
     )?;
     let schema = state.lower();
 
+    // While rows stream in, DuckDB's worker threads mostly poll for work,
+    // on the cores the source reader and (often) PostgreSQL need; one
+    // thread is enough to append. Measured on the benchmark: 0.6 s less CPU
+    // (of 5) and a lower peak RSS. `threads` is the database's setting, so
+    // a concurrent run's export is slowed meanwhile, never wrong.
+    wb.exec("SET threads = 1")?;
     // Pull and validate in one DuckDB transaction: a failed or cancelled run
     // leaves the state's previous tables intact for analysts.
     wb.exec(&format!(
@@ -331,6 +337,9 @@ fn stages(
         report.people = Some(EntityCounts::new(pulled.people, people));
         Ok(())
     })();
+    // All threads again for the commit, which compresses the new row
+    // groups in parallel, and for the export.
+    let restored = wb.restore_threads();
     match loaded {
         Ok(()) => wb.exec("COMMIT")?,
         Err(e) => {
@@ -338,6 +347,7 @@ fn stages(
             return Err(e);
         }
     }
+    restored?;
     check_cancel(cancel)?;
 
     let t = Instant::now();

@@ -411,11 +411,15 @@ fn stream_query(
         .query_raw(&stmt, [state.as_str()])
         .map_err(src_err(format!("querying {table}")))?;
     let mut n: u64 = 0;
-    while let Some(row) = rows.next().map_err(src_err(format!("reading {table}")))? {
+    // Per row and per value: the error (and its message) is built only on
+    // failure, never in the loop itself.
+    let read_err = |e| PipelineError::Source {
+        what: format!("reading {table}"),
+        source: e,
+    };
+    while let Some(row) = rows.next().map_err(read_err)? {
         for (i, b) in builders.iter_mut().enumerate() {
-            let v: Option<Raw> = row
-                .try_get(i)
-                .map_err(src_err(format!("reading {table}")))?;
+            let v: Option<Raw> = row.try_get(i).map_err(read_err)?;
             match v {
                 None => b.append_null(),
                 Some(raw) => b.append(raw.0).map_err(|e| PipelineError::Decode {
