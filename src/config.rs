@@ -138,7 +138,8 @@ pub struct WorkbenchConfig {
     pub lock_timeout_secs: u64,
     /// DuckDB's `memory_limit`; above it DuckDB spills to `duck/tmp`.
     pub memory_limit: String,
-    /// DuckDB worker threads; 0 lets DuckDB use every core.
+    /// DuckDB worker threads for the commit and the export (the pull and
+    /// the validation counts use one); 0 lets DuckDB use every core.
     pub threads: u32,
 }
 
