@@ -2,7 +2,7 @@
 //! one line; an empty list means a run can start.
 
 use crate::config::{quote_ident, Config};
-use crate::pipeline::{audit, publish, rules, source};
+use crate::pipeline::{audit, publish, rules, source, PipelineError};
 
 /// Config-only checks (the config already loaded and validated, the rules'
 /// SQL parsed): secrets that a run will need. No network, for the
@@ -58,26 +58,10 @@ pub fn online(config: &Config) -> Vec<String> {
                     }
                 }
             }
-            match source::describe(&mut client, config) {
-                // The tables' own problems are reported just above; rules are
-                // checked against the columns only when both tables are readable.
-                Err(_) => {}
-                Ok((companies, people)) => {
-                    let s = &config.source;
-                    for (entity, table, cols, list) in [
-                        (
-                            "companies",
-                            &s.companies_table,
-                            &companies,
-                            &config.rules.companies,
-                        ),
-                        ("people", &s.people_table, &people, &config.rules.people),
-                    ] {
-                        if let Err(e) = rules::check_columns(entity, table, cols, list) {
-                            problems.push(e.to_string());
-                        }
-                    }
-                }
+            match rules::check_against_source(&mut client, config) {
+                // A table that cannot be described is reported just above.
+                Err(PipelineError::Source { .. }) | Ok(()) => {}
+                Err(e) => problems.push(e.to_string()),
             }
             let table = config.audit_table();
             match audit::inspect(&mut client, &table) {

@@ -67,10 +67,11 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     // Blocking work (DuckDB, the postgres client) stays off the async threads.
     let cfg = config.clone();
     let missed = tokio::task::spawn_blocking(move || {
+        check_rules_at_start(&cfg)?;
         audit_abandoned_runs(&cfg);
-        missed_runs(&cfg)
+        anyhow::Ok(missed_runs(&cfg))
     })
-    .await?;
+    .await??;
     let mut tasks = start_schedules(&config, &shared)?;
     let config_arc = Arc::new(config.clone());
     for (state, opts) in missed {
@@ -132,6 +133,25 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// Rules naming a column the source does not have would fail every run:
+/// refuse to start, naming the rule. A database that cannot be reached now
+/// is no reason not to start; each run checks the rules again before it
+/// pulls.
+fn check_rules_at_start(config: &Config) -> anyhow::Result<()> {
+    let checked = pipeline::source::connect(&config.source)
+        .and_then(|mut client| pipeline::rules::check_against_source(&mut client, config));
+    match checked {
+        Ok(()) => Ok(()),
+        Err(e @ pipeline::PipelineError::Rule(_)) => {
+            Err(anyhow::anyhow!("{e}; fix [rules] in the config"))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check the rules against the source now; each run checks them before pulling");
+            Ok(())
+        }
+    }
 }
 
 /// Runs a previous process left `running` (it died mid-run) are marked

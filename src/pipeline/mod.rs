@@ -247,19 +247,7 @@ fn stages(
     })?;
     // A rule naming a column the source does not have fails here, before
     // any row is pulled, naming the rule.
-    let (company_cols, people_cols) = source::describe(&mut client, config)?;
-    rules::check_columns(
-        "companies",
-        &config.source.companies_table,
-        &company_cols,
-        &config.rules.companies,
-    )?;
-    rules::check_columns(
-        "people",
-        &config.source.people_table,
-        &people_cols,
-        &config.rules.people,
-    )?;
+    rules::check_against_source(&mut client, config)?;
     if !opts.dry_run {
         audit::ensure_table(&mut client, &config.audit_table())?;
         // One run per state across every daemon and host sharing this

@@ -226,6 +226,26 @@ pub fn check_columns(
     Ok(())
 }
 
+/// Checks both entities' rules against the source tables' columns, read
+/// from PostgreSQL without reading a row. A broken rule comes back as
+/// [`PipelineError::Rule`]; a table that cannot be described as
+/// [`PipelineError::Source`].
+pub fn check_against_source(
+    client: &mut postgres::Client,
+    config: &crate::config::Config,
+) -> Result<(), crate::pipeline::PipelineError> {
+    let (companies, people) = crate::pipeline::source::describe(client, config)?;
+    let s = &config.source;
+    check_columns(
+        "companies",
+        &s.companies_table,
+        &companies,
+        &config.rules.companies,
+    )?;
+    check_columns("people", &s.people_table, &people, &config.rules.people)?;
+    Ok(())
+}
+
 /// The column in DuckDB's `Referenced column "x" not found` binder error.
 fn unknown_column(message: &str) -> Option<&str> {
     let rest = message.split("Referenced column \"").nth(1)?;

@@ -417,3 +417,52 @@ fn a_run_over_its_timeout_is_cancelled_and_logs_are_journald_friendly() {
     assert!(!info_line.contains("Z "), "no timestamp: {info_line}");
     d.stop();
 }
+
+#[test]
+fn a_rule_naming_an_unknown_column_stops_the_daemon_at_start() {
+    let w = World::new("drule");
+    let cfg = config_with(
+        &w,
+        "
+[[rules.companies]]
+code = \"no_revenue\"
+condition = \"annual_revenue IS NULL\"
+
+[[schedule]]
+states = [\"WV\"]
+cadence = \"daily\"
+",
+    );
+    let mut d = Daemon::start(&w, &cfg, "d", &[]);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "daemon still running:\n{}",
+            d.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = d.output();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("rules.companies[0] (code `no_revenue`): unknown column \"annual_revenue\""),
+        "{out}"
+    );
+    assert!(!out.contains("daemon started"), "{out}");
+
+    // With the database unreachable the daemon starts anyway: each run
+    // checks the rules before it pulls.
+    let d = Daemon::start(
+        &w,
+        &cfg,
+        "d2",
+        &[("OUTREACH_SOURCE__PORT", &free_port().to_string())],
+    );
+    d.wait_for_log("could not check the rules", Duration::from_secs(30));
+    d.wait_for_log("daemon started", Duration::from_secs(30));
+    assert_eq!(d.stop().0, Some(0));
+}
