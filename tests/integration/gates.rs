@@ -19,6 +19,22 @@ fn bad_ratio(limit: f64) -> GatesConfig {
     }
 }
 
+/// A good WV company with one good person.
+fn good_pair(pg: &mut postgres::Client, company: &str, person: &str) {
+    add_company(pg, company, Some("Co"), Some("co.example"), "WV");
+    add_person(pg, person, company, Some("a@co.example"), Some("CEO"));
+}
+
+/// The binary with the test services' secrets in its environment.
+fn bin_with_secrets() -> std::process::Command {
+    let s = services();
+    let mut c = bin();
+    c.env("NEON_PASSWORD", &s.pg_password)
+        .env("B2_KEY_ID", &s.s3_key)
+        .env("B2_APPLICATION_KEY", &s.s3_secret);
+    c
+}
+
 const COMPANIES_BAD_KEY: &str = "outreach/wv/companies/bad/companies_bad.parquet";
 
 #[test]
@@ -26,20 +42,7 @@ fn bad_ratio_gate_trips_keeps_the_bucket_and_can_be_forced() {
     let w = World::new("gate-ratio");
     let mut pg = w.pg();
     for i in 1..=4 {
-        add_company(
-            &mut pg,
-            &format!("c{i}"),
-            Some("Co"),
-            Some("co.example"),
-            "WV",
-        );
-        add_person(
-            &mut pg,
-            &format!("p{i}"),
-            &format!("c{i}"),
-            Some("a@co.example"),
-            Some("CEO"),
-        );
+        good_pair(&mut pg, &format!("c{i}"), &format!("p{i}"));
     }
     let first = w.run("WV");
     assert!(first.succeeded(), "{}", first.summary());
@@ -128,20 +131,7 @@ fn row_delta_gate_first_run_then_shrink() {
     let w = World::new("gate-delta");
     let mut pg = w.pg();
     for i in 0..10 {
-        add_company(
-            &mut pg,
-            &format!("c{i}"),
-            Some("Co"),
-            Some("co.example"),
-            "WV",
-        );
-        add_person(
-            &mut pg,
-            &format!("p{i}"),
-            &format!("c{i}"),
-            Some("a@co.example"),
-            Some("CEO"),
-        );
+        good_pair(&mut pg, &format!("c{i}"), &format!("p{i}"));
     }
     let delta = gates(GatesConfig {
         max_row_delta: Some(0.30),
@@ -187,20 +177,7 @@ fn row_delta_gate_first_run_then_shrink() {
     // The gated run is not the reference either: 16 rows are 20 % off the
     // last success (20) but 60 % off the gated run (10).
     for i in 0..3 {
-        add_company(
-            &mut pg,
-            &format!("n{i}"),
-            Some("Co"),
-            Some("co.example"),
-            "WV",
-        );
-        add_person(
-            &mut pg,
-            &format!("q{i}"),
-            &format!("n{i}"),
-            Some("a@co.example"),
-            Some("CEO"),
-        );
+        good_pair(&mut pg, &format!("n{i}"), &format!("q{i}"));
     }
     let back = w.run_with("WV", &delta);
     assert_eq!(
@@ -296,13 +273,16 @@ condition = "coalesce(employee_count, 0) < 10"
 #[test]
 fn broken_rules_are_named_by_run_and_check() {
     let w = World::new("rule-broken");
-    let s = services();
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
-    let env = |c: &mut std::process::Command| {
-        c.env("NEON_PASSWORD", &s.pg_password)
-            .env("B2_KEY_ID", &s.s3_key)
-            .env("B2_APPLICATION_KEY", &s.s3_secret);
+    let run = |args: &[&str], cfg: &std::path::Path| {
+        let o = bin_with_secrets()
+            .args(args)
+            .arg("--config")
+            .arg(cfg)
+            .output()
+            .unwrap();
+        (o.status.code(), text(&o))
     };
 
     // An unknown column: parses, so only the database can tell.
@@ -315,22 +295,14 @@ people = [
 ]
 "#,
     );
-    let mut c = bin();
-    c.args(["check", "--config"]).arg(&cfg);
-    env(&mut c);
-    let o = c.output().unwrap();
-    let out = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{out}");
+    let (code, out) = run(&["check"], &cfg);
+    assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("rules.people[1] (code `no_mobile`): unknown column \"mobile_phone\""),
         "{out}"
     );
-    let mut c = bin();
-    c.args(["run", "--state", "WV", "--config"]).arg(&cfg);
-    env(&mut c);
-    let o = c.output().unwrap();
-    let out = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{out}");
+    let (code, out) = run(&["run", "--state", "WV"], &cfg);
+    assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("rules.people[1] (code `no_mobile`)"), "{out}");
     assert!(!out.contains(" pulled "), "refused before pulling: {out}");
 
@@ -341,12 +313,8 @@ people = [
 companies = [{ code = "odd", condition = "company_name IS NOT NULL AND AND" }]
 "#,
     );
-    let mut c = bin();
-    c.args(["check", "--offline", "--config"]).arg(&cfg);
-    env(&mut c);
-    let o = c.output().unwrap();
-    let out = text(&o);
-    assert_eq!(o.status.code(), Some(2), "{out}");
+    let (code, out) = run(&["check", "--offline"], &cfg);
+    assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("rules.companies[0] (code `odd`)"), "{out}");
     assert!(out.contains("syntax error"), "{out}");
 }
@@ -354,7 +322,6 @@ companies = [{ code = "odd", condition = "company_name IS NOT NULL AND AND" }]
 #[test]
 fn cli_exit_code_schedule_gates_and_history() {
     let w = World::new("gate-cli");
-    let s = services();
     let mut pg = w.pg();
     for st in ["WV", "OH"] {
         add_company(&mut pg, &format!("{st}1"), Some("A"), Some("a.example"), st);
@@ -374,14 +341,12 @@ max_bad_ratio = 0.9
 "#,
     );
     let run = |args: &[&str]| {
-        let mut c = bin();
-        c.args(args)
+        bin_with_secrets()
+            .args(args)
             .arg("--config")
             .arg(&cfg)
-            .env("NEON_PASSWORD", &s.pg_password)
-            .env("B2_KEY_ID", &s.s3_key)
-            .env("B2_APPLICATION_KEY", &s.s3_secret);
-        c.output().unwrap()
+            .output()
+            .unwrap()
     };
     let o = run(&["run", "--state", "WV"]);
     let out = text(&o);
