@@ -66,9 +66,9 @@ enum Command {
     Daemon,
     /// List each schedule with its next five fire times.
     Schedule,
-    /// Check the config, secrets, PostgreSQL, the audit table and the bucket; one line per problem.
+    /// Check the config, rules, secrets, PostgreSQL, the audit table and the bucket; one line per problem.
     Check {
-        /// Only the config and secrets, no network (the service's pre-start step).
+        /// Only the config, rules (their SQL) and secrets, no network (the service's pre-start step).
         #[arg(long)]
         offline: bool,
     },
@@ -211,9 +211,9 @@ fn main() -> ExitCode {
                     "ok: {} ({})",
                     path.display(),
                     if offline {
-                        "config only"
+                        "config and rules, no network"
                     } else {
-                        "config, PostgreSQL, audit table, bucket"
+                        "config, rules, PostgreSQL, audit table, bucket"
                     }
                 );
                 ExitCode::SUCCESS
