@@ -312,40 +312,6 @@ impl Workbench {
             .map_err(|e| self.sql_err(e))
     }
 
-    /// The last successful real run of `state` and its total rows, for the
-    /// `max_row_delta` gate.
-    pub fn previous_success(
-        &self,
-        state: &str,
-    ) -> Result<Option<crate::pipeline::gates::Previous>, WorkbenchError> {
-        let row: Option<(String, Option<String>)> = self
-            .conn
-            .query_row(
-                "SELECT run_id, report FROM main.runs
-                 WHERE state = ? AND status = 'success' AND NOT dry_run
-                 ORDER BY started_at DESC LIMIT 1",
-                [state],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map(Some)
-            .or_else(|e| match e {
-                duckdb::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(self.sql_err(e)),
-            })?;
-        let Some((run_id, Some(report))) = row else {
-            return Ok(None);
-        };
-        let json: serde_json::Value = serde_json::from_str(&report).unwrap_or_default();
-        let raw = |entity: &str| json[entity]["raw"].as_u64();
-        Ok(match (raw("companies"), raw("people")) {
-            (Some(c), Some(p)) => Some(crate::pipeline::gates::Previous {
-                run_id,
-                rows: c + p,
-            }),
-            _ => None,
-        })
-    }
-
     pub fn record_upload(
         &self,
         key: &str,

@@ -134,3 +134,35 @@ pub fn insert(
         .map_err(|e| err(table, e))?;
     Ok(row.get(0))
 }
+
+/// The state's last successful run recorded in the audit table, for the
+/// `max_row_delta` gate: `None` when there is none. The audit outlives a
+/// deleted workbench and is shared by every host writing to it, so it is
+/// the reference of record.
+pub fn previous_success(
+    client: &mut Client,
+    table: &QualifiedName,
+    state: &str,
+) -> Result<Option<crate::pipeline::gates::Previous>, PipelineError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT details->>'run_id',
+                        ((details->'companies'->>'raw')::bigint + (details->'people'->>'raw')::bigint)
+                 FROM {} WHERE event_type = $1 AND details->>'state' = $2
+                     AND details->>'status' = 'success'
+                 ORDER BY id DESC LIMIT 1",
+                table.quoted()
+            ),
+            &[&EVENT_TYPE, &state],
+        )
+        .map_err(|e| err(table, e))?;
+    Ok(row.and_then(|r| {
+        let run_id: Option<String> = r.get(0);
+        let rows: Option<i64> = r.get(1);
+        Some(crate::pipeline::gates::Previous {
+            run_id: run_id?,
+            rows: rows? as u64,
+        })
+    }))
+}

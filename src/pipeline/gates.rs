@@ -103,8 +103,8 @@ pub struct Previous {
 }
 
 /// Evaluates every configured gate. `previous` is `None` for a state's
-/// first run (or a new workbench); `max_row_delta` then has nothing to
-/// compare with and passes, saying so.
+/// first run; `max_row_delta` then has nothing to compare with and passes,
+/// saying so.
 pub fn evaluate(
     gates: &GatesConfig,
     companies: &EntityCounts,

@@ -219,6 +219,22 @@ pub fn run(
     report
 }
 
+/// The state's last successful run, for `max_row_delta`, from the audit
+/// table; none before the table exists (a dry run on a new database).
+fn previous_success(
+    client: &mut postgres::Client,
+    config: &Config,
+    state: &StateCode,
+) -> Result<Option<gates::Previous>, PipelineError> {
+    let table = config.audit_table();
+    match audit::inspect(client, &table)? {
+        Some(problems) if problems.is_empty() => {
+            audit::previous_success(client, &table, state.as_str())
+        }
+        _ => Ok(None),
+    }
+}
+
 fn check_cancel(cancel: &CancellationToken) -> Result<(), PipelineError> {
     if cancel.is_cancelled() {
         Err(PipelineError::Cancelled)
@@ -355,7 +371,10 @@ fn stages(
     // The gates sit between export and publish: the files are on disk for
     // whoever investigates, the bucket keeps the last good ones.
     if let (Some(c), Some(p)) = (&report.companies, &report.people) {
-        let previous = wb.previous_success(state.as_str())?;
+        let previous = match opts.gates.max_row_delta {
+            Some(_) => previous_success(&mut client, config, state)?,
+            None => None,
+        };
         report.gates = gates::evaluate(&opts.gates, c, p, previous.as_ref());
     }
     if let Some(reason) = gates::reason(&report.gates) {

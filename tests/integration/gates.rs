@@ -142,6 +142,8 @@ fn row_delta_gate_first_run_then_shrink() {
     assert_eq!(first.status, RunStatus::Success, "{}", first.summary());
     assert!(first.gates[0].detail.contains("no previous successful run"));
 
+    // The reference is the audit record: it survives a deleted workbench.
+    std::fs::remove_dir_all(w.dir.path().join("duck")).unwrap();
     // A dry run does not become the reference.
     pg.batch_execute(
         "DELETE FROM marketing.people_master WHERE company_unique_id IN ('c0','c1','c2','c3','c4');
