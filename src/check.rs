@@ -2,7 +2,7 @@
 //! one line; an empty list means a run can start.
 
 use crate::config::{quote_ident, Config};
-use crate::pipeline::{audit, publish, rules, source, PipelineError};
+use crate::pipeline::{audit, pg_message, publish, rules, source, PipelineError};
 
 /// Config-only checks (the config already loaded and validated, the rules'
 /// SQL parsed): secrets that a run will need. No network, for the
@@ -31,37 +31,48 @@ pub fn online(config: &Config) -> Vec<String> {
         Err(e) => problems.push(e.to_string()),
         Ok(mut client) => {
             let s = &config.source;
-            for (table, columns) in [
+            let checker = rules::Checker::new();
+            for (entity, table, required, rules) in [
                 (
+                    "companies",
                     config.companies_table(),
-                    vec![&s.state_column, &s.company_key],
+                    [&s.state_column, &s.company_key],
+                    &config.rules.companies,
                 ),
                 (
+                    "people",
                     config.people_table(),
-                    vec![&s.person_key, &s.people_company_column],
+                    [&s.person_key, &s.people_company_column],
+                    &config.rules.people,
                 ),
             ] {
-                match client.prepare(&format!("SELECT * FROM {} LIMIT 0", table.quoted())) {
-                    Err(e) => problems.push(format!(
-                        "source table {table}: {}",
-                        crate::pipeline::pg_message(&e)
-                    )),
-                    Ok(stmt) => {
-                        for c in columns {
-                            if !stmt.columns().iter().any(|col| col.name() == c.as_str()) {
-                                problems.push(format!(
-                                    "source table {table} has no column {} (see [source] in the config)",
-                                    quote_ident(c)
-                                ));
-                            }
-                        }
+                // One description of the table serves both checks.
+                let columns = match source::describe(&mut client, &table) {
+                    Ok(columns) => columns,
+                    Err(PipelineError::Source { source, .. }) => {
+                        problems.push(format!("source table {table}: {}", pg_message(&source)));
+                        continue;
+                    }
+                    Err(e) => {
+                        problems.push(e.to_string());
+                        continue;
+                    }
+                };
+                for c in required {
+                    if !columns.iter().any(|(name, _)| name == c) {
+                        problems.push(format!(
+                            "source table {table} has no column {} (see [source] in the config)",
+                            quote_ident(c)
+                        ));
                     }
                 }
-            }
-            match rules::check_against_source(&mut client, config) {
-                // A table that cannot be described is reported just above.
-                Err(PipelineError::Source { .. }) | Ok(()) => {}
-                Err(e) => problems.push(e.to_string()),
+                let checked = match &checker {
+                    Ok(c) => c.columns(entity, &table.to_string(), &columns, rules),
+                    Err(e) => Err(e.clone()),
+                };
+                if let Err(e) = checked {
+                    problems.push(e.to_string());
+                }
             }
             let table = config.audit_table();
             match audit::inspect(&mut client, &table) {

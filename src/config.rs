@@ -484,14 +484,16 @@ impl Config {
         if self.workbench.dir.as_os_str().is_empty() {
             return Err(invalid("workbench.dir", "must not be empty"));
         }
+        // Parsed here, so every command, the daemon's start and its SIGHUP
+        // reload refuse a rule DuckDB cannot parse; the columns are checked
+        // when the database is at hand (`check`, the daemon's start, each run).
+        let rule_err = |e| ConfigError::Rule(Box::new(e));
+        let checker = rules::Checker::new().map_err(rule_err)?;
         for (entity, list) in [
             ("companies", &self.rules.companies),
             ("people", &self.rules.people),
         ] {
-            // Parsed here, so every command, the daemon's start and its
-            // SIGHUP reload refuse a rule DuckDB cannot parse; the columns
-            // are checked when the database is at hand (`check`, each run).
-            rules::check_syntax(entity, list).map_err(|e| ConfigError::Rule(Box::new(e)))?;
+            checker.syntax(entity, list).map_err(rule_err)?;
         }
         self.gates
             .check()

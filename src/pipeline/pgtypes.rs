@@ -49,6 +49,15 @@ pub enum ColType {
     List(Box<ColType>),
 }
 
+/// `"name" TYPE, ...` for a DuckDB `CREATE TABLE` with these columns.
+pub fn column_defs(columns: &[(String, ColType)]) -> String {
+    columns
+        .iter()
+        .map(|(n, t)| format!("{} {}", crate::config::quote_ident(n), t.duckdb_sql()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Days and microseconds between 1970-01-01 and PostgreSQL's epoch 2000-01-01.
 const PG_EPOCH_DAYS: i32 = 10_957;
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;

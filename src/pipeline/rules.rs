@@ -4,10 +4,11 @@
 //! A rule is a code and a DuckDB boolean that is TRUE for a failing row
 //! (`validate.rs` applies them). Rules come from `[rules]` in the config, so
 //! a typo in one must be caught when the service starts, not at 06:00 in the
-//! middle of a run. Two checks, both run against a private in-memory DuckDB:
-//! - [`check_syntax`] needs no database: it refuses what DuckDB cannot
+//! middle of a run. Two checks, both run by a [`Checker`], a private
+//! in-memory DuckDB:
+//! - [`Checker::syntax`] needs no database: it refuses what DuckDB cannot
 //!   parse, and more than one statement (a rule is pasted into SQL).
-//! - [`check_columns`] binds each rule against the source table's real
+//! - [`Checker::columns`] binds each rule against the source table's real
 //!   columns and types, so an unknown column or a non-boolean condition is
 //!   refused with the rule's name and the column's.
 
@@ -15,7 +16,8 @@ use duckdb::Connection;
 use serde::{Deserialize, Serialize};
 
 use crate::config::quote_ident;
-use crate::pipeline::pgtypes::ColType;
+use crate::pipeline::pgtypes::{column_defs, ColType};
+use crate::pipeline::source;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -143,87 +145,104 @@ pub fn check_shape(entity: &str, rules: &[Rule]) -> Result<(), RuleError> {
     Ok(())
 }
 
-fn memory_db() -> Result<Connection, String> {
-    let db = Connection::open_in_memory().map_err(|e| e.to_string())?;
-    db.execute_batch("SET autoinstall_known_extensions = false; SET threads = 1;")
-        .map_err(|e| e.to_string())?;
-    Ok(db)
-}
-
 /// DuckDB's messages end with a caret diagram over several lines; the first
 /// line says it.
 fn first_line(e: &duckdb::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
-/// Parses every condition, without knowing the columns (no database needed):
-/// for `check --offline` and the daemon's start-up.
-pub fn check_syntax(entity: &str, rules: &[Rule]) -> Result<(), RuleError> {
-    check_shape(entity, rules)?;
-    let db = memory_db().map_err(|e| rule_error(entity, 0, "", e))?;
-    for (i, r) in rules.iter().enumerate() {
-        // Binding fails here for every column (there is no table); only a
-        // parser error means the SQL itself is broken. `prepare` also
-        // refuses a second statement smuggled in after a `;`.
-        if let Err(e) = db.prepare(&format!("SELECT ({}) AS failing", r.condition)) {
-            let msg = e.to_string();
-            if !msg.starts_with("Binder Error") && !msg.contains("not found in FROM clause") {
-                return Err(rule_error(entity, i, &r.code, first_line(&e)));
-            }
-        }
-    }
-    Ok(())
+/// A private in-memory DuckDB that rules are parsed and bound in; one
+/// serves every entity of a check.
+pub struct Checker {
+    db: Connection,
 }
 
-/// Binds every condition against a table with `columns` (the source table's
-/// names and DuckDB types): unknown columns, wrong types and non-boolean
-/// conditions are refused here, naming the rule and the column.
-pub fn check_columns(
-    entity: &str,
-    table: &str,
-    columns: &[(String, ColType)],
-    rules: &[Rule],
-) -> Result<(), RuleError> {
-    check_shape(entity, rules)?;
-    let db = memory_db().map_err(|e| rule_error(entity, 0, "", e))?;
-    let ddl: Vec<String> = columns
-        .iter()
-        .map(|(n, t)| format!("{} {}", quote_ident(n), t.duckdb_sql()))
-        .collect();
-    db.execute_batch(&format!(
-        "CREATE TABLE source_row ({}); INSERT INTO source_row DEFAULT VALUES;",
-        ddl.join(", ")
-    ))
-    .map_err(|e| rule_error(entity, 0, "", format!("describing {table}: {e}")))?;
-    for (i, r) in rules.iter().enumerate() {
-        let typ: Result<String, duckdb::Error> = db.query_row(
-            &format!("SELECT typeof(({})) FROM source_row", r.condition),
-            [],
-            |row| row.get(0),
-        );
-        match typ {
-            Ok(t) if t == "BOOLEAN" || t == "\"NULL\"" || t == "NULL" => {}
-            Ok(t) => {
-                return Err(rule_error(
-                    entity,
-                    i,
-                    &r.code,
-                    format!("condition is {t}, not a boolean (TRUE must mean the row fails)"),
-                ))
-            }
-            Err(e) => {
-                let line = first_line(&e);
-                let message = match unknown_column(&line) {
-                    Some(col) => {
-                        format!("unknown column \"{col}\": {table} has no such column ({line})")
-                    }
-                    None => format!("{line} (against the columns of {table})"),
-                };
-                return Err(rule_error(entity, i, &r.code, message));
+impl Checker {
+    pub fn new() -> Result<Checker, RuleError> {
+        let open = || -> duckdb::Result<Connection> {
+            let db = Connection::open_in_memory()?;
+            db.execute_batch("SET autoinstall_known_extensions = false; SET threads = 1;")?;
+            Ok(db)
+        };
+        open().map(|db| Checker { db }).map_err(|e| {
+            rule_error(
+                "*",
+                0,
+                "",
+                format!("cannot open DuckDB to check the rules: {e}"),
+            )
+        })
+    }
+
+    /// Checks the shape and parses every condition, without knowing the
+    /// columns (no database needed): at every config load.
+    pub fn syntax(&self, entity: &str, rules: &[Rule]) -> Result<(), RuleError> {
+        check_shape(entity, rules)?;
+        for (i, r) in rules.iter().enumerate() {
+            // Binding fails here for every column (there is no table); only
+            // a parser error means the SQL itself is broken. `prepare` also
+            // refuses a second statement smuggled in after a `;`.
+            if let Err(e) = self
+                .db
+                .prepare(&format!("SELECT ({}) AS failing", r.condition))
+            {
+                let msg = e.to_string();
+                if !msg.starts_with("Binder Error") && !msg.contains("not found in FROM clause") {
+                    return Err(rule_error(entity, i, &r.code, first_line(&e)));
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Binds every condition against a row of `table`'s `columns` (names
+    /// and DuckDB types): unknown columns, wrong types and non-boolean
+    /// conditions are refused here, naming the rule and the column. The
+    /// rules' shape was checked when the config loaded.
+    pub fn columns(
+        &self,
+        entity: &str,
+        table: &str,
+        columns: &[(String, ColType)],
+        rules: &[Rule],
+    ) -> Result<(), RuleError> {
+        self.db
+            .execute_batch(&format!(
+                "CREATE OR REPLACE TABLE source_row ({});
+                 INSERT INTO source_row DEFAULT VALUES;",
+                column_defs(columns)
+            ))
+            .map_err(|e| rule_error(entity, 0, "", format!("describing {table}: {e}")))?;
+        for (i, r) in rules.iter().enumerate() {
+            let typ: Result<String, duckdb::Error> = self.db.query_row(
+                &format!("SELECT typeof(({})) FROM source_row", r.condition),
+                [],
+                |row| row.get(0),
+            );
+            match typ {
+                Ok(t) if t == "BOOLEAN" || t == "\"NULL\"" || t == "NULL" => {}
+                Ok(t) => {
+                    return Err(rule_error(
+                        entity,
+                        i,
+                        &r.code,
+                        format!("condition is {t}, not a boolean (TRUE must mean the row fails)"),
+                    ))
+                }
+                Err(e) => {
+                    let line = first_line(&e);
+                    let message = match unknown_column(&line) {
+                        Some(col) => {
+                            format!("unknown column \"{col}\": {table} has no such column ({line})")
+                        }
+                        None => format!("{line} (against the columns of {table})"),
+                    };
+                    return Err(rule_error(entity, i, &r.code, message));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Checks both entities' rules against the source tables' columns, read
@@ -234,15 +253,17 @@ pub fn check_against_source(
     client: &mut postgres::Client,
     config: &crate::config::Config,
 ) -> Result<(), crate::pipeline::PipelineError> {
-    let (companies, people) = crate::pipeline::source::describe(client, config)?;
+    let checker = Checker::new()?;
     let s = &config.source;
-    check_columns(
+    let companies = source::describe(client, &config.companies_table())?;
+    checker.columns(
         "companies",
         &s.companies_table,
         &companies,
         &config.rules.companies,
     )?;
-    check_columns("people", &s.people_table, &people, &config.rules.people)?;
+    let people = source::describe(client, &config.people_table())?;
+    checker.columns("people", &s.people_table, &people, &config.rules.people)?;
     Ok(())
 }
 
@@ -266,9 +287,11 @@ mod tests {
 
     #[test]
     fn defaults_pass_both_checks() {
-        check_syntax("companies", &default_company_rules()).unwrap();
-        check_syntax("people", &default_people_rules()).unwrap();
-        check_columns("companies", "t", &cols(), &default_company_rules()).unwrap();
+        let c = Checker::new().unwrap();
+        c.syntax("companies", &default_company_rules()).unwrap();
+        c.syntax("people", &default_people_rules()).unwrap();
+        c.columns("companies", "t", &cols(), &default_company_rules())
+            .unwrap();
     }
 
     #[test]
@@ -277,7 +300,8 @@ mod tests {
             rule("ok", "employees > 1"),
             rule("broken", "employees >> AND"),
         ];
-        let e = check_syntax("companies", &rules).unwrap_err();
+        let c = Checker::new().unwrap();
+        let e = c.syntax("companies", &rules).unwrap_err();
         assert_eq!((e.index, e.code.as_str()), (1, "broken"));
         assert!(
             e.to_string()
@@ -285,19 +309,21 @@ mod tests {
             "{e}"
         );
         let smuggled = vec![rule("x", "true); DROP TABLE t; SELECT (1")];
-        assert!(check_syntax("companies", &smuggled).is_err());
+        assert!(c.syntax("companies", &smuggled).is_err());
     }
 
     #[test]
     fn unknown_column_and_non_boolean_are_named() {
         let rules = vec![rule("emp", "employee_count IS NULL")];
-        let e = check_columns("companies", "marketing.company_master", &cols(), &rules)
+        let c = Checker::new().unwrap();
+        let e = c
+            .columns("companies", "marketing.company_master", &cols(), &rules)
             .unwrap_err()
             .to_string();
         assert!(e.contains("rules.companies[0] (code `emp`)"), "{e}");
         assert!(e.contains("unknown column \"employee_count\""), "{e}");
         let rules = vec![rule("num", "employees + 1")];
-        let e = check_columns("companies", "t", &cols(), &rules).unwrap_err();
+        let e = c.columns("companies", "t", &cols(), &rules).unwrap_err();
         assert!(e.message.contains("not a boolean"), "{e}");
     }
 

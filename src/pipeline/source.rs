@@ -23,7 +23,7 @@ use postgres::{Client, IsolationLevel, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{quote_ident, Config, SourceConfig, SslMode};
-use crate::pipeline::pgtypes::{ColType, ColumnBuilder};
+use crate::pipeline::pgtypes::{column_defs, ColType, ColumnBuilder};
 use crate::pipeline::PipelineError;
 use crate::state::StateCode;
 
@@ -131,26 +131,26 @@ fn cancel_query(cfg: &SourceConfig, token: &postgres::CancelToken) {
 /// A source table's columns with the DuckDB types the pull gives them.
 pub type Columns = Vec<(String, ColType)>;
 
-/// The companies' and people's columns as they will land in the workbench,
-/// without reading a row: what the rules are checked against.
-pub fn describe(client: &mut Client, config: &Config) -> Result<(Columns, Columns), PipelineError> {
-    let mut one = |table: crate::config::QualifiedName| -> Result<Columns, PipelineError> {
-        let stmt = client
-            .prepare(&format!("SELECT * FROM {} LIMIT 0", table.quoted()))
-            .map_err(|e| PipelineError::Source {
-                what: format!("describing {table}"),
-                source: e,
-            })?;
-        Ok(stmt
-            .columns()
-            .iter()
-            .map(|c| {
-                let t = ColType::from_pg(c.type_(), c.type_modifier()).unwrap_or(ColType::Text);
-                (c.name().to_string(), t)
-            })
-            .collect())
-    };
-    Ok((one(config.companies_table())?, one(config.people_table())?))
+/// A table's columns as they will land in the workbench, without reading a
+/// row: what the rules are checked against.
+pub fn describe(
+    client: &mut Client,
+    table: &crate::config::QualifiedName,
+) -> Result<Columns, PipelineError> {
+    let stmt = client
+        .prepare(&format!("SELECT * FROM {} LIMIT 0", table.quoted()))
+        .map_err(|e| PipelineError::Source {
+            what: format!("describing {table}"),
+            source: e,
+        })?;
+    Ok(stmt
+        .columns()
+        .iter()
+        .map(|c| {
+            let t = ColType::from_pg(c.type_(), c.type_modifier()).unwrap_or(ColType::Text);
+            (c.name().to_string(), t)
+        })
+        .collect())
 }
 
 /// What the pull did, for the run report.
@@ -241,15 +241,11 @@ fn load(
                     a.flush()
                         .map_err(wb(format!("appending to {schema}.{t}")))?;
                 }
-                let ddl: Vec<String> = columns
-                    .iter()
-                    .map(|(n, t)| format!("{} {}", quote_ident(n), t.duckdb_sql()))
-                    .collect();
                 duck.execute_batch(&format!(
                     "CREATE OR REPLACE TABLE {}.{} ({})",
                     quote_ident(schema),
                     quote_ident(name),
-                    ddl.join(", ")
+                    column_defs(&columns)
                 ))
                 .map_err(wb(format!("creating {schema}.{name}")))?;
                 let a = duck
