@@ -68,8 +68,19 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     let cfg = config.clone();
     let missed = tokio::task::spawn_blocking(move || {
         check_rules_at_start(&cfg)?;
-        audit_abandoned_runs(&cfg);
-        anyhow::Ok(missed_runs(&cfg))
+        // One opening of the workbench for both looks at the run history;
+        // closed again before the first run so analysts can open it.
+        let wb = crate::workbench::Workbench::open(&cfg.workbench, cfg.lock_timeout());
+        match wb {
+            Ok(wb) => {
+                audit_abandoned_runs(&cfg, &wb);
+                anyhow::Ok(missed_runs(&cfg, &wb))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the run history (abandoned runs, catch_up)");
+                Ok(Vec::new())
+            }
+        }
     })
     .await??;
     let mut tasks = start_schedules(&config, &shared)?;
@@ -86,10 +97,9 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
 
     while let Some(sig) = signals.recv().await {
         match sig {
-            SIGHUP => match Config::load(&config_path).and_then(|c| {
-                // Parse the schedules before dropping the old ones.
-                c.schedules().map(|_| c)
-            }) {
+            // Loading parses the schedules and rules: a bad file is refused
+            // before the old schedules are dropped.
+            SIGHUP => match Config::load(&config_path) {
                 Ok(new) => {
                     for t in tasks.drain(..) {
                         t.abort();
@@ -157,10 +167,8 @@ fn check_rules_at_start(config: &Config) -> anyhow::Result<()> {
 /// Runs a previous process left `running` (it died mid-run) are marked
 /// abandoned in the workbench and audited, so no run goes missing without a
 /// record. Problems here are logged, never fatal: the schedules matter more.
-fn audit_abandoned_runs(config: &Config) {
-    let found = crate::workbench::Workbench::open(&config.workbench, config.lock_timeout())
-        .and_then(|wb| wb.take_abandoned());
-    let runs = match found {
+fn audit_abandoned_runs(config: &Config, wb: &crate::workbench::Workbench) {
+    let runs = match wb.take_abandoned() {
         Ok(runs) => runs,
         Err(e) => {
             tracing::warn!(error = %e, "could not look for abandoned runs");
@@ -180,7 +188,7 @@ fn audit_abandoned_runs(config: &Config) {
             "status": "abandoned",
             "started_at": started,
             "finished_at": Utc::now(),
-            "error": "the process running it stopped before it finished (crash, kill -9 or power loss)",
+            "error": crate::workbench::ABANDONED,
         });
         let written = pipeline::audit::write(config, &details);
         if let Err(e) = written {
@@ -192,19 +200,9 @@ fn audit_abandoned_runs(config: &Config) {
 /// States of `catch_up` schedules whose last run started before a fire
 /// time that has passed: the daemon was down then. A state with no run
 /// history is not caught up (as systemd's `Persistent=` with no stamp).
-fn missed_runs(config: &Config) -> Vec<(StateCode, RunOptions)> {
+fn missed_runs(config: &Config, wb: &crate::workbench::Workbench) -> Vec<(StateCode, RunOptions)> {
     let Ok(schedules) = config.schedules() else {
         return Vec::new();
-    };
-    if !config.schedule.iter().any(|s| s.catch_up) {
-        return Vec::new();
-    }
-    let wb = match crate::workbench::Workbench::open(&config.workbench, config.lock_timeout()) {
-        Ok(wb) => wb,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read the run history for catch_up");
-            return Vec::new();
-        }
     };
     let now = Utc::now();
     let mut missed: Vec<(StateCode, RunOptions)> = Vec::new();

@@ -117,6 +117,10 @@ pub fn open_read_only(
     .map(Some)
 }
 
+/// The error recorded for an abandoned run, in the workbench and the audit.
+pub const ABANDONED: &str =
+    "the process running it stopped before it finished (crash, kill -9 or power loss)";
+
 /// A run found still `running` when no process was running it.
 #[derive(Debug, Clone)]
 pub struct AbandonedRun {
@@ -282,20 +286,23 @@ impl Workbench {
             .conn
             .prepare(
                 "UPDATE main.runs SET status = 'abandoned', finished_at = make_timestamp(?),
-                     error = 'the process running it stopped before it finished (crash, kill -9 or power loss)'
+                     error = ?
                  WHERE status = 'running'
                  RETURNING run_id, state, dry_run, epoch_us(started_at)",
             )
             .map_err(|e| self.sql_err(e))?;
         let rows = stmt
-            .query_map([chrono::Utc::now().timestamp_micros()], |r| {
-                Ok(AbandonedRun {
-                    run_id: r.get(0)?,
-                    state: r.get(1)?,
-                    dry_run: r.get(2)?,
-                    started_at_us: r.get(3)?,
-                })
-            })
+            .query_map(
+                duckdb::params![chrono::Utc::now().timestamp_micros(), ABANDONED],
+                |r| {
+                    Ok(AbandonedRun {
+                        run_id: r.get(0)?,
+                        state: r.get(1)?,
+                        dry_run: r.get(2)?,
+                        started_at_us: r.get(3)?,
+                    })
+                },
+            )
             .map_err(|e| self.sql_err(e))?;
         rows.collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.sql_err(e))
