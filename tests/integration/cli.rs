@@ -12,12 +12,9 @@ fn run_with_the_original_variable_names() {
     add_person(&mut pg, "p1", "c1", Some("x@a.example"), Some("CEO"));
     let cfg = w.write_config_file();
     // The bucket comes from B2_BUCKET, overriding the file's.
-    let o = bin()
+    let o = bin_with_secrets()
         .args(["run", "--state", "wv", "--config"])
         .arg(&cfg)
-        .env("NEON_PASSWORD", &s.pg_password)
-        .env("B2_KEY_ID", &s.s3_key)
-        .env("B2_APPLICATION_KEY", &s.s3_secret)
         .env("B2_BUCKET", &w.bucket)
         .output()
         .unwrap();
@@ -134,12 +131,9 @@ fn check_reports_each_problem_on_its_own_line() {
     let w = World::new("check");
     let s = services();
     let cfg = w.write_config_file();
-    let ok = bin()
+    let ok = bin_with_secrets()
         .args(["check", "--config"])
         .arg(&cfg)
-        .env("NEON_PASSWORD", &s.pg_password)
-        .env("B2_KEY_ID", &s.s3_key)
-        .env("B2_APPLICATION_KEY", &s.s3_secret)
         .env("B2_BUCKET", &w.bucket)
         .output()
         .unwrap();

@@ -154,6 +154,17 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// The binary with the test services' secrets in its environment, as the
+/// service's EnvironmentFile would give them.
+pub fn bin_with_secrets() -> Command {
+    let s = services();
+    let mut c = bin();
+    c.env("NEON_PASSWORD", &s.pg_password)
+        .env("B2_KEY_ID", &s.s3_key)
+        .env("B2_APPLICATION_KEY", &s.s3_secret);
+    c
+}
+
 /// The `details` of audit row `id`.
 pub fn audit_details(w: &World, id: i64) -> serde_json::Value {
     w.pg()

@@ -46,15 +46,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(w: &World, config: &PathBuf, name: &str, env: &[(&str, &str)]) -> Daemon {
-        let s = services();
         let log = w.dir.path().join(format!("{name}.out"));
         let out = File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outreach-workbench"));
+        let mut cmd = bin_with_secrets();
         cmd.args(["daemon", "--config"])
             .arg(config)
-            .env("NEON_PASSWORD", &s.pg_password)
-            .env("B2_KEY_ID", &s.s3_key)
-            .env("B2_APPLICATION_KEY", &s.s3_secret)
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out));

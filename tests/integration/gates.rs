@@ -25,16 +25,6 @@ fn good_pair(pg: &mut postgres::Client, company: &str, person: &str) {
     add_person(pg, person, company, Some("a@co.example"), Some("CEO"));
 }
 
-/// The binary with the test services' secrets in its environment.
-fn bin_with_secrets() -> std::process::Command {
-    let s = services();
-    let mut c = bin();
-    c.env("NEON_PASSWORD", &s.pg_password)
-        .env("B2_KEY_ID", &s.s3_key)
-        .env("B2_APPLICATION_KEY", &s.s3_secret);
-    c
-}
-
 const COMPANIES_BAD_KEY: &str = "outreach/wv/companies/bad/companies_bad.parquet";
 
 #[test]
