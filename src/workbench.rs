@@ -10,15 +10,18 @@
 //! process (an analyst's CLI, a manual `run` while the daemon works) waits
 //! up to `lock_timeout`, then gets an error that says who holds it.
 
+mod raw;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use duckdb::Connection;
 
 use crate::config::WorkbenchConfig;
 use crate::pipeline::RunReport;
+pub use raw::{ArrowAppender, Database, DuckError, RawConnection};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkbenchError {
@@ -36,6 +39,8 @@ pub enum WorkbenchError {
 
 pub struct Workbench {
     pub conn: Connection,
+    /// The open database `conn` belongs to, for [`Workbench::raw_connection`].
+    db: Arc<Database>,
     pub dir: PathBuf,
     pub path: PathBuf,
     /// `workbench.threads`, to restore after the pull.
@@ -47,30 +52,37 @@ pub struct Workbench {
 /// would write the same file), so concurrent runs in the daemon share one
 /// database through cloned connections. The last one to finish closes it,
 /// which releases the file lock for analysts between runs.
-fn open_files() -> &'static Mutex<HashMap<PathBuf, (Connection, usize)>> {
-    static OPEN: OnceLock<Mutex<HashMap<PathBuf, (Connection, usize)>>> = OnceLock::new();
+fn open_files() -> &'static Mutex<HashMap<PathBuf, OpenFile>> {
+    static OPEN: OnceLock<Mutex<HashMap<PathBuf, OpenFile>>> = OnceLock::new();
     OPEN.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
 impl Drop for Workbench {
     fn drop(&mut self) {
         let mut open = open_files().lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, users)) = open.get_mut(&self.path) {
-            *users -= 1;
-            if *users == 0 {
+        if let Some(file) = open.get_mut(&self.path) {
+            file.users -= 1;
+            if file.users == 0 {
                 open.remove(&self.path);
             }
         }
     }
 }
 
+/// Fields drop in order: the connection before the database handle.
+struct OpenFile {
+    base: Connection,
+    db: Arc<Database>,
+    users: usize,
+}
+
 /// Opens `path` with `open`, retrying while another process holds the
 /// file's lock, up to `lock_timeout`.
-fn wait_for_lock(
+fn wait_for_lock<T>(
     path: &Path,
     lock_timeout: Duration,
-    open: impl Fn() -> duckdb::Result<Connection>,
-) -> Result<Connection, WorkbenchError> {
+    open: impl Fn() -> duckdb::Result<T>,
+) -> Result<T, WorkbenchError> {
     let start = Instant::now();
     let mut logged = false;
     loop {
@@ -153,9 +165,10 @@ impl Workbench {
                 detail: format!("creating {}: {e}", d.display()),
             })?;
         }
-        let conn = Self::connect(cfg, &path, lock_timeout)?;
+        let (db, conn) = Self::connect(cfg, &path, lock_timeout)?;
         Ok(Workbench {
             conn,
+            db,
             dir,
             path,
             threads: cfg.threads,
@@ -169,18 +182,24 @@ impl Workbench {
         cfg: &WorkbenchConfig,
         path: &Path,
         lock_timeout: Duration,
-    ) -> Result<Connection, WorkbenchError> {
+    ) -> Result<(Arc<Database>, Connection), WorkbenchError> {
         let mut open = open_files().lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((base, users)) = open.get_mut(path) {
-            let conn = base.try_clone().map_err(|e| WorkbenchError::Open {
+        if let Some(file) = open.get_mut(path) {
+            let conn = file.base.try_clone().map_err(|e| WorkbenchError::Open {
                 path: path.to_path_buf(),
                 detail: e.to_string(),
             })?;
-            *users += 1;
-            return Ok(conn);
+            file.users += 1;
+            return Ok((file.db.clone(), conn));
         }
         let path = path.to_path_buf();
-        let base = wait_for_lock(&path, lock_timeout, || Connection::open(&path))?;
+        let db = Arc::new(wait_for_lock(&path, lock_timeout, || {
+            Database::open(&path)
+        })?);
+        let base = db.connection().map_err(|e| WorkbenchError::Open {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
         // Settings and bookkeeping tables, once per opening of the file.
         let tmp = cfg.dir.join("duck").join("tmp");
         // Nothing is ever downloaded: the extensions we use are compiled in.
@@ -221,8 +240,24 @@ impl Workbench {
             path: path.clone(),
             detail: e.to_string(),
         })?;
-        open.insert(path, (base, 1));
-        Ok(conn)
+        open.insert(
+            path,
+            OpenFile {
+                base,
+                db: db.clone(),
+                users: 1,
+            },
+        );
+        Ok((db, conn))
+    }
+
+    /// A connection through DuckDB's C API, for the pull's transaction
+    /// (see [`raw`]).
+    pub fn raw_connection(&self) -> Result<RawConnection, WorkbenchError> {
+        RawConnection::connect(&self.db).map_err(|e| WorkbenchError::Open {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })
     }
 
     /// Puts DuckDB's thread count back to `workbench.threads` (0: all cores).

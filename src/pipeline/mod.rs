@@ -301,14 +301,20 @@ fn stages(
     // a concurrent run's export is slowed meanwhile, never wrong.
     wb.exec("SET threads = 1")?;
     // Pull and validate in one DuckDB transaction: a failed or cancelled run
-    // leaves the state's previous tables intact for analysts.
-    wb.exec(&format!(
+    // leaves the state's previous tables intact for analysts. It runs on a
+    // connection of its own, the one the Arrow appenders need.
+    let txn = wb.raw_connection()?;
+    let txn_exec = |sql: &str| {
+        txn.execute(sql)
+            .map_err(|e| PipelineError::Workbench(format!("{sql}: {e}")))
+    };
+    txn_exec(&format!(
         "BEGIN; CREATE SCHEMA IF NOT EXISTS {};",
         crate::config::quote_ident(&schema)
     ))?;
     let loaded = (|| {
         let t = Instant::now();
-        let pulled = source::pull(&mut client, config, state, &wb.conn, &schema, cancel)?;
+        let pulled = source::pull(&mut client, config, state, &txn, &schema, cancel)?;
         report.stages.pull = Some(t.elapsed().as_secs_f64());
         report.text_fallbacks = pulled.text_fallbacks.clone();
         tracing::info!(
@@ -321,7 +327,7 @@ fn stages(
         let t = Instant::now();
         let src = &config.source;
         let companies = validate::split(
-            &wb.conn,
+            &txn,
             &schema,
             "companies",
             &src.company_key,
@@ -335,7 +341,7 @@ fn stages(
                 &src.company_key,
             ));
         }
-        let people = validate::split(&wb.conn, &schema, "people", &src.person_key, &people_rules)?;
+        let people = validate::split(&txn, &schema, "people", &src.person_key, &people_rules)?;
         report.stages.validate = Some(t.elapsed().as_secs_f64());
         report.companies = Some(EntityCounts::new(pulled.companies, companies));
         report.people = Some(EntityCounts::new(pulled.people, people));
@@ -345,12 +351,13 @@ fn stages(
     // groups in parallel, and for the export.
     let restored = wb.restore_threads();
     match loaded {
-        Ok(()) => wb.exec("COMMIT")?,
+        Ok(()) => txn_exec("COMMIT")?,
         Err(e) => {
-            let _ = wb.exec("ROLLBACK");
+            let _ = txn_exec("ROLLBACK");
             return Err(e);
         }
     }
+    drop(txn);
     restored?;
     check_cancel(cancel)?;
 

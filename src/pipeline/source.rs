@@ -26,6 +26,7 @@ use crate::config::{quote_ident, Config, SourceConfig, SslMode};
 use crate::pipeline::pgtypes::{column_defs, ColType, ColumnBuilder};
 use crate::pipeline::PipelineError;
 use crate::state::StateCode;
+use crate::workbench::{ArrowAppender, DuckError, RawConnection};
 
 /// A raw column value, borrowed from the row buffer; decoding happens in
 /// [`ColumnBuilder::append`], which knows the column's type.
@@ -168,6 +169,7 @@ enum Msg {
     Table {
         name: &'static str,
         columns: Vec<(String, ColType)>,
+        arrow_schema: Arc<Schema>,
     },
     Batch(RecordBatch),
 }
@@ -176,10 +178,12 @@ enum Msg {
 /// The caller owns the DuckDB connection's transaction state.
 ///
 /// Two threads: one reads and decodes rows from PostgreSQL into Arrow
-/// batches, this one appends them to DuckDB. Decoding and appending cost
-/// about the same CPU (measured: ~1.0 s each for the benchmark's 200k
-/// rows), so with the database on another machine they overlap on two
-/// cores. At most two batches wait between them: memory stays bounded.
+/// batches, this one appends them to DuckDB through the workbench's Arrow
+/// appender. Decoding and appending cost about the same CPU (measured:
+/// ~0.9 s and ~1.1 s for the benchmark's 200k rows, most of the appending
+/// side being DuckDB compressing full row groups), so with the database on
+/// another machine they overlap on two cores. At most two batches wait
+/// between them: memory stays bounded.
 ///
 /// Cancellation is checked between batches, and a watcher thread also asks
 /// the server to cancel the query: the server buffers output, so a slow
@@ -188,7 +192,7 @@ pub fn pull(
     client: &mut Client,
     config: &Config,
     state: &StateCode,
-    duck: &duckdb::Connection,
+    duck: &RawConnection,
     schema: &str,
     cancel: &CancellationToken,
 ) -> Result<PullStats, PipelineError> {
@@ -225,23 +229,27 @@ pub fn pull(
     }
 }
 
-/// The loading side: creates each table and appends its batches.
+/// The loading side: creates each table and appends its batches, inside
+/// `duck`'s open transaction.
 fn load(
-    duck: &duckdb::Connection,
+    duck: &RawConnection,
     schema: &str,
     rx: std::sync::mpsc::Receiver<Msg>,
 ) -> Result<(), PipelineError> {
-    let wb =
-        |what: String| move |e: duckdb::Error| PipelineError::Workbench(format!("{what}: {e}"));
-    let mut appender: Option<(duckdb::Appender<'_>, &'static str)> = None;
+    let wb = |what: String| move |e: DuckError| PipelineError::Workbench(format!("{what}: {e}"));
+    let mut appender: Option<(ArrowAppender<'_>, &'static str)> = None;
     for msg in rx {
         match msg {
-            Msg::Table { name, columns } => {
+            Msg::Table {
+                name,
+                columns,
+                arrow_schema,
+            } => {
                 if let Some((mut a, t)) = appender.take() {
                     a.flush()
                         .map_err(wb(format!("appending to {schema}.{t}")))?;
                 }
-                duck.execute_batch(&format!(
+                duck.execute(&format!(
                     "CREATE OR REPLACE TABLE {}.{} ({})",
                     quote_ident(schema),
                     quote_ident(name),
@@ -249,13 +257,13 @@ fn load(
                 ))
                 .map_err(wb(format!("creating {schema}.{name}")))?;
                 let a = duck
-                    .appender_to_db(name, schema)
+                    .appender(schema, name, &arrow_schema)
                     .map_err(wb(format!("opening an appender on {schema}.{name}")))?;
                 appender = Some((a, name));
             }
             Msg::Batch(batch) => {
                 let (a, t) = appender.as_mut().expect("a table precedes its batches");
-                a.append_record_batch(batch)
+                a.append(&batch)
                     .map_err(wb(format!("appending to {schema}.{t}")))?;
             }
         }
@@ -391,6 +399,7 @@ fn stream_query(
     out.send(Msg::Table {
         name: table,
         columns: types.clone(),
+        arrow_schema: arrow_schema.clone(),
     })
     .map_err(|_| loader_gone())?;
     let flush = |builders: &mut Vec<ColumnBuilder>| -> Result<(), PipelineError> {

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use crate::config::quote_ident;
 use crate::pipeline::rules::Rule;
 use crate::pipeline::PipelineError;
+use crate::workbench::{DuckError, RawConnection};
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Validation {
@@ -30,13 +31,13 @@ pub struct Validation {
 /// them as tables took as long as the export). Analysts query them the same
 /// way; they always show the last run's raw rows under the last run's rules.
 pub fn split(
-    duck: &duckdb::Connection,
+    duck: &RawConnection,
     schema: &str,
     entity: &str,
     key: &str,
     rules: &[Rule],
 ) -> Result<Validation, PipelineError> {
-    let err = |e: duckdb::Error| PipelineError::Validate(format!("{entity}: {e}"));
+    let err = |e: DuckError| PipelineError::Validate(format!("{entity}: {e}"));
     let s = quote_ident(schema);
     let raw = format!("{s}.{}", quote_ident(&format!("{entity}_raw")));
     let good = format!("{s}.{}", quote_ident(&format!("{entity}_good")));
@@ -65,7 +66,7 @@ pub fn split(
             .collect::<Vec<_>>()
             .join(" || ")
     };
-    duck.execute_batch(&format!(
+    duck.execute(&format!(
         "CREATE OR REPLACE VIEW {good} AS SELECT * FROM {raw} WHERE NOT ({any_fails});
          CREATE OR REPLACE VIEW {bad} AS
             SELECT *, {errors_expr} AS validation_errors FROM {raw} WHERE {any_fails};"
@@ -78,19 +79,13 @@ pub fn split(
         format!("count(*) FILTER (WHERE {} IS NULL)", quote_ident(key)),
     ];
     counts.extend(fails.iter().map(|f| format!("count(*) FILTER (WHERE {f})")));
-    let (total, per_rule) = duck
-        .query_row(
-            &format!("SELECT count(*), {} FROM {raw}", counts.join(", ")),
-            [],
-            |row| {
-                let total: i64 = row.get(0)?;
-                let per: Vec<i64> = (1..=counts.len())
-                    .map(|i| row.get(i))
-                    .collect::<Result<_, _>>()?;
-                Ok((total as u64, per))
-            },
-        )
+    let row = duck
+        .query_row_i64(&format!(
+            "SELECT count(*), {} FROM {raw}",
+            counts.join(", ")
+        ))
         .map_err(err)?;
+    let (total, per_rule) = (row[0] as u64, &row[1..]);
     let bad_rows = per_rule[0] as u64;
     Ok(Validation {
         good: total - bad_rows,
