@@ -148,7 +148,7 @@ impl Default for WorkbenchConfig {
         WorkbenchConfig {
             dir: PathBuf::from("/var/lib/outreach-workbench"),
             lock_timeout_secs: 30,
-            memory_limit: "256MB".into(),
+            memory_limit: "192MB".into(),
             threads: 0,
         }
     }

