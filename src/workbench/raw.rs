@@ -286,3 +286,71 @@ impl Drop for ArrowAppender<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use duckdb::arrow::array::{ArrayRef, Int32Array, StringArray};
+    use duckdb::arrow::datatypes::{DataType, Field};
+
+    fn open() -> (tempfile::TempDir, Arc<Database>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(&dir.path().join("t.duckdb")).unwrap();
+        (dir, Arc::new(db))
+    }
+
+    fn batch(rows: i32) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int32, true),
+            Field::new("name", DataType::Utf8, true),
+        ]));
+        let ids: ArrayRef = Arc::new(Int32Array::from_iter(
+            (0..rows).map(|i| (i % 7 != 0).then_some(i)),
+        ));
+        let names: ArrayRef =
+            Arc::new(StringArray::from_iter((0..rows).map(|i| {
+                (i % 5 != 0).then(|| format!("a name longer than twelve bytes {i}"))
+            })));
+        RecordBatch::try_new(schema, vec![ids, names]).unwrap()
+    }
+
+    #[test]
+    fn batches_bigger_than_a_vector_land_whole_and_roll_back() {
+        let (_dir, db) = open();
+        let c = RawConnection::connect(&db).unwrap();
+        c.execute("CREATE TABLE t (id INTEGER, name VARCHAR)")
+            .unwrap();
+        c.execute("BEGIN").unwrap();
+        let b = batch(5000);
+        {
+            let mut a = c.appender("main", "t", &b.schema()).unwrap();
+            a.append(&b).unwrap();
+            a.flush().unwrap();
+        }
+        let counts = c
+            .query_row_i64(
+                "SELECT count(*), count(id), count(name), sum(id), \
+                 count(*) FILTER (WHERE name = 'a name longer than twelve bytes 4999') FROM t",
+            )
+            .unwrap();
+        let expected_sum: i64 = (0..5000).filter(|i| i % 7 != 0).sum();
+        assert_eq!(counts, vec![5000, 5000 - 715, 5000 - 1000, expected_sum, 1]);
+        // The appends belong to the connection's transaction.
+        c.execute("ROLLBACK").unwrap();
+        assert_eq!(c.query_row_i64("SELECT count(*) FROM t").unwrap(), vec![0]);
+    }
+
+    #[test]
+    fn errors_name_what_duckdb_refused() {
+        let (_dir, db) = open();
+        let c = RawConnection::connect(&db).unwrap();
+        let e = c.execute("SELECT * FROM missing_table").unwrap_err();
+        assert!(e.to_string().contains("missing_table"), "{e}");
+        c.execute("CREATE TABLE t (id INTEGER)").unwrap();
+        let b = batch(10);
+        let mut a = c.appender("main", "t", &b.schema()).unwrap();
+        let e = a.append(&b).unwrap_err();
+        assert!(e.to_string().contains("column count"), "{e}");
+        assert!(c.appender("main", "nope", &b.schema()).is_err());
+    }
+}
