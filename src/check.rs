@@ -31,7 +31,6 @@ pub fn online(config: &Config) -> Vec<String> {
         Err(e) => problems.push(e.to_string()),
         Ok(mut client) => {
             let s = &config.source;
-            let checker = rules::Checker::new();
             for (entity, table, required, rules) in [
                 (
                     "companies",
@@ -66,10 +65,9 @@ pub fn online(config: &Config) -> Vec<String> {
                         ));
                     }
                 }
-                let checked = match &checker {
-                    Ok(c) => c.columns(entity, &table.to_string(), &columns, rules),
-                    Err(e) => Err(e.clone()),
-                };
+                let checked = rules::Checker::with(|c| {
+                    c.columns(entity, &table.to_string(), &columns, rules)
+                });
                 if let Err(e) = checked {
                     problems.push(e.to_string());
                 }

@@ -488,13 +488,11 @@ impl Config {
         // reload refuse a rule DuckDB cannot parse; the columns are checked
         // when the database is at hand (`check`, the daemon's start, each run).
         let rule_err = |e| ConfigError::Rule(Box::new(e));
-        let checker = rules::Checker::new().map_err(rule_err)?;
-        for (entity, list) in [
-            ("companies", &self.rules.companies),
-            ("people", &self.rules.people),
-        ] {
-            checker.syntax(entity, list).map_err(rule_err)?;
-        }
+        rules::Checker::with(|checker| {
+            checker.syntax("companies", &self.rules.companies)?;
+            checker.syntax("people", &self.rules.people)
+        })
+        .map_err(rule_err)?;
         self.gates
             .check()
             .map_err(|(k, m)| invalid(&format!("gates.{k}"), m))?;

@@ -12,6 +12,8 @@
 //!   columns and types, so an unknown column or a non-boolean condition is
 //!   refused with the rule's name and the column's.
 
+use std::sync::Mutex;
+
 use duckdb::Connection;
 use serde::{Deserialize, Serialize};
 
@@ -174,6 +176,18 @@ impl Checker {
         })
     }
 
+    /// Runs `f` with this process's checker, opened on first use. Opening
+    /// DuckDB costs ~40 ms, and a run used to pay it twice before its first
+    /// row: at the config load and at the check against the source.
+    pub fn with<T>(f: impl FnOnce(&Checker) -> Result<T, RuleError>) -> Result<T, RuleError> {
+        static SHARED: Mutex<Option<Checker>> = Mutex::new(None);
+        let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+        if shared.is_none() {
+            *shared = Some(Checker::new()?);
+        }
+        f(shared.as_ref().expect("opened above"))
+    }
+
     /// Checks the shape and parses every condition, without knowing the
     /// columns (no database needed): at every config load.
     pub fn syntax(&self, entity: &str, rules: &[Rule]) -> Result<(), RuleError> {
@@ -253,17 +267,18 @@ pub fn check_against_source(
     client: &mut postgres::Client,
     config: &crate::config::Config,
 ) -> Result<(), crate::pipeline::PipelineError> {
-    let checker = Checker::new()?;
     let s = &config.source;
     let companies = source::describe(client, &config.companies_table())?;
-    checker.columns(
-        "companies",
-        &s.companies_table,
-        &companies,
-        &config.rules.companies,
-    )?;
+    Checker::with(|c| {
+        c.columns(
+            "companies",
+            &s.companies_table,
+            &companies,
+            &config.rules.companies,
+        )
+    })?;
     let people = source::describe(client, &config.people_table())?;
-    checker.columns("people", &s.people_table, &people, &config.rules.people)?;
+    Checker::with(|c| c.columns("people", &s.people_table, &people, &config.rules.people))?;
     Ok(())
 }
 
