@@ -21,7 +21,8 @@ use duckdb::Connection;
 
 use crate::config::WorkbenchConfig;
 use crate::pipeline::RunReport;
-pub use raw::{ArrowAppender, Database, DuckError, RawConnection};
+use raw::Database;
+pub use raw::{ArrowAppender, DuckError, RawConnection};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkbenchError {

@@ -118,8 +118,8 @@ impl RawConnection {
     }
 
     /// Runs `sql` (one or more statements) and returns the first row's
-    /// values as integers (none for statements without a result).
-    fn query(&self, sql: &str) -> Result<Vec<i64>, DuckError> {
+    /// values as integers, e.g. counts (none for statements without rows).
+    pub fn query_row_i64(&self, sql: &str) -> Result<Vec<i64>, DuckError> {
         let c_sql = c_string(sql)?;
         // SAFETY: `duckdb_result` is a plain C struct DuckDB fills in; it is
         // destroyed on every path below.
@@ -148,12 +148,7 @@ impl RawConnection {
     }
 
     pub fn execute(&self, sql: &str) -> Result<(), DuckError> {
-        self.query(sql).map(|_| ())
-    }
-
-    /// The first row of `sql`'s result, as integers (counts).
-    pub fn query_row_i64(&self, sql: &str) -> Result<Vec<i64>, DuckError> {
-        self.query(sql)
+        self.query_row_i64(sql).map(|_| ())
     }
 
     /// An appender on `schema.table` taking batches with `arrow_schema`.
