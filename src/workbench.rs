@@ -44,8 +44,6 @@ pub struct Workbench {
     db: Arc<Database>,
     pub dir: PathBuf,
     pub path: PathBuf,
-    /// `workbench.threads`, to restore after the pull.
-    threads: u32,
 }
 
 /// Workbench files open in this process, with how many `Workbench`es use
@@ -172,7 +170,6 @@ impl Workbench {
             db,
             dir,
             path,
-            threads: cfg.threads,
         })
     }
 
@@ -204,9 +201,18 @@ impl Workbench {
         // Settings and bookkeeping tables, once per opening of the file.
         let tmp = cfg.dir.join("duck").join("tmp");
         // Nothing is ever downloaded: the extensions we use are compiled in.
+        //
+        // One DuckDB thread: the parallelism is ours (the pull's reading and
+        // loading threads, one export lane per file being written). DuckDB's
+        // Parquet writer forms row groups one way on one thread and another
+        // way, partly by timing, on several; with one thread the bytes
+        // depend on the rows alone. While rows stream in, extra worker
+        // threads only polled for work on the cores the reader and
+        // PostgreSQL need. Measured on the benchmark: 0.3 s less CPU and
+        // 0.25 s less wall time than with a thread per core.
         base.execute_batch(&format!(
             "SET autoinstall_known_extensions = false; SET autoload_known_extensions = false;
-             SET memory_limit = '{}'; SET temp_directory = '{}'; {}
+             SET threads = 1; SET memory_limit = '{}'; SET temp_directory = '{}';
              CREATE TABLE IF NOT EXISTS main.runs (
                  run_id VARCHAR PRIMARY KEY,
                  state VARCHAR NOT NULL,
@@ -227,11 +233,6 @@ impl Workbench {
              );",
             cfg.memory_limit.replace('\'', "''"),
             tmp.to_string_lossy().replace('\'', "''"),
-            if cfg.threads > 0 {
-                format!("SET threads = {};", cfg.threads)
-            } else {
-                String::new()
-            },
         ))
         .map_err(|e| WorkbenchError::Sql {
             path: path.clone(),
@@ -259,23 +260,6 @@ impl Workbench {
             path: self.path.clone(),
             detail: e.to_string(),
         })
-    }
-
-    /// Puts DuckDB's thread count back to `workbench.threads` (0: all cores).
-    pub fn restore_threads(&self) -> Result<(), WorkbenchError> {
-        match self.threads {
-            0 => self.exec("RESET threads"),
-            n => self.exec(&format!("SET threads = {n}")),
-        }
-    }
-
-    pub fn exec(&self, sql: &str) -> Result<(), WorkbenchError> {
-        self.conn
-            .execute_batch(sql)
-            .map_err(|e| WorkbenchError::Sql {
-                path: self.path.clone(),
-                detail: e.to_string(),
-            })
     }
 
     /// Records that a run started, so a crash leaves a trace.

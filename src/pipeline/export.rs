@@ -1,7 +1,10 @@
 //! Step 4: write the four good/bad tables to Parquet.
 //!
 //! Rows are ordered by primary key so the same data always gives the same
-//! bytes; that is what lets publish skip unchanged files by hash. Each file
+//! bytes; that is what lets publish skip unchanged files by hash. The pull
+//! stores them in that order (see `source::stream_query`) and DuckDB keeps
+//! a table's order through a filtered scan into `COPY` (its default
+//! `preserve_insertion_order`), so nothing is sorted here. Each file
 //! is written under a temporary name, synced, then renamed over the old one:
 //! a reader (or an upload) never sees half a file.
 
@@ -38,44 +41,44 @@ impl ExportedFile {
     }
 }
 
-/// Exports `(entity, primary key)` pairs, good and bad each, returned in
-/// that order.
+/// Exports each entity's good and bad rows, returned in that order.
 ///
-/// Two lanes, each a thread with its own connection, take files from one
-/// queue. DuckDB's Parquet writer keeps about one core busy per file
-/// (measured: 150k people rows take 0.5 s with 1 or 2 DuckDB threads), so
-/// a second file written alongside is what uses a second core. The queue
-/// starts with the biggest file (the last entity's good rows), then the
-/// bad files, then the other good files: one lane writes the big file while
-/// the other goes through the rest, and two big sorted files are not held
-/// in memory from the same moment (measured: starting two good files at
-/// once raised the benchmark's peak RSS from 280 to 316 MiB). Measured on
-/// the benchmark: the good lane of the earlier good/bad split took 1.1 s
-/// while the bad one idled after 0.45 s.
+/// `lanes` threads, each with its own connection, take files from one
+/// queue. DuckDB runs on one thread (see `Workbench::open`), so a file is
+/// written on one core and a second file written alongside is what uses a
+/// second one. The queue starts with the biggest file (the last entity's
+/// good rows), then the bad files, then the other good files: one lane
+/// writes the big file while the other goes through the rest, and two big
+/// files are not buffered from the same moment (measured: starting two good
+/// files at once raised the benchmark's peak RSS from 280 to 316 MiB).
+/// Measured on the benchmark: the good lane of an earlier good/bad split
+/// took 1.1 s while the bad one idled after 0.45 s.
 pub fn export_all(
     duck: &duckdb::Connection,
     state: &StateCode,
     exports_dir: &Path,
     cfg: &ExportConfig,
-    entities: &[(&str, &str)],
+    entities: &[&str],
+    lanes: usize,
 ) -> Result<Vec<ExportedFile>, PipelineError> {
     let schema = state.lower();
     let conn_err = |e: duckdb::Error| PipelineError::Export {
         path: exports_dir.to_path_buf(),
         message: e.to_string(),
     };
-    // (position in the result, entity, key, kind)
+    // (position in the result, entity, kind)
     let mut jobs = Vec::new();
     let last = entities.len().saturating_sub(1);
-    for (i, (entity, key)) in entities.iter().enumerate().rev() {
+    for (i, entity) in entities.iter().enumerate().rev() {
         if i == last {
-            jobs.push((2 * i, *entity, *key, "good"));
+            jobs.push((2 * i, *entity, "good"));
         }
-        jobs.push((2 * i + 1, *entity, *key, "bad"));
+        jobs.push((2 * i + 1, *entity, "bad"));
     }
-    for (i, (entity, key)) in entities.iter().enumerate().rev().skip(1) {
-        jobs.push((2 * i, *entity, *key, "good"));
+    for (i, entity) in entities.iter().enumerate().rev().skip(1) {
+        jobs.push((2 * i, *entity, "good"));
     }
+    let jobs_len = jobs.len();
     let queue = std::sync::Mutex::new(jobs.into_iter());
     let span = tracing::Span::current();
     let lane = |conn: duckdb::Connection| {
@@ -95,30 +98,38 @@ pub fn export_all(
             let mut done = Vec::new();
             loop {
                 let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
-                let Some((pos, entity, key, kind)) = next else {
+                let Some((pos, entity, kind)) = next else {
                     return Ok(done);
                 };
-                let file = export_one(&conn, state, schema, exports_dir, cfg, entity, key, kind)?;
+                let file = export_one(&conn, state, schema, exports_dir, cfg, entity, kind)?;
                 done.push((pos, file));
             }
         }
     };
-    let (a, b) = (
-        duck.try_clone().map_err(conn_err)?,
-        duck.try_clone().map_err(conn_err)?,
-    );
-    let (first, second) = std::thread::scope(|scope| {
-        let second = scope.spawn(lane(b));
-        let first = lane(a)();
-        (first, second.join().expect("export lane panicked"))
+    let lanes = lanes.clamp(1, jobs_len);
+    let conns = (0..lanes)
+        .map(|_| duck.try_clone().map_err(conn_err))
+        .collect::<Result<Vec<_>, _>>()?;
+    let results = std::thread::scope(|scope| {
+        let mut conns = conns.into_iter();
+        let here = conns.next().expect("at least one lane");
+        let others: Vec<_> = conns.map(|c| scope.spawn(lane(c))).collect();
+        let mut results = vec![lane(here)()];
+        results.extend(
+            others
+                .into_iter()
+                .map(|h| h.join().expect("export lane panicked")),
+        );
+        results
     });
-    let mut files = first?;
-    files.extend(second?);
+    let mut files = Vec::new();
+    for r in results {
+        files.extend(r?);
+    }
     files.sort_by_key(|(pos, _)| *pos);
     Ok(files.into_iter().map(|(_, f)| f).collect())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn export_one(
     duck: &duckdb::Connection,
     state: &StateCode,
@@ -126,12 +137,11 @@ fn export_one(
     exports_dir: &Path,
     cfg: &ExportConfig,
     entity: &str,
-    key: &str,
     kind: &str,
 ) -> Result<ExportedFile, PipelineError> {
     let table_name = format!("{entity}_{kind}");
     let path = exports_dir.join(ExportedFile::relative_path(state, entity, kind));
-    let rows = write_parquet(duck, schema, &table_name, key, &path, cfg)?;
+    let rows = write_parquet(duck, schema, &table_name, &path, cfg)?;
     let (bytes, sha256) = hash_file(&path).map_err(|e| PipelineError::Export {
         path: path.clone(),
         message: e.to_string(),
@@ -151,7 +161,6 @@ fn write_parquet(
     duck: &duckdb::Connection,
     schema: &str,
     table: &str,
-    key: &str,
     path: &Path,
     cfg: &ExportConfig,
 ) -> Result<u64, PipelineError> {
@@ -175,10 +184,9 @@ fn write_parquet(
         },
     };
     let sql = format!(
-        "COPY (SELECT * FROM {}.{} ORDER BY {}) TO '{}' (FORMAT parquet, {compression})",
+        "COPY (SELECT * FROM {}.{}) TO '{}' (FORMAT parquet, {compression})",
         quote_ident(schema),
         quote_ident(table),
-        quote_ident(key),
         tmp.to_string_lossy().replace('\'', "''"),
     );
     let rows = duck

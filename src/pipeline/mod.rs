@@ -294,12 +294,6 @@ fn stages(
     )?;
     let schema = state.lower();
 
-    // While rows stream in, DuckDB's worker threads mostly poll for work,
-    // on the cores the source reader and (often) PostgreSQL need; one
-    // thread is enough to append. Measured on the benchmark: 0.6 s less CPU
-    // (of 5) and a lower peak RSS. `threads` is the database's setting, so
-    // a concurrent run's export is slowed meanwhile, never wrong.
-    wb.exec("SET threads = 1")?;
     // Pull and validate in one DuckDB transaction: a failed or cancelled run
     // leaves the state's previous tables intact for analysts. It runs on a
     // connection of its own, the one the Arrow appenders need.
@@ -347,9 +341,6 @@ fn stages(
         report.people = Some(EntityCounts::new(pulled.people, people));
         Ok(())
     })();
-    // All threads again for the commit, which compresses the new row
-    // groups in parallel, and for the export.
-    let restored = wb.restore_threads();
     match loaded {
         Ok(()) => txn_exec("COMMIT")?,
         Err(e) => {
@@ -358,7 +349,6 @@ fn stages(
         }
     }
     drop(txn);
-    restored?;
     check_cancel(cancel)?;
 
     let t = Instant::now();
@@ -367,10 +357,8 @@ fn stages(
         state,
         &wb.exports_dir(),
         &config.export,
-        &[
-            ("companies", &config.source.company_key),
-            ("people", &config.source.person_key),
-        ],
+        &["companies", "people"],
+        config.workbench.export_lanes(),
     )?;
     report.stages.export = Some(t.elapsed().as_secs_f64());
     check_cancel(cancel)?;

@@ -49,11 +49,23 @@ pub enum ColType {
     List(Box<ColType>),
 }
 
-/// `"name" TYPE, ...` for a DuckDB `CREATE TABLE` with these columns.
-pub fn column_defs(columns: &[(String, ColType)]) -> String {
+/// `"name" TYPE, ...` for a DuckDB `CREATE TABLE` with these columns,
+/// stored uncompressed unless `compress` (see `workbench.compress_tables`).
+pub fn column_defs(columns: &[(String, ColType)], compress: bool) -> String {
+    let storage = if compress {
+        ""
+    } else {
+        " USING COMPRESSION uncompressed"
+    };
     columns
         .iter()
-        .map(|(n, t)| format!("{} {}", crate::config::quote_ident(n), t.duckdb_sql()))
+        .map(|(n, t)| {
+            format!(
+                "{} {}{storage}",
+                crate::config::quote_ident(n),
+                t.duckdb_sql()
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -224,7 +224,7 @@ impl Checker {
             .execute_batch(&format!(
                 "CREATE OR REPLACE TABLE source_row ({});
                  INSERT INTO source_row DEFAULT VALUES;",
-                column_defs(columns)
+                column_defs(columns, true)
             ))
             .map_err(|e| rule_error(entity, 0, "", format!("describing {table}: {e}")))?;
         for (i, r) in rules.iter().enumerate() {
@@ -260,7 +260,8 @@ impl Checker {
 }
 
 /// Checks both entities' rules against the source tables' columns, read
-/// from PostgreSQL without reading a row. A broken rule comes back as
+/// from PostgreSQL without reading a row, and that the key settings name
+/// columns the tables have. A broken rule comes back as
 /// [`PipelineError::Rule`]; a table that cannot be described as
 /// [`PipelineError::Source`].
 pub fn check_against_source(
@@ -269,6 +270,12 @@ pub fn check_against_source(
 ) -> Result<(), crate::pipeline::PipelineError> {
     let s = &config.source;
     let companies = source::describe(client, &config.companies_table())?;
+    source::check_key(
+        &companies,
+        "source.company_key",
+        &s.company_key,
+        &s.companies_table,
+    )?;
     Checker::with(|c| {
         c.columns(
             "companies",
@@ -278,6 +285,7 @@ pub fn check_against_source(
         )
     })?;
     let people = source::describe(client, &config.people_table())?;
+    source::check_key(&people, "source.person_key", &s.person_key, &s.people_table)?;
     Checker::with(|c| c.columns("people", &s.people_table, &people, &config.rules.people))?;
     Ok(())
 }

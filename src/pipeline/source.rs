@@ -157,6 +157,33 @@ pub fn describe(
         .collect())
 }
 
+/// The `ORDER BY` term for the key column `key` of type `t`: the order
+/// DuckDB itself sorts in. Text compares byte by byte there, which is
+/// PostgreSQL's "C" collation, whatever the database's locale; JSON, enums
+/// and text fallbacks are compared as the text the workbench stores.
+fn order_by(alias: &str, key: &str, t: &ColType) -> String {
+    let col = format!("{alias}.{}", quote_ident(key));
+    match t {
+        ColType::Text | ColType::Jsonb => format!("{col}::text COLLATE \"C\""),
+        _ => col,
+    }
+}
+
+/// Refuses a key setting naming a column `table` does not have.
+pub fn check_key(
+    columns: &Columns,
+    setting: &str,
+    key: &str,
+    table: &str,
+) -> Result<(), PipelineError> {
+    if columns.iter().any(|(n, _)| n == key) {
+        return Ok(());
+    }
+    Err(PipelineError::Config(format!(
+        "{setting} = {key:?}: {table} has no such column"
+    )))
+}
+
 /// What the pull did, for the run report.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct PullStats {
@@ -218,7 +245,7 @@ pub fn pull(
             let _entered = span.enter();
             read_source(client, config, state, cancel, tx)
         });
-        let loaded = load(duck, schema, rx);
+        let loaded = load(duck, schema, config.workbench.compress_tables, rx);
         let read = reader.join().expect("source reader panicked");
         done.store(true, Ordering::Relaxed);
         (read, loaded)
@@ -237,6 +264,7 @@ pub fn pull(
 fn load(
     duck: &RawConnection,
     schema: &str,
+    compress: bool,
     rx: std::sync::mpsc::Receiver<Msg>,
 ) -> Result<(), PipelineError> {
     let wb = |what: String| move |e: DuckError| PipelineError::Workbench(format!("{what}: {e}"));
@@ -256,7 +284,7 @@ fn load(
                     "CREATE OR REPLACE TABLE {}.{} ({})",
                     quote_ident(schema),
                     quote_ident(name),
-                    column_defs(&columns)
+                    column_defs(&columns, compress)
                 ))
                 .map_err(wb(format!("creating {schema}.{name}")))?;
                 let a = duck
@@ -313,14 +341,15 @@ fn read_source(
         link = quote_ident(&s.people_company_column),
         key = quote_ident(&s.company_key),
     );
-    for (name, from, alias) in [
-        ("companies_raw", &companies_from, "c"),
-        ("people_raw", &people_from, "p"),
+    for (name, from, alias, key) in [
+        ("companies_raw", &companies_from, "c", &s.company_key),
+        ("people_raw", &people_from, "p", &s.person_key),
     ] {
         let rows = stream_query(
             &mut pg,
             from,
             alias,
+            key,
             state,
             name,
             s.batch_rows,
@@ -342,12 +371,21 @@ fn read_source(
 }
 
 /// Describes `SELECT alias.* <from>`, announces the table with its mapped
-/// types, and streams the rows as Arrow batches. Returns the row count.
+/// types, and streams the rows ordered by `key` as Arrow batches. Returns
+/// the row count.
+///
+/// The server sorts, not DuckDB: the rows land in the raw table in key
+/// order and the export writes them as they lie, which is what makes the
+/// Parquet bytes depend on the data alone. PostgreSQL sorts in parallel
+/// workers, often on a core this process is not using; sorting in DuckDB at
+/// export time cost ~0.4 s of CPU and ~35 MiB of peak memory on the
+/// benchmark, against ~0.15 s more for the query.
 #[allow(clippy::too_many_arguments)]
 fn stream_query(
     tx: &mut Transaction<'_>,
     from: &str,
     alias: &str,
+    key: &str,
     state: &StateCode,
     table: &'static str,
     batch_rows: usize,
@@ -365,7 +403,6 @@ fn stream_query(
 
     let mut types = Vec::new();
     let mut select = Vec::new();
-    let mut changed = false;
     for col in stmt.columns() {
         let q = quote_ident(col.name());
         match ColType::from_pg(col.type_(), col.type_modifier()) {
@@ -383,17 +420,23 @@ fn stream_query(
                 fallbacks.push(format!("{table}.{} ({})", col.name(), col.type_().name()));
                 select.push(format!("{alias}.{q}::text AS {q}"));
                 types.push((col.name().to_string(), ColType::Text));
-                changed = true;
             }
         }
     }
-    let stmt = if changed {
-        let sql = format!("SELECT {} {from}", select.join(", "));
-        tx.prepare(&sql)
-            .map_err(src_err(format!("preparing the query for {table}")))?
-    } else {
-        stmt
+    // `rules::check_against_source` has refused a missing key already.
+    let Some((_, key_type)) = types.iter().find(|(n, _)| n == key) else {
+        return Err(PipelineError::Workbench(format!(
+            "{table}: the key column {key:?} is not in the query"
+        )));
     };
+    let sql = format!(
+        "SELECT {} {from} ORDER BY {}",
+        select.join(", "),
+        order_by(alias, key, key_type)
+    );
+    let stmt = tx
+        .prepare(&sql)
+        .map_err(src_err(format!("preparing the query for {table}")))?;
 
     let arrow_schema = Arc::new(Schema::new(
         types

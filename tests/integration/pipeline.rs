@@ -262,6 +262,68 @@ fn good_file_bytes_depend_on_good_rows_only() {
     assert_eq!(uploaded, vec!["companies_bad"]);
 }
 
+/// The files are in key order, byte by byte as DuckDB compares text,
+/// whatever order the source stores the rows in, and the bytes do not
+/// change when only the physical order does (an UPDATE moves a row to the
+/// end of the heap) or with the number of export lanes.
+#[test]
+fn files_are_in_key_order_whatever_the_physical_order() {
+    let mut w = World::new("order");
+    w.config.source.batch_rows = 2; // several batches per table
+    let mut pg = w.pg();
+    // Inserted out of order; a locale collation would put "a" before "B".
+    for id in ["c2", "a", "Z", "c10", "_x", "B"] {
+        add_company(&mut pg, id, Some("Co"), Some("co.example"), "WV");
+    }
+    for (id, company) in [("p3", "a"), ("p1", "Z"), ("P2", "c2"), ("p10", "B")] {
+        add_person(&mut pg, id, company, Some("x@y.example"), Some("CEO"));
+    }
+    let r1 = w.run_with("WV", &dry());
+    assert!(r1.succeeded(), "{}", r1.summary());
+    let companies = parquet_rows(
+        &w.export_path("wv", "companies", "good"),
+        "company_unique_id",
+    );
+    assert_eq!(companies, vec!["B", "Z", "_x", "a", "c10", "c2"]);
+    let people = parquet_rows(&w.export_path("wv", "people", "good"), "unique_id");
+    assert_eq!(people, vec!["P2", "p1", "p10", "p3"]);
+
+    pg.batch_execute(
+        "UPDATE marketing.company_master SET company_name = company_name WHERE company_unique_id = 'B';
+         UPDATE marketing.people_master SET title = title WHERE unique_id = 'P2';",
+    )
+    .unwrap();
+    w.config.workbench.threads = 1;
+    let r2 = w.run_with("WV", &dry());
+    assert!(r2.succeeded(), "{}", r2.summary());
+    let hashes = |r: &outreach_workbench::pipeline::RunReport| {
+        r.files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(hashes(&r2), hashes(&r1));
+
+    // Compressed tables hold the same rows in the same order.
+    w.config.workbench.compress_tables = true;
+    let r3 = w.run_with("WV", &dry());
+    assert!(r3.succeeded(), "{}", r3.summary());
+    assert_eq!(hashes(&r3), hashes(&r1));
+}
+
+#[test]
+fn a_key_setting_naming_no_column_is_refused_before_any_work() {
+    let mut w = World::new("nokey");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("Co"), Some("co.example"), "WV");
+    w.config.source.person_key = "person_id".into();
+    let r = w.run_with("WV", &dry());
+    assert_eq!(r.status, RunStatus::Failed);
+    let e = r.error.unwrap();
+    assert!(
+        e.contains("source.person_key") && e.contains("person_id"),
+        "{e}"
+    );
+    assert!(r.companies.is_none(), "nothing was pulled");
+}
+
 #[test]
 fn audit_row_holds_the_run() {
     let w = World::new("audit");
