@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{quote_ident, Compression, ExportConfig};
 use crate::pipeline::PipelineError;
 use crate::state::StateCode;
+use crate::workbench::Workbench;
 
 /// One exported Parquet file.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -54,7 +55,7 @@ impl ExportedFile {
 /// Measured on the benchmark: the good lane of an earlier good/bad split
 /// took 1.1 s while the bad one idled after 0.45 s.
 pub fn export_all(
-    duck: &duckdb::Connection,
+    wb: &Workbench,
     state: &StateCode,
     exports_dir: &Path,
     cfg: &ExportConfig,
@@ -108,7 +109,7 @@ pub fn export_all(
     };
     let lanes = lanes.clamp(1, jobs_len);
     let conns = (0..lanes)
-        .map(|_| duck.try_clone().map_err(conn_err))
+        .map(|_| wb.connection().map_err(PipelineError::from))
         .collect::<Result<Vec<_>, _>>()?;
     let results = std::thread::scope(|scope| {
         let mut conns = conns.into_iter();

@@ -353,7 +353,7 @@ fn stages(
 
     let t = Instant::now();
     report.files = export::export_all(
-        &wb.conn,
+        wb,
         state,
         &wb.exports_dir(),
         &config.export,

