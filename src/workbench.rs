@@ -46,6 +46,21 @@ pub struct Workbench {
     pub path: PathBuf,
 }
 
+/// Stops [`Workbench::background_sync`] when dropped.
+pub struct BackgroundSync {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for BackgroundSync {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Workbench files open in this process, with how many `Workbench`es use
 /// each. DuckDB must not open one file twice in a process (two instances
 /// would write the same file), so concurrent runs in the daemon share one
@@ -249,6 +264,38 @@ impl Workbench {
     /// Another connection to the workbench, for work on its own thread.
     pub fn connection(&self) -> Result<Connection, WorkbenchError> {
         self.db.connection().map_err(|e| self.sql_err(e))
+    }
+
+    /// Starts flushing the file's new pages to disk in the background, until
+    /// the returned guard is dropped.
+    ///
+    /// A pull writes the state's tables into the file as it goes (see
+    /// [`raw::ROW_GROUP_SIZE`]), but only into the page cache; the commit's
+    /// fsync then had to write all of it at once, ~85 MB for the benchmark,
+    /// with every core idle. Syncing every 100 ms from a thread of its own
+    /// spreads those writes over the pull. It is safe at any moment: DuckDB
+    /// syncs its data blocks before the header that points to them, and an
+    /// early write of either changes nothing. Measured on the benchmark:
+    /// the commit went from ~0.17 s to ~0.08 s and the pull got faster too,
+    /// 0.27 s less in all (medians of 9 interleaved runs).
+    pub fn background_sync(&self) -> BackgroundSync {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let path = self.path.clone();
+        let thread = std::thread::spawn(move || {
+            let Ok(file) = std::fs::File::open(&path) else {
+                return;
+            };
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(Duration::from_millis(100))
+            {
+                // A failed sync is DuckDB's to see at its own fsync.
+                let _ = file.sync_data();
+            }
+        });
+        BackgroundSync {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
     }
 
     /// A connection through DuckDB's C API, for the pull's transaction

@@ -308,7 +308,10 @@ fn stages(
     ))?;
     let loaded = (|| {
         let t = Instant::now();
-        let pulled = source::pull(&mut client, config, state, &txn, &schema, cancel)?;
+        let syncing = wb.background_sync();
+        let pulled = source::pull(&mut client, config, state, &txn, &schema, cancel);
+        drop(syncing);
+        let pulled = pulled?;
         report.stages.pull = Some(t.elapsed().as_secs_f64());
         report.text_fallbacks = pulled.text_fallbacks.clone();
         tracing::info!(
