@@ -47,18 +47,12 @@ pub struct Workbench {
 }
 
 /// Stops [`Workbench::background_sync`] when dropped.
+///
+/// The thread is not waited for: a sync under way finishes on its own while
+/// the run goes on to its commit, whose own fsync waits for the same
+/// writes; the thread's own handle on the file keeps that harmless.
 pub struct BackgroundSync {
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for BackgroundSync {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    _stop: std::sync::mpsc::Sender<()>,
 }
 
 /// Workbench files open in this process, with how many `Workbench`es use
@@ -281,7 +275,7 @@ impl Workbench {
     pub fn background_sync(&self) -> BackgroundSync {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let path = self.path.clone();
-        let thread = std::thread::spawn(move || {
+        std::thread::spawn(move || {
             let Ok(file) = std::fs::File::open(&path) else {
                 return;
             };
@@ -292,10 +286,7 @@ impl Workbench {
                 let _ = file.sync_data();
             }
         });
-        BackgroundSync {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
+        BackgroundSync { _stop: stop }
     }
 
     /// A connection through DuckDB's C API, for the pull's transaction
