@@ -1,7 +1,7 @@
 //! `check`: what a run needs, verified without running one. Each problem is
 //! one line; an empty list means a run can start.
 
-use crate::config::{quote_ident, Config};
+use crate::config::Config;
 use crate::pipeline::{audit, pg_message, publish, rules, source, PipelineError};
 
 /// Config-only checks (the config already loaded and validated, the rules'
@@ -31,19 +31,13 @@ pub fn online(config: &Config) -> Vec<String> {
         Err(e) => problems.push(e.to_string()),
         Ok(mut client) => {
             let s = &config.source;
-            for (entity, table, required, rules) in [
+            for (entity, table, rules) in [
                 (
                     "companies",
                     config.companies_table(),
-                    [&s.state_column, &s.company_key],
                     &config.rules.companies,
                 ),
-                (
-                    "people",
-                    config.people_table(),
-                    [&s.person_key, &s.people_company_column],
-                    &config.rules.people,
-                ),
+                ("people", config.people_table(), &config.rules.people),
             ] {
                 // One description of the table serves both checks.
                 let columns = match source::describe(&mut client, &table) {
@@ -57,14 +51,12 @@ pub fn online(config: &Config) -> Vec<String> {
                         continue;
                     }
                 };
-                for c in required {
-                    if !columns.iter().any(|(name, _)| name == c) {
-                        problems.push(format!(
-                            "source table {table} has no column {} (see [source] in the config)",
-                            quote_ident(c)
-                        ));
-                    }
-                }
+                problems.extend(source::missing_columns(
+                    s,
+                    entity,
+                    &table.to_string(),
+                    &columns,
+                ));
                 let checked = rules::Checker::with(|c| {
                     c.columns(entity, &table.to_string(), &columns, rules)
                 });

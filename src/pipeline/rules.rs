@@ -260,8 +260,8 @@ impl Checker {
 }
 
 /// Checks both entities' rules against the source tables' columns, read
-/// from PostgreSQL without reading a row, and that the key settings name
-/// columns the tables have. A broken rule comes back as
+/// from PostgreSQL without reading a row, and that the `[source]` settings
+/// naming columns name ones the tables have. A broken rule comes back as
 /// [`PipelineError::Rule`]; a table that cannot be described as
 /// [`PipelineError::Source`].
 pub fn check_against_source(
@@ -269,24 +269,29 @@ pub fn check_against_source(
     config: &crate::config::Config,
 ) -> Result<(), crate::pipeline::PipelineError> {
     let s = &config.source;
-    let companies = source::describe(client, &config.companies_table())?;
-    source::check_key(
-        &companies,
-        "source.company_key",
-        &s.company_key,
-        &s.companies_table,
-    )?;
-    Checker::with(|c| {
-        c.columns(
+    for (entity, name, table, rules) in [
+        (
             "companies",
+            config.companies_table(),
             &s.companies_table,
-            &companies,
             &config.rules.companies,
-        )
-    })?;
-    let people = source::describe(client, &config.people_table())?;
-    source::check_key(&people, "source.person_key", &s.person_key, &s.people_table)?;
-    Checker::with(|c| c.columns("people", &s.people_table, &people, &config.rules.people))?;
+        ),
+        (
+            "people",
+            config.people_table(),
+            &s.people_table,
+            &config.rules.people,
+        ),
+    ] {
+        let columns = source::describe(client, &name)?;
+        if let Some(m) = source::missing_columns(s, entity, table, &columns)
+            .into_iter()
+            .next()
+        {
+            return Err(crate::pipeline::PipelineError::Config(m));
+        }
+        Checker::with(|c| c.columns(entity, table, &columns, rules))?;
+    }
     Ok(())
 }
 

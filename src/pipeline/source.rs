@@ -169,19 +169,31 @@ fn order_by(alias: &str, key: &str, t: &ColType) -> String {
     }
 }
 
-/// Refuses a key setting naming a column `table` does not have.
-pub fn check_key(
-    columns: &Columns,
-    setting: &str,
-    key: &str,
+/// One message for each `[source]` setting that names a column `entity`'s
+/// table (described as `columns`) does not have: the state column and key
+/// of the companies, the key and company link of the people.
+pub fn missing_columns(
+    s: &SourceConfig,
+    entity: &str,
     table: &str,
-) -> Result<(), PipelineError> {
-    if columns.iter().any(|(n, _)| n == key) {
-        return Ok(());
-    }
-    Err(PipelineError::Config(format!(
-        "{setting} = {key:?}: {table} has no such column"
-    )))
+    columns: &Columns,
+) -> Vec<String> {
+    let settings = if entity == "companies" {
+        [
+            ("source.state_column", &s.state_column),
+            ("source.company_key", &s.company_key),
+        ]
+    } else {
+        [
+            ("source.person_key", &s.person_key),
+            ("source.people_company_column", &s.people_company_column),
+        ]
+    };
+    settings
+        .into_iter()
+        .filter(|(_, column)| !columns.iter().any(|(name, _)| name == *column))
+        .map(|(setting, column)| format!("{setting} = {column:?}: {table} has no such column"))
+        .collect()
 }
 
 /// What the pull did, for the run report.
