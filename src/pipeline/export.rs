@@ -57,12 +57,12 @@ impl ExportedFile {
 pub fn export_all(
     wb: &Workbench,
     state: &StateCode,
-    exports_dir: &Path,
     cfg: &ExportConfig,
     entities: &[&str],
     lanes: usize,
 ) -> Result<Vec<ExportedFile>, PipelineError> {
     let schema = state.lower();
+    let exports_dir = &wb.exports_dir();
     let conn_err = |e: duckdb::Error| PipelineError::Export {
         path: exports_dir.to_path_buf(),
         message: e.to_string(),

@@ -358,7 +358,6 @@ fn stages(
     report.files = export::export_all(
         wb,
         state,
-        &wb.exports_dir(),
         &config.export,
         &["companies", "people"],
         config.workbench.export_lanes(),
