@@ -203,7 +203,7 @@ pub struct SourceConfig {
     pub person_key: String,
     /// Column of the people table that references `company_key`.
     pub people_company_column: String,
-    /// Rows per Arrow batch handed to DuckDB's appender.
+    /// Rows per Arrow batch handed from the reading to the loading thread.
     pub batch_rows: usize,
 }
 

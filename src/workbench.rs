@@ -10,6 +10,7 @@
 //! process (an analyst's CLI, a manual `run` while the daemon works) waits
 //! up to `lock_timeout`, then gets an error that says who holds it.
 
+mod ingest;
 mod raw;
 
 use std::collections::HashMap;
@@ -21,8 +22,8 @@ use duckdb::Connection;
 
 use crate::config::WorkbenchConfig;
 use crate::pipeline::RunReport;
-use raw::Database;
-pub use raw::{ArrowAppender, DuckError, RawConnection};
+pub use ingest::{Chunk, ChunkConverter, NextChunk};
+pub use raw::{Database, DuckError, RawConnection};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkbenchError {
@@ -198,9 +199,7 @@ impl Workbench {
             return Ok((file.db.clone(), conn));
         }
         let path = path.to_path_buf();
-        let db = Arc::new(wait_for_lock(&path, lock_timeout, || {
-            Database::open(&path)
-        })?);
+        let db = wait_for_lock(&path, lock_timeout, || Database::open(&path))?;
         let conn = db.connection().map_err(|e| WorkbenchError::Open {
             path: path.clone(),
             detail: e.to_string(),

@@ -296,7 +296,7 @@ fn stages(
 
     // Pull and validate in one DuckDB transaction: a failed or cancelled run
     // leaves the state's previous tables intact for analysts. It runs on a
-    // connection of its own, the one the Arrow appenders need.
+    // connection of its own, the one the pull's inserts need.
     let txn = wb.raw_connection()?;
     let txn_exec = |sql: &str| {
         txn.execute(sql)

@@ -1,5 +1,6 @@
-//! DuckDB's C API for the one job duckdb-rs has no door for: appending
-//! Arrow batches through DuckDB's own Arrow conversion.
+//! DuckDB's C API for what duckdb-rs has no door for: a connection whose
+//! transaction takes rows converted from Arrow by DuckDB's own C++ (see
+//! `ingest`), and a database that attaches the workbench file.
 //!
 //! duckdb-rs's `Appender::append_record_batch` converts every value in Rust
 //! and hands each string over in its own FFI call, which checks its UTF-8
@@ -8,11 +9,10 @@
 //! 150k people rows: 1.5 s of the loading thread's CPU became 0.4 s, and the
 //! table's contents are identical.
 //!
-//! An appender appends inside its connection's transaction, and the run's
-//! pull-and-validate transaction has to include the appends. duckdb-rs does
-//! not expose a `Connection`'s C handle, so that whole transaction runs on
-//! a [`RawConnection`]: a second connection to the same database, driven
-//! with SQL text.
+//! The run's pull-and-validate transaction has to include the loads.
+//! duckdb-rs does not expose a `Connection`'s C handle, so that whole
+//! transaction runs on a [`RawConnection`]: a second connection to the
+//! same database, driven with SQL text.
 //!
 //! The file is attached to an in-memory instance instead of being opened as
 //! its main database, because only `ATTACH` takes a row group size. At
@@ -30,16 +30,12 @@ use std::path::Path;
 use std::ptr;
 use std::sync::Arc;
 
-use duckdb::arrow::array::{Array, StructArray};
-use duckdb::arrow::datatypes::Schema;
-use duckdb::arrow::ffi::{FFI_ArrowArray, FFI_ArrowSchema};
-use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::ffi;
 
 /// What DuckDB said when a call failed.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct DuckError(String);
+pub struct DuckError(pub(super) String);
 
 /// Copies a C string DuckDB owns, or `fallback` when there is none.
 fn message(p: *const std::os::raw::c_char, fallback: &str) -> String {
@@ -52,7 +48,7 @@ fn message(p: *const std::os::raw::c_char, fallback: &str) -> String {
     }
 }
 
-fn c_string(s: &str) -> Result<CString, DuckError> {
+pub(super) fn c_string(s: &str) -> Result<CString, DuckError> {
     CString::new(s).map_err(|_| DuckError(format!("NUL byte in {s:?}")))
 }
 
@@ -77,7 +73,7 @@ unsafe impl Sync for Database {}
 impl Database {
     /// Opens (creating if needed) the database file at `path`, failing the
     /// way `duckdb::Connection::open` does, lock conflicts included.
-    pub fn open(path: &Path) -> duckdb::Result<Database> {
+    pub fn open(path: &Path) -> duckdb::Result<Arc<Database>> {
         let db = Database::open_in_memory()?;
         // SAFETY: `db` is open and outlives this connection.
         let con = unsafe { duckdb::Connection::open_from_raw(db.db) }?;
@@ -85,6 +81,12 @@ impl Database {
             "ATTACH '{}' AS {CATALOG} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})",
             path.to_string_lossy().replace('\'', "''")
         ))?;
+        let db = Arc::new(db);
+        RawConnection::connect(&db)
+            .and_then(|c| super::ingest::register(c.handle()))
+            .map_err(|e| {
+                duckdb::Error::DuckDBFailure(ffi::Error::new(ffi::DuckDBError), Some(e.0))
+            })?;
         Ok(db)
     }
 
@@ -127,10 +129,10 @@ impl Drop for Database {
 }
 
 /// A connection driven through the C API: SQL text, one-row integer
-/// results and Arrow appenders. Used from one thread.
+/// results and loads of converted chunks. Used from one thread.
 pub struct RawConnection {
     con: ffi::duckdb_connection,
-    _db: Arc<Database>,
+    db: Arc<Database>,
 }
 
 impl RawConnection {
@@ -142,7 +144,7 @@ impl RawConnection {
         }
         let raw = RawConnection {
             con,
-            _db: db.clone(),
+            db: db.clone(),
         };
         raw.execute(&format!("USE {CATALOG}"))?;
         Ok(raw)
@@ -182,41 +184,13 @@ impl RawConnection {
         self.query_row_i64(sql).map(|_| ())
     }
 
-    /// An appender on `schema.table` taking batches with `arrow_schema`.
-    pub fn appender(
-        &self,
-        schema: &str,
-        table: &str,
-        arrow_schema: &Schema,
-    ) -> Result<ArrowAppender<'_>, DuckError> {
-        let (c_schema, c_table) = (c_string(schema)?, c_string(table)?);
-        let mut ffi_schema = FFI_ArrowSchema::try_from(arrow_schema)
-            .map_err(|e| DuckError(format!("exporting the Arrow schema: {e}")))?;
-        let mut converted: ffi::duckdb_arrow_converted_schema = ptr::null_mut();
-        // SAFETY: `FFI_ArrowSchema` has the Arrow C layout that
-        // `ffi::ArrowSchema` declares; DuckDB reads it and does not keep it.
-        let e = unsafe {
-            ffi::duckdb_schema_from_arrow(
-                self.con,
-                (&mut ffi_schema as *mut FFI_ArrowSchema).cast(),
-                &mut converted,
-            )
-        };
-        take_error(e)?;
-        let mut app: ffi::duckdb_appender = ptr::null_mut();
-        // SAFETY: valid connection, strings and out-pointer.
-        let r = unsafe {
-            ffi::duckdb_appender_create(self.con, c_schema.as_ptr(), c_table.as_ptr(), &mut app)
-        };
-        let appender = ArrowAppender {
-            con: self,
-            app,
-            converted,
-        };
-        if r != ffi::DuckDBSuccess {
-            return Err(appender.error("opening an appender"));
-        }
-        Ok(appender)
+    pub(super) fn handle(&self) -> ffi::duckdb_connection {
+        self.con
+    }
+
+    /// The database this connection is to, for more connections.
+    pub fn database(&self) -> &Arc<Database> {
+        &self.db
     }
 }
 
@@ -228,7 +202,7 @@ impl Drop for RawConnection {
 }
 
 /// Turns a `duckdb_error_data` into a result, destroying it.
-fn take_error(mut e: ffi::duckdb_error_data) -> Result<(), DuckError> {
+pub(super) fn take_error(mut e: ffi::duckdb_error_data) -> Result<(), DuckError> {
     if e.is_null() {
         return Ok(());
     }
@@ -241,130 +215,10 @@ fn take_error(mut e: ffi::duckdb_error_data) -> Result<(), DuckError> {
     Err(DuckError(msg))
 }
 
-/// Appends Arrow record batches to one table, within its connection's
-/// transaction. Dropping it flushes what is left.
-pub struct ArrowAppender<'c> {
-    con: &'c RawConnection,
-    app: ffi::duckdb_appender,
-    converted: ffi::duckdb_arrow_converted_schema,
-}
-
-impl ArrowAppender<'_> {
-    fn error(&self, what: &str) -> DuckError {
-        // SAFETY: the appender's error string lives as long as it does.
-        let m = unsafe { message(ffi::duckdb_appender_error(self.app), "unknown error") };
-        DuckError(format!("{what}: {m}"))
-    }
-
-    /// Appends `batch`. Columns whose Arrow type differs from the table's
-    /// (UUIDs arrive as text) are cast by DuckDB, as in an `INSERT`.
-    pub fn append(&mut self, batch: &RecordBatch) -> Result<(), DuckError> {
-        // A DuckDB data chunk holds at most one vector (2048 rows).
-        // SAFETY: a constant of the library.
-        let vector = unsafe { ffi::duckdb_vector_size() } as usize;
-        let mut offset = 0;
-        while offset < batch.num_rows() {
-            let len = vector.min(batch.num_rows() - offset);
-            let part: StructArray = batch.slice(offset, len).into();
-            offset += len;
-            let mut array = FFI_ArrowArray::new(&part.to_data());
-            let mut chunk: ffi::duckdb_data_chunk = ptr::null_mut();
-            // SAFETY: `FFI_ArrowArray` has the layout `ffi::ArrowArray`
-            // declares. DuckDB takes ownership of the array (it clears its
-            // `release`, so Rust's drop of `array` does nothing) and the chunk
-            // releases it when destroyed, right after the appender has
-            // copied the rows.
-            unsafe {
-                take_error(ffi::duckdb_data_chunk_from_arrow(
-                    self.con.con,
-                    (&mut array as *mut FFI_ArrowArray).cast(),
-                    self.converted,
-                    &mut chunk,
-                ))?;
-                let r = ffi::duckdb_append_data_chunk(self.app, chunk);
-                ffi::duckdb_destroy_data_chunk(&mut chunk);
-                if r != ffi::DuckDBSuccess {
-                    return Err(self.error("appending"));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes the buffered rows to the table.
-    pub fn flush(&mut self) -> Result<(), DuckError> {
-        // SAFETY: the appender is open.
-        if unsafe { ffi::duckdb_appender_flush(self.app) } != ffi::DuckDBSuccess {
-            return Err(self.error("flushing"));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ArrowAppender<'_> {
-    fn drop(&mut self) {
-        // SAFETY: created in `RawConnection::appender`, destroyed once here.
-        unsafe {
-            if !self.app.is_null() {
-                ffi::duckdb_appender_destroy(&mut self.app);
-            }
-            ffi::duckdb_destroy_arrow_converted_schema(&mut self.converted);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use duckdb::arrow::array::{ArrayRef, Int32Array, StringArray};
-    use duckdb::arrow::datatypes::{DataType, Field};
-
-    fn open() -> (tempfile::TempDir, Arc<Database>) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(&dir.path().join("t.duckdb")).unwrap();
-        (dir, Arc::new(db))
-    }
-
-    fn batch(rows: i32) -> RecordBatch {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("id", DataType::Int32, true),
-            Field::new("name", DataType::Utf8, true),
-        ]));
-        let ids: ArrayRef = Arc::new(Int32Array::from_iter(
-            (0..rows).map(|i| (i % 7 != 0).then_some(i)),
-        ));
-        let names: ArrayRef =
-            Arc::new(StringArray::from_iter((0..rows).map(|i| {
-                (i % 5 != 0).then(|| format!("a name longer than twelve bytes {i}"))
-            })));
-        RecordBatch::try_new(schema, vec![ids, names]).unwrap()
-    }
-
-    #[test]
-    fn batches_bigger_than_a_vector_land_whole_and_roll_back() {
-        let (_dir, db) = open();
-        let c = RawConnection::connect(&db).unwrap();
-        c.execute("CREATE TABLE t (id INTEGER, name VARCHAR)")
-            .unwrap();
-        c.execute("BEGIN").unwrap();
-        let b = batch(5000);
-        {
-            let mut a = c.appender("main", "t", &b.schema()).unwrap();
-            a.append(&b).unwrap();
-            a.flush().unwrap();
-        }
-        let counts = c
-            .query_row_i64(
-                "SELECT count(*), count(id), count(name), sum(id), \
-                 count(*) FILTER (WHERE name = 'a name longer than twelve bytes 4999') FROM t",
-            )
-            .unwrap();
-        let expected_sum: i64 = (0..5000).filter(|i| i % 7 != 0).sum();
-        assert_eq!(counts, vec![5000, 5000 - 715, 5000 - 1000, expected_sum, 1]);
-        // The appends belong to the connection's transaction.
-        c.execute("ROLLBACK").unwrap();
-        assert_eq!(c.query_row_i64("SELECT count(*) FROM t").unwrap(), vec![0]);
-    }
+    use crate::workbench::ingest::tests::{batch, load};
 
     /// Connections work in the attached file, which analysts then open as
     /// a database of its own; a table loaded with at least
@@ -373,17 +227,12 @@ mod tests {
     fn tables_land_in_the_file_without_passing_through_the_wal() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.duckdb");
-        let db = Arc::new(Database::open(&path).unwrap());
+        let db = Database::open(&path).unwrap();
         let c = RawConnection::connect(&db).unwrap();
         c.execute("BEGIN; CREATE SCHEMA wv; CREATE TABLE wv.t (id INTEGER, name VARCHAR)")
             .unwrap();
         let rows = 2 * ROW_GROUP_SIZE as i32 + 100;
-        let b = batch(rows);
-        {
-            let mut a = c.appender("wv", "t", &b.schema()).unwrap();
-            a.append(&b).unwrap();
-            a.flush().unwrap();
-        }
+        load(&c, "wv.t", vec![batch(0..rows)]).unwrap();
         c.execute("COMMIT").unwrap();
         let wal = std::fs::metadata(dir.path().join("t.duckdb.wal")).map_or(0, |m| m.len());
         assert!(wal < 64 * 1024, "the WAL holds the rows: {wal} bytes");
@@ -403,15 +252,10 @@ mod tests {
 
     #[test]
     fn errors_name_what_duckdb_refused() {
-        let (_dir, db) = open();
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(&dir.path().join("t.duckdb")).unwrap();
         let c = RawConnection::connect(&db).unwrap();
         let e = c.execute("SELECT * FROM missing_table").unwrap_err();
         assert!(e.to_string().contains("missing_table"), "{e}");
-        c.execute("CREATE TABLE t (id INTEGER)").unwrap();
-        let b = batch(10);
-        let mut a = c.appender("main", "t", &b.schema()).unwrap();
-        let e = a.append(&b).unwrap_err();
-        assert!(e.to_string().contains("column count"), "{e}");
-        assert!(c.appender("main", "nope", &b.schema()).is_err());
     }
 }
