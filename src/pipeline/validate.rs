@@ -73,16 +73,38 @@ pub fn split(
     ))
     .map_err(err)?;
 
-    // One pass over the raw rows for every count.
+    // One pass over the raw rows for every count, each rule evaluated once
+    // per row: the inner query names each rule's verdict, the outer one
+    // counts them (a rule inside both `any_fails` and its own count was
+    // evaluated twice, and a regular expression is the costly part).
+    let verdicts: Vec<String> = (0..fails.len()).map(|i| format!("_ow_rule_{i}")).collect();
+    let mut inner = vec![format!("{} IS NULL AS _ow_no_key", quote_ident(key))];
+    inner.extend(
+        fails
+            .iter()
+            .zip(&verdicts)
+            .map(|(f, v)| format!("{f} AS {v}")),
+    );
+    let any_verdict = if verdicts.is_empty() {
+        "false".to_string()
+    } else {
+        verdicts.join(" OR ")
+    };
     let mut counts = vec![
-        format!("count(*) FILTER (WHERE {any_fails})"),
-        format!("count(*) FILTER (WHERE {} IS NULL)", quote_ident(key)),
+        "count(*)".to_string(),
+        format!("count(*) FILTER (WHERE {any_verdict})"),
+        "count(*) FILTER (WHERE _ow_no_key)".to_string(),
     ];
-    counts.extend(fails.iter().map(|f| format!("count(*) FILTER (WHERE {f})")));
+    counts.extend(
+        verdicts
+            .iter()
+            .map(|v| format!("count(*) FILTER (WHERE {v})")),
+    );
     let row = duck
         .query_row_i64(&format!(
-            "SELECT count(*), {} FROM {raw}",
-            counts.join(", ")
+            "SELECT {} FROM (SELECT {} FROM {raw})",
+            counts.join(", "),
+            inner.join(", ")
         ))
         .map_err(err)?;
     let (total, per_rule) = (row[0] as u64, &row[1..]);
