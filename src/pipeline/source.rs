@@ -300,15 +300,33 @@ fn load(
     compress: bool,
     rx: std::sync::mpsc::Receiver<Msg>,
 ) -> Result<(), PipelineError> {
-    let wb = |what: String| move |e: DuckError| PipelineError::Workbench(format!("{what}: {e}"));
     // The INSERT's table function takes the chunks from the same channel.
-    let rx = Arc::new(Mutex::new(rx));
-    let recv = |rx: &Mutex<std::sync::mpsc::Receiver<Msg>>| {
-        rx.lock().unwrap_or_else(|p| p.into_inner()).recv()
-    };
+    // It is emptied on the way out, whoever still holds it: a reader
+    // waiting to send then fails at once instead of waiting forever.
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let loaded = load_tables(duck, schema, compress, &rx);
+    rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+    loaded
+}
+
+type SharedReceiver = Arc<Mutex<Option<std::sync::mpsc::Receiver<Msg>>>>;
+
+/// The next message; `None` once the channel is closed or emptied.
+fn recv(rx: &SharedReceiver) -> Option<Msg> {
+    let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+    rx.as_ref().and_then(|rx| rx.recv().ok())
+}
+
+fn load_tables(
+    duck: &RawConnection,
+    schema: &str,
+    compress: bool,
+    rx: &SharedReceiver,
+) -> Result<(), PipelineError> {
+    let wb = |what: String| move |e: DuckError| PipelineError::Workbench(format!("{what}: {e}"));
     // A closed channel is the end: the reader has finished or failed, and
     // the reader's result says which.
-    while let Ok(msg) = recv(&rx) {
+    while let Some(msg) = recv(rx) {
         let Msg::Table {
             name,
             columns,
@@ -333,9 +351,11 @@ fn load(
                 return Ok(Some(chunk));
             }
             match recv(&feed) {
-                Ok(Msg::Chunks(chunks)) => pending.extend(chunks),
-                Ok(Msg::End) | Err(_) => return Ok(None),
-                Ok(Msg::Table { .. }) => return Err("a table started before the last ended".into()),
+                Some(Msg::Chunks(chunks)) => pending.extend(chunks),
+                Some(Msg::End) | None => return Ok(None),
+                Some(Msg::Table { .. }) => {
+                    return Err("a table started before the last ended".into())
+                }
             }
         };
         duck.insert_chunks(&target, &arrow_schema, template, Box::new(next))
