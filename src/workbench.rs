@@ -22,7 +22,7 @@ use duckdb::Connection;
 
 use crate::config::WorkbenchConfig;
 use crate::pipeline::RunReport;
-pub use ingest::{Chunk, ChunkConverter, NextChunk};
+pub use ingest::{chunk_rows, Chunk, ChunkConverter, Template};
 pub use raw::{Database, DuckError, RawConnection};
 
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,8 @@
 //! belong to exactly the companies that were pulled, even while the source
 //! is being written to.
 
-use std::sync::mpsc::{RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
 use std::time::Duration;
 
 use duckdb::arrow::datatypes::Schema;
@@ -23,10 +23,12 @@ use postgres::{Client, IsolationLevel, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{quote_ident, Config, SourceConfig, SslMode};
-use crate::pipeline::pgtypes::{column_defs, ColType, ColumnBuilder};
+use crate::pipeline::pgtypes::{column_defs, ColType, ColumnBuilder, DecodeError};
 use crate::pipeline::PipelineError;
 use crate::state::StateCode;
-use crate::workbench::{Chunk, ChunkConverter, Database, DuckError, RawConnection};
+use crate::workbench::{
+    chunk_rows, Chunk, ChunkConverter, Database, DuckError, RawConnection, Template,
+};
 
 /// A raw column value, borrowed from the row buffer; decoding happens in
 /// [`ColumnBuilder::append`], which knows the column's type.
@@ -212,20 +214,14 @@ pub struct PullStats {
     pub text_fallbacks: Vec<String>,
 }
 
-/// What the reading thread hands the loading thread.
-enum Msg {
-    /// A new table starts: create it with these columns. `template` is a
-    /// chunk without rows in the types the chunks will have.
-    Table {
-        name: &'static str,
-        columns: Vec<(String, ColType)>,
-        arrow_schema: Arc<Schema>,
-        template: Chunk,
-    },
-    /// One batch of rows, converted for DuckDB.
-    Chunks(Vec<Chunk>),
-    /// The table's last rows have been sent.
-    End,
+/// A table the reading thread starts: the loading thread creates it with
+/// these columns and inserts what arrives on `chunks` until the reader
+/// drops its end, at the table's last row (or on failure).
+struct TableFeed {
+    name: &'static str,
+    columns: Vec<(String, ColType)>,
+    template: Template,
+    chunks: Receiver<Chunk>,
 }
 
 /// Pulls both entities into `<schema>.companies_raw` and `<schema>.people_raw`.
@@ -259,7 +255,7 @@ pub fn pull(
     // Dropped when both sides are done, which wakes the watcher at once: a
     // plain sleep between checks kept the pull waiting up to 50 ms more.
     let (finished, watching) = std::sync::mpsc::channel::<()>();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(2);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<TableFeed>(1);
     let (read, loaded) = std::thread::scope(|scope| {
         scope.spawn(move || {
             while let Err(RecvTimeoutError::Timeout) =
@@ -293,73 +289,30 @@ pub fn pull(
 }
 
 /// The loading side: creates each table and inserts its chunks, inside
-/// `duck`'s open transaction.
+/// `duck`'s open transaction. The reader closing the channel is the end:
+/// it has finished or failed, and its own result says which.
 fn load(
     duck: &RawConnection,
     schema: &str,
     compress: bool,
-    rx: std::sync::mpsc::Receiver<Msg>,
-) -> Result<(), PipelineError> {
-    // The INSERT's table function takes the chunks from the same channel.
-    // It is emptied on the way out, whoever still holds it: a reader
-    // waiting to send then fails at once instead of waiting forever.
-    let rx = Arc::new(Mutex::new(Some(rx)));
-    let loaded = load_tables(duck, schema, compress, &rx);
-    rx.lock().unwrap_or_else(|p| p.into_inner()).take();
-    loaded
-}
-
-type SharedReceiver = Arc<Mutex<Option<std::sync::mpsc::Receiver<Msg>>>>;
-
-/// The next message; `None` once the channel is closed or emptied.
-fn recv(rx: &SharedReceiver) -> Option<Msg> {
-    let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-    rx.as_ref().and_then(|rx| rx.recv().ok())
-}
-
-fn load_tables(
-    duck: &RawConnection,
-    schema: &str,
-    compress: bool,
-    rx: &SharedReceiver,
+    tables: Receiver<TableFeed>,
 ) -> Result<(), PipelineError> {
     let wb = |what: String| move |e: DuckError| PipelineError::Workbench(format!("{what}: {e}"));
-    // A closed channel is the end: the reader has finished or failed, and
-    // the reader's result says which.
-    while let Some(msg) = recv(rx) {
-        let Msg::Table {
-            name,
-            columns,
-            arrow_schema,
-            template,
-        } = msg
-        else {
-            return Err(PipelineError::Workbench(
-                "rows arrived before their table".into(),
-            ));
-        };
+    for table in tables {
+        let name = table.name;
         let target = format!("{}.{}", quote_ident(schema), quote_ident(name));
         duck.execute(&format!(
             "CREATE OR REPLACE TABLE {target} ({})",
-            column_defs(&columns, compress)
+            column_defs(&table.columns, compress)
         ))
         .map_err(wb(format!("creating {schema}.{name}")))?;
-        let feed = rx.clone();
-        let mut pending = std::collections::VecDeque::new();
-        let next = move || loop {
-            if let Some(chunk) = pending.pop_front() {
-                return Ok(Some(chunk));
-            }
-            match recv(&feed) {
-                Some(Msg::Chunks(chunks)) => pending.extend(chunks),
-                Some(Msg::End) | None => return Ok(None),
-                Some(Msg::Table { .. }) => {
-                    return Err("a table started before the last ended".into())
-                }
-            }
-        };
-        duck.insert_chunks(&target, &arrow_schema, template, Box::new(next))
-            .map_err(wb(format!("loading {schema}.{name}")))?;
+        let chunks = table.chunks;
+        duck.insert_chunks(
+            &target,
+            table.template,
+            Box::new(move || Ok(chunks.recv().ok())),
+        )
+        .map_err(wb(format!("loading {schema}.{name}")))?;
     }
     Ok(())
 }
@@ -371,7 +324,7 @@ fn read_source(
     state: &StateCode,
     cancel: &CancellationToken,
     db: &Arc<Database>,
-    tx: SyncSender<Msg>,
+    tx: SyncSender<TableFeed>,
 ) -> Result<PullStats, PipelineError> {
     let s = &config.source;
     let companies = config.companies_table().quoted();
@@ -445,7 +398,7 @@ fn stream_query(
     batch_rows: usize,
     cancel: &CancellationToken,
     db: &Arc<Database>,
-    out: &SyncSender<Msg>,
+    out: &SyncSender<TableFeed>,
     fallbacks: &mut Vec<String>,
 ) -> Result<u64, PipelineError> {
     let src_err =
@@ -507,32 +460,36 @@ fn stream_query(
         move |e: DuckError| PipelineError::Workbench(format!("{what} for {table}: {e}"))
     };
     let converter = ChunkConverter::new(db, arrow_schema.clone()).map_err(wb("converting rows"))?;
-    out.send(Msg::Table {
+    // Two batches' worth of chunks wait at most: memory stays bounded. This
+    // end is dropped when the function returns, which ends the table.
+    let (chunks, to_load) = std::sync::mpsc::sync_channel(2 * batch_rows.div_ceil(chunk_rows()));
+    out.send(TableFeed {
         name: table,
         columns: types.clone(),
-        arrow_schema: arrow_schema.clone(),
         template: converter.template().map_err(wb("converting rows"))?,
+        chunks: to_load,
     })
     .map_err(|_| loader_gone())?;
+    let decode_err = |column: usize, e: DecodeError| PipelineError::Decode {
+        table: table.to_string(),
+        column: types[column].0.clone(),
+        message: e.to_string(),
+    };
     let flush = |builders: &mut Vec<ColumnBuilder>| -> Result<(), PipelineError> {
         if builders.first().is_none_or(|b| b.is_empty()) {
             return Ok(());
         }
         let arrays = builders
             .iter_mut()
-            .zip(&types)
-            .map(|(b, (column, _))| {
-                b.finish().map_err(|e| PipelineError::Decode {
-                    table: table.to_string(),
-                    column: column.clone(),
-                    message: e.to_string(),
-                })
-            })
+            .enumerate()
+            .map(|(i, b)| b.finish().map_err(|e| decode_err(i, e)))
             .collect::<Result<_, _>>()?;
         let batch = RecordBatch::try_new(arrow_schema.clone(), arrays)
             .map_err(|e| PipelineError::Workbench(format!("building a batch for {table}: {e}")))?;
-        let chunks = converter.convert(&batch).map_err(wb("converting rows"))?;
-        out.send(Msg::Chunks(chunks)).map_err(|_| loader_gone())
+        for chunk in converter.convert(&batch).map_err(wb("converting rows"))? {
+            chunks.send(chunk).map_err(|_| loader_gone())?;
+        }
+        Ok(())
     };
 
     let mut rows = tx
@@ -550,11 +507,7 @@ fn stream_query(
             let v: Option<Raw> = row.try_get(i).map_err(read_err)?;
             match v {
                 None => b.append_null(),
-                Some(raw) => b.append(raw.0).map_err(|e| PipelineError::Decode {
-                    table: table.to_string(),
-                    column: types[i].0.clone(),
-                    message: e.to_string(),
-                })?,
+                Some(raw) => b.append(raw.0).map_err(|e| decode_err(i, e))?,
             }
         }
         n += 1;
@@ -569,6 +522,5 @@ fn stream_query(
         }
     }
     flush(&mut builders)?;
-    out.send(Msg::End).map_err(|_| loader_gone())?;
     Ok(n)
 }

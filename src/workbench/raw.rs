@@ -2,13 +2,6 @@
 //! transaction takes rows converted from Arrow by DuckDB's own C++ (see
 //! `ingest`), and a database that attaches the workbench file.
 //!
-//! duckdb-rs's `Appender::append_record_batch` converts every value in Rust
-//! and hands each string over in its own FFI call, which checks its UTF-8
-//! and copies it. `duckdb_data_chunk_from_arrow` converts a whole batch in
-//! C++ and points at the Arrow buffers instead. Measured on the benchmark's
-//! 150k people rows: 1.5 s of the loading thread's CPU became 0.4 s, and the
-//! table's contents are identical.
-//!
 //! The run's pull-and-validate transaction has to include the loads.
 //! duckdb-rs does not expose a `Connection`'s C handle, so that whole
 //! transaction runs on a [`RawConnection`]: a second connection to the
