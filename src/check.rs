@@ -51,15 +51,9 @@ pub fn online(config: &Config) -> Vec<String> {
                         continue;
                     }
                 };
-                problems.extend(source::missing_columns(
-                    s,
-                    entity,
-                    &table.to_string(),
-                    &columns,
-                ));
-                let checked = rules::Checker::with(|c| {
-                    c.columns(entity, &table.to_string(), &columns, rules)
-                });
+                let name = table.to_string();
+                problems.extend(source::missing_columns(s, entity, &name, &columns));
+                let checked = rules::Checker::with(|c| c.columns(entity, &name, &columns, rules));
                 if let Err(e) = checked {
                     problems.push(e.to_string());
                 }
