@@ -22,7 +22,7 @@ use duckdb::Connection;
 
 use crate::config::WorkbenchConfig;
 use crate::pipeline::RunReport;
-pub use ingest::{chunk_rows, Chunk, ChunkConverter, Template};
+pub use ingest::{chunk_rows, Chunk, ChunkConverter, NextChunk, Template};
 pub use raw::{Database, DuckError, RawConnection};
 
 #[derive(Debug, thiserror::Error)]
@@ -252,6 +252,11 @@ impl Workbench {
             },
         );
         Ok((db, conn))
+    }
+
+    /// The open database, for connections on other threads.
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
     }
 
     /// Another connection to the workbench, for work on its own thread.

@@ -1,12 +1,19 @@
 //! Step 4: write the four good/bad tables to Parquet.
 //!
+//! Two ways, one result: [`StreamedExport`] writes the files while the pull
+//! loads the rows, from the same chunks, which is what a run does unless a
+//! rule reads beyond its own row; [`export_all`] writes them after the
+//! commit from the workbench's views, which is what the link rule needs.
+//! Both write the views' queries, so the bytes are the same (measured on
+//! the benchmark: identical SHA-256 for all four files).
+//!
 //! Rows are ordered by primary key so the same data always gives the same
 //! bytes; that is what lets publish skip unchanged files by hash. The pull
-//! stores them in that order (see `source::stream_query`) and DuckDB keeps
-//! a table's order through a filtered scan into `COPY` (its default
-//! `preserve_insertion_order`), so nothing is sorted here. Each file
-//! is written under a temporary name, synced, then renamed over the old one:
-//! a reader (or an upload) never sees half a file.
+//! receives them in that order (see `source::stream_query`) and DuckDB keeps
+//! it through a filtered scan into `COPY` (its default
+//! `preserve_insertion_order`, and one thread), so nothing is sorted here.
+//! Each file is written under a temporary name, synced, then renamed over
+//! the old one: a reader (or an upload) never sees half a file.
 
 use std::fs::{self, File};
 use std::io::Read;
@@ -18,6 +25,9 @@ use crate::config::{quote_ident, Compression, ExportConfig};
 use crate::pipeline::PipelineError;
 use crate::state::StateCode;
 use crate::workbench::Workbench;
+
+mod streamed;
+pub use streamed::StreamedExport;
 
 /// One exported Parquet file.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -42,7 +52,8 @@ impl ExportedFile {
     }
 }
 
-/// Exports each entity's good and bad rows, returned in that order.
+/// Exports each entity's good and bad rows from the committed views,
+/// returned in that order.
 ///
 /// `lanes` threads, each with its own connection, take files from one
 /// queue. DuckDB runs on one thread (see `Workbench::open`), so a file is
@@ -174,17 +185,42 @@ fn write_parquet(
     path: &Path,
     cfg: &ExportConfig,
 ) -> Result<u64, PipelineError> {
-    let err = |message: String| PipelineError::Export {
+    let query = format!(
+        "SELECT * FROM {}.{}",
+        quote_ident(schema),
+        quote_ident(table)
+    );
+    let tmp = prepare_tmp(path)?;
+    let rows = duck
+        .execute(&copy_sql(&query, &tmp, cfg), [])
+        .map_err(|e| export_err(path, format!("writing {schema}.{table}: {e}")))?;
+    put_in_place(&tmp, path)?;
+    Ok(rows as u64)
+}
+
+fn export_err(path: &Path, message: String) -> PipelineError {
+    PipelineError::Export {
         path: path.to_path_buf(),
         message,
-    };
+    }
+}
+
+/// The temporary name `path` is written under, in the same directory (so
+/// the rename is atomic), created if needed and left by no earlier run.
+fn prepare_tmp(path: &Path) -> Result<PathBuf, PipelineError> {
     let dir = path.parent().expect("export path has a parent");
-    fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
+    fs::create_dir_all(dir)
+        .map_err(|e| export_err(path, format!("creating {}: {e}", dir.display())))?;
     let tmp = dir.join(format!(
         ".{}.tmp",
         path.file_name().unwrap().to_string_lossy()
     ));
     let _ = fs::remove_file(&tmp);
+    Ok(tmp)
+}
+
+/// The `COPY` writing `query`'s rows to `tmp` as Parquet.
+fn copy_sql(query: &str, tmp: &Path, cfg: &ExportConfig) -> String {
     let compression = match cfg.compression {
         Compression::Snappy => "COMPRESSION snappy".to_string(),
         Compression::Uncompressed => "COMPRESSION uncompressed".to_string(),
@@ -193,25 +229,25 @@ fn write_parquet(
             None => "COMPRESSION zstd".to_string(),
         },
     };
-    let sql = format!(
-        "COPY (SELECT * FROM {}.{}) TO '{}' \
-         (FORMAT parquet, {compression}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})",
-        quote_ident(schema),
-        quote_ident(table),
+    format!(
+        "COPY ({query}) TO '{}' (FORMAT parquet, {compression}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})",
         tmp.to_string_lossy().replace('\'', "''"),
-    );
-    let rows = duck
-        .execute(&sql, [])
-        .map_err(|e| err(format!("writing {schema}.{table}: {e}")))?;
-    File::open(&tmp)
+    )
+}
+
+/// Syncs `tmp` and renames it over `path`: whoever reads `path` sees the
+/// old file or the new one, whole.
+fn put_in_place(tmp: &Path, path: &Path) -> Result<(), PipelineError> {
+    File::open(tmp)
         .and_then(|f| f.sync_all())
-        .map_err(|e| err(format!("syncing {}: {e}", tmp.display())))?;
-    fs::rename(&tmp, path).map_err(|e| err(format!("renaming {}: {e}", tmp.display())))?;
+        .map_err(|e| export_err(path, format!("syncing {}: {e}", tmp.display())))?;
+    fs::rename(tmp, path)
+        .map_err(|e| export_err(path, format!("renaming {}: {e}", tmp.display())))?;
     // The rename itself is durable only once the directory is synced.
-    if let Ok(d) = File::open(dir) {
+    if let Ok(d) = File::open(path.parent().expect("export path has a parent")) {
         let _ = d.sync_all();
     }
-    Ok(rows as u64)
+    Ok(())
 }
 
 /// Size and lower-case hex SHA-256 of a file, read in 1 MiB chunks.

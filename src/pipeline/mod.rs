@@ -306,10 +306,26 @@ fn stages(
         "BEGIN; CREATE SCHEMA IF NOT EXISTS {};",
         crate::config::quote_ident(&schema)
     ))?;
+    let entities = ["companies", "people"];
+    // The files are written while the rows load, unless a rule reads more
+    // than its own row: the link rule reads the companies' verdicts from the
+    // workbench, which the writers' connections see only after the commit.
+    let streamed = (!opts.link_rule).then(|| {
+        export::StreamedExport::new(
+            wb,
+            state,
+            &config.export,
+            vec![
+                ("companies", &config.rules.companies[..]),
+                ("people", &config.rules.people[..]),
+            ],
+        )
+    });
     let loaded = (|| {
         let t = Instant::now();
         let syncing = wb.background_sync();
-        let pulled = source::pull(&mut client, config, state, &txn, &schema, cancel);
+        let taps = streamed.as_ref().map(|s| s.taps()).unwrap_or_default();
+        let pulled = source::pull(&mut client, config, state, &txn, &schema, cancel, taps);
         drop(syncing);
         let pulled = pulled?;
         report.stages.pull = Some(t.elapsed().as_secs_f64());
@@ -355,13 +371,16 @@ fn stages(
     check_cancel(cancel)?;
 
     let t = Instant::now();
-    report.files = export::export_all(
-        wb,
-        state,
-        &config.export,
-        &["companies", "people"],
-        config.workbench.export_lanes(),
-    )?;
+    report.files = match streamed {
+        Some(files) => files.finish(&entities)?,
+        None => export::export_all(
+            wb,
+            state,
+            &config.export,
+            &entities,
+            config.workbench.export_lanes(),
+        )?,
+    };
     report.stages.export = Some(t.elapsed().as_secs_f64());
     check_cancel(cancel)?;
 

@@ -27,7 +27,7 @@ use crate::pipeline::pgtypes::{column_defs, ColType, ColumnBuilder, DecodeError}
 use crate::pipeline::PipelineError;
 use crate::state::StateCode;
 use crate::workbench::{
-    chunk_rows, Chunk, ChunkConverter, Database, DuckError, RawConnection, Template,
+    chunk_rows, Chunk, ChunkConverter, Database, DuckError, NextChunk, RawConnection, Template,
 };
 
 /// A raw column value, borrowed from the row buffer; decoding happens in
@@ -214,26 +214,43 @@ pub struct PullStats {
     pub text_fallbacks: Vec<String>,
 }
 
-/// A table the reading thread starts: the loading thread creates it with
-/// these columns and inserts what arrives on `chunks` until the reader
-/// drops its end, at the table's last row (or on failure).
-struct TableFeed {
-    name: &'static str,
-    columns: Vec<(String, ColType)>,
-    template: Template,
-    chunks: Receiver<Chunk>,
+/// A table as one consumer of the pull receives it: the loading thread
+/// creates the raw table with these columns, a [`Tap`] does what it likes
+/// with the rows. The chunks arrive until the reader drops its end, at the
+/// table's last row or on failure (the pull's result says which).
+pub struct TableFeed {
+    /// `companies_raw` or `people_raw`.
+    pub name: &'static str,
+    pub columns: Vec<(String, ColType)>,
+    pub template: Template,
+    chunks: Receiver<Arc<Chunk>>,
 }
 
-/// Pulls both entities into `<schema>.companies_raw` and `<schema>.people_raw`.
-/// The caller owns the DuckDB connection's transaction state.
+impl TableFeed {
+    /// The rows, as `RawConnection::run_with_feed` reads them.
+    pub fn into_feed(self) -> (Template, NextChunk) {
+        let chunks = self.chunks;
+        (self.template, Box::new(move || Ok(chunks.recv().ok())))
+    }
+}
+
+/// Something else that reads every table's rows while they load, on a
+/// thread of its own, one table after the other: the export's file
+/// writers. The reader hands each chunk to every consumer, so the slowest
+/// sets the pace and memory stays bounded.
+pub type Tap<'a> = Box<dyn FnMut(TableFeed) -> Result<(), PipelineError> + Send + 'a>;
+
+/// Pulls both entities into `<schema>.companies_raw` and `<schema>.people_raw`,
+/// handing the same rows to each of `taps`. The caller owns the DuckDB
+/// connection's transaction state.
 ///
-/// Two threads: one reads rows from PostgreSQL, decodes them into Arrow
-/// batches and converts those into DuckDB chunks; this one inserts the
-/// chunks (see `workbench::ingest`). The two sides cost about the same CPU
-/// (measured: ~0.45 s each for the benchmark's 200k rows; inserting is
-/// DuckDB's column statistics and row-group writes), so with the database
-/// on another machine they overlap on two cores. At most two batches wait
-/// between them: memory stays bounded.
+/// Two threads besides the taps': one reads rows from PostgreSQL, decodes
+/// them into Arrow batches and converts those into DuckDB chunks; this one
+/// inserts the chunks (see `workbench::ingest`). The two sides cost about
+/// the same CPU (measured: ~0.45 s each for the benchmark's 200k rows;
+/// inserting is DuckDB's column statistics and row-group writes), so with
+/// the database on another machine they overlap on two cores. At most two
+/// batches wait between the reader and each consumer: memory stays bounded.
 ///
 /// Converting on the reading side and inserting instead of appending took
 /// the loading side from ~0.9 s of CPU to ~0.45 s (an appender copies every
@@ -250,13 +267,15 @@ pub fn pull(
     duck: &RawConnection,
     schema: &str,
     cancel: &CancellationToken,
+    taps: Vec<Tap<'_>>,
 ) -> Result<PullStats, PipelineError> {
     let token = client.cancel_token();
     // Dropped when both sides are done, which wakes the watcher at once: a
     // plain sleep between checks kept the pull waiting up to 50 ms more.
     let (finished, watching) = std::sync::mpsc::channel::<()>();
     let (tx, rx) = std::sync::mpsc::sync_channel::<TableFeed>(1);
-    let (read, loaded) = std::thread::scope(|scope| {
+    let mut outs = vec![tx];
+    let (read, loaded, tapped) = std::thread::scope(|scope| {
         scope.spawn(move || {
             while let Err(RecvTimeoutError::Timeout) =
                 watching.recv_timeout(Duration::from_millis(50))
@@ -267,24 +286,40 @@ pub fn pull(
                 }
             }
         });
-        // Log lines from the reader carry the run's state and id too.
+        // Log lines from the reader and the taps carry the run's state and
+        // id too.
         let span = tracing::Span::current();
+        let tapping: Vec<_> = taps
+            .into_iter()
+            .map(|mut tap| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<TableFeed>(1);
+                outs.push(tx);
+                let span = span.clone();
+                scope.spawn(move || {
+                    let _entered = span.enter();
+                    rx.into_iter().try_for_each(&mut tap)
+                })
+            })
+            .collect();
         let db = duck.database().clone();
         let reader = scope.spawn(move || {
             let _entered = span.enter();
-            read_source(client, config, state, cancel, &db, tx)
+            read_source(client, config, state, cancel, &db, outs)
         });
         let loaded = load(duck, schema, config.workbench.compress_tables, rx);
         let read = reader.join().expect("source reader panicked");
         drop(finished);
-        (read, loaded)
+        let tapped: Result<(), PipelineError> = tapping
+            .into_iter()
+            .try_for_each(|t| t.join().expect("pull tap panicked"));
+        (read, loaded, tapped)
     });
-    match (read, loaded) {
+    match (read, loaded, tapped) {
         _ if cancel.is_cancelled() => Err(PipelineError::Cancelled),
-        // A failed load makes the reader fail too ("loader stopped"); the
-        // load's error is the one that says what went wrong.
-        (_, Err(e)) => Err(e),
-        (read, Ok(())) => read,
+        // A failed consumer makes the reader fail too ("stopped taking
+        // rows"); the consumer's error is the one that says what went wrong.
+        (_, Err(e), _) | (_, Ok(()), Err(e)) => Err(e),
+        (read, Ok(()), Ok(())) => read,
     }
 }
 
@@ -306,13 +341,9 @@ fn load(
             column_defs(&table.columns, compress)
         ))
         .map_err(wb(format!("creating {schema}.{name}")))?;
-        let chunks = table.chunks;
-        duck.insert_chunks(
-            &target,
-            table.template,
-            Box::new(move || Ok(chunks.recv().ok())),
-        )
-        .map_err(wb(format!("loading {schema}.{name}")))?;
+        let (template, next) = table.into_feed();
+        duck.insert_chunks(&target, template, next)
+            .map_err(wb(format!("loading {schema}.{name}")))?;
     }
     Ok(())
 }
@@ -324,7 +355,7 @@ fn read_source(
     state: &StateCode,
     cancel: &CancellationToken,
     db: &Arc<Database>,
-    tx: SyncSender<TableFeed>,
+    outs: Vec<SyncSender<TableFeed>>,
 ) -> Result<PullStats, PipelineError> {
     let s = &config.source;
     let companies = config.companies_table().quoted();
@@ -361,7 +392,7 @@ fn read_source(
             s.batch_rows,
             cancel,
             db,
-            &tx,
+            &outs,
             &mut stats.text_fallbacks,
         )?;
         if name == "companies_raw" {
@@ -398,12 +429,12 @@ fn stream_query(
     batch_rows: usize,
     cancel: &CancellationToken,
     db: &Arc<Database>,
-    out: &SyncSender<TableFeed>,
+    outs: &[SyncSender<TableFeed>],
     fallbacks: &mut Vec<String>,
 ) -> Result<u64, PipelineError> {
     let src_err =
         |what: String| move |e: postgres::Error| PipelineError::Source { what, source: e };
-    let loader_gone = || PipelineError::Workbench("the DuckDB loader stopped".into());
+    let loader_gone = || PipelineError::Workbench("the workbench stopped taking rows".into());
     let describe = format!("SELECT {alias}.* {from}");
     let stmt = tx
         .prepare(&describe)
@@ -460,16 +491,22 @@ fn stream_query(
         move |e: DuckError| PipelineError::Workbench(format!("{what} for {table}: {e}"))
     };
     let converter = ChunkConverter::new(db, arrow_schema.clone()).map_err(wb("converting rows"))?;
-    // Two batches' worth of chunks wait at most: memory stays bounded. This
-    // end is dropped when the function returns, which ends the table.
-    let (chunks, to_load) = std::sync::mpsc::sync_channel(2 * batch_rows.div_ceil(chunk_rows()));
-    out.send(TableFeed {
-        name: table,
-        columns: types.clone(),
-        template: converter.template().map_err(wb("converting rows"))?,
-        chunks: to_load,
-    })
-    .map_err(|_| loader_gone())?;
+    // Two batches' worth of chunks wait at most for each consumer: memory
+    // stays bounded. These ends are dropped when the function returns,
+    // which ends the table.
+    let mut consumers = Vec::with_capacity(outs.len());
+    for out in outs {
+        let (to_consumer, chunks) =
+            std::sync::mpsc::sync_channel(2 * batch_rows.div_ceil(chunk_rows()));
+        out.send(TableFeed {
+            name: table,
+            columns: types.clone(),
+            template: converter.template().map_err(wb("converting rows"))?,
+            chunks,
+        })
+        .map_err(|_| loader_gone())?;
+        consumers.push(to_consumer);
+    }
     let decode_err = |column: usize, e: DecodeError| PipelineError::Decode {
         table: table.to_string(),
         column: types[column].0.clone(),
@@ -487,7 +524,10 @@ fn stream_query(
         let batch = RecordBatch::try_new(arrow_schema.clone(), arrays)
             .map_err(|e| PipelineError::Workbench(format!("building a batch for {table}: {e}")))?;
         for chunk in converter.convert(&batch).map_err(wb("converting rows"))? {
-            chunks.send(chunk).map_err(|_| loader_gone())?;
+            let chunk = Arc::new(chunk);
+            for c in &consumers {
+                c.send(chunk.clone()).map_err(|_| loader_gone())?;
+            }
         }
         Ok(())
     };

@@ -23,6 +23,56 @@ pub struct Validation {
     pub errors: BTreeMap<String, u64>,
 }
 
+/// Each rule's condition as a plain boolean: TRUE when the row fails it.
+fn failing(rules: &[Rule]) -> Vec<String> {
+    rules
+        .iter()
+        .map(|r| format!("coalesce(({}), false)", r.condition))
+        .collect()
+}
+
+fn any_fails(fails: &[String]) -> String {
+    if fails.is_empty() {
+        "false".to_string()
+    } else {
+        fails.join(" OR ")
+    }
+}
+
+/// The query for the good rows of `rows` (a table, or a subquery with an
+/// alias): the `_good` view's, and what the export writes.
+pub fn good_rows(rows: &str, rules: &[Rule]) -> String {
+    format!(
+        "SELECT * FROM {rows} WHERE NOT ({})",
+        any_fails(&failing(rules))
+    )
+}
+
+/// The query for the bad rows of `rows`, each with its `validation_errors`
+/// in rule order: the `_bad` view's, and what the export writes.
+pub fn bad_rows(rows: &str, rules: &[Rule]) -> String {
+    let fails = failing(rules);
+    let errors = if rules.is_empty() {
+        "[]::VARCHAR[]".to_string()
+    } else {
+        fails
+            .iter()
+            .zip(rules)
+            .map(|(f, r)| {
+                format!(
+                    "(CASE WHEN {f} THEN ['{}'] ELSE []::VARCHAR[] END)",
+                    r.code.replace('\'', "''")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" || ")
+    };
+    format!(
+        "SELECT *, {errors} AS validation_errors FROM {rows} WHERE {}",
+        any_fails(&fails)
+    )
+}
+
 /// Defines `<schema>.<entity>_good` and `<entity>_bad` over `<entity>_raw`
 /// and counts them (and the rows without a primary key `key`).
 ///
@@ -42,36 +92,14 @@ pub fn split(
     let raw = format!("{s}.{}", quote_ident(&format!("{entity}_raw")));
     let good = format!("{s}.{}", quote_ident(&format!("{entity}_good")));
     let bad = format!("{s}.{}", quote_ident(&format!("{entity}_bad")));
-    let fails: Vec<String> = rules
-        .iter()
-        .map(|r| format!("coalesce(({}), false)", r.condition))
-        .collect();
-    let any_fails = if fails.is_empty() {
-        "false".to_string()
-    } else {
-        fails.join(" OR ")
-    };
-    let errors_expr = if rules.is_empty() {
-        "[]::VARCHAR[]".to_string()
-    } else {
-        fails
-            .iter()
-            .zip(rules)
-            .map(|(f, r)| {
-                format!(
-                    "(CASE WHEN {f} THEN ['{}'] ELSE []::VARCHAR[] END)",
-                    r.code.replace('\'', "''")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" || ")
-    };
     duck.execute(&format!(
-        "CREATE OR REPLACE VIEW {good} AS SELECT * FROM {raw} WHERE NOT ({any_fails});
-         CREATE OR REPLACE VIEW {bad} AS
-            SELECT *, {errors_expr} AS validation_errors FROM {raw} WHERE {any_fails};"
+        "CREATE OR REPLACE VIEW {good} AS {};
+         CREATE OR REPLACE VIEW {bad} AS {};",
+        good_rows(&raw, rules),
+        bad_rows(&raw, rules)
     ))
     .map_err(err)?;
+    let fails = failing(rules);
 
     // One pass over the raw rows for every count, each rule evaluated once
     // per row: the inner query names each rule's verdict, the outer one

@@ -17,7 +17,11 @@
 //! reading thread, which has CPU to spare.
 //! Measured on the benchmark: see `source::pull`.
 //!
-//! A feed is registered under a number for the length of one `INSERT`; the
+//! The same chunks can feed several statements on several threads at once
+//! (the pull's insert, and the export's files written beside it): each
+//! statement's vectors reference the chunk's buffers, nothing is copied.
+//!
+//! A feed is registered under a number for the length of one statement; the
 //! table function's bind takes it out of the registry, so a number is
 //! good for one statement only and an unknown number is an error, never a
 //! pointer taken from SQL text.
@@ -57,6 +61,12 @@ pub struct Template {
 // SAFETY: a data chunk is plain memory owned by this handle (its vectors'
 // buffers are reference-counted); nothing ties it to the thread that made it.
 unsafe impl Send for Chunk {}
+// SAFETY: once converted a chunk is only read: `feed_scan` makes its output
+// vectors reference this chunk's buffers, which reads the chunk's vectors
+// and bumps atomic reference counts, so statements on several threads may
+// each reference one shared chunk (how the pull hands the same rows to the
+// raw table and to the files written beside it).
+unsafe impl Sync for Chunk {}
 
 impl Chunk {
     fn rows(&self) -> usize {
@@ -156,10 +166,10 @@ impl Drop for ChunkConverter {
 }
 
 /// Hands the next chunk of a table; `None` ends it. An `Err` fails the
-/// `INSERT` with that message.
-pub type NextChunk = Box<dyn FnMut() -> Result<Option<Chunk>, String> + Send>;
+/// statement with that message.
+pub type NextChunk = Box<dyn FnMut() -> Result<Option<Arc<Chunk>>, String> + Send>;
 
-/// What one `INSERT` reads: its columns, and where the rows come from.
+/// What one statement reads: its columns, and where the rows come from.
 /// `next` is emptied when the statement returns, whatever DuckDB still
 /// holds of the feed.
 struct Feed {
@@ -188,6 +198,25 @@ impl RawConnection {
         template: Template,
         next: NextChunk,
     ) -> Result<(), DuckError> {
+        self.run_with_feed(
+            |feed| format!("INSERT INTO {target} SELECT * FROM {feed}"),
+            template,
+            next,
+        )
+        .map(|_| ())
+    }
+
+    /// Runs the statement `sql` makes of a table-function call (`ow_feed(n)`)
+    /// that reads the chunks `next` hands, with `template`'s columns, and
+    /// returns its first row as integers (the count of a `COPY`). As for
+    /// [`insert_chunks`](Self::insert_chunks), `next` is dropped before this
+    /// returns.
+    pub fn run_with_feed(
+        &self,
+        sql: impl FnOnce(&str) -> String,
+        template: Template,
+        next: NextChunk,
+    ) -> Result<Vec<i64>, DuckError> {
         let next = Arc::new(Mutex::new(Some(next)));
         let id = FEED_IDS.fetch_add(1, Ordering::Relaxed);
         feeds().insert(
@@ -197,9 +226,7 @@ impl RawConnection {
                 next: next.clone(),
             },
         );
-        let done = self.execute(&format!(
-            "INSERT INTO {target} SELECT * FROM {FEED_FUNCTION}({id})"
-        ));
+        let done = self.query_row_i64(&sql(&format!("{FEED_FUNCTION}({id})")));
         // Still there if the statement failed before binding the function.
         feeds().remove(&id);
         next.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -334,7 +361,11 @@ pub(crate) mod tests {
             .unwrap()
         });
         let mut chunks = chunks.into_iter();
-        con.insert_chunks(target, template, Box::new(move || Ok(chunks.next())))
+        con.insert_chunks(
+            target,
+            template,
+            Box::new(move || Ok(chunks.next().map(Arc::new))),
+        )
     }
 
     fn open() -> (tempfile::TempDir, RawConnection) {
@@ -394,7 +425,7 @@ pub(crate) mod tests {
                 Box::new(move || {
                     let _ = &held_by_feed;
                     match chunks.next() {
-                        Some(c) => Ok(Some(c)),
+                        Some(c) => Ok(Some(Arc::new(c))),
                         None => Err("the source went away".into()),
                     }
                 }),

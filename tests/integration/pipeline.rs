@@ -308,6 +308,121 @@ fn files_are_in_key_order_whatever_the_physical_order() {
     assert_eq!(hashes(&r3), hashes(&r1));
 }
 
+/// A run writes its files while the rows load; a run with the link rule
+/// writes them after the commit from the workbench's views. Both give the
+/// same bytes, so the link rule re-uploads only what it changes.
+#[test]
+fn files_written_while_loading_are_the_views_files() {
+    let mut w = World::new("streamed");
+    w.config.source.batch_rows = 3; // several batches per table
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "c2", Some("B"), Some("b.example"), "WV");
+    add_company(&mut pg, "c3", None, Some("c.example"), "WV"); // bad, nobody works there
+    let people = [
+        ("p1", "c1", Some("x@a.example"), Some("CEO")),
+        ("p2", "c1", Some("bad"), Some("CEO")),
+        ("p3", "c2", Some("y@b.example"), None),
+        ("p4", "c2", Some("z@b.example"), Some("CTO")),
+        ("p5", "c2", None, None),
+        ("p6", "c1", Some("w@a.example"), Some("CFO")),
+        ("p7", "c2", Some("v@b.example"), Some("COO")),
+    ];
+    for (id, company, email, title) in people {
+        add_person(&mut pg, id, company, email, title);
+    }
+    let streamed = w.run_with("WV", &dry());
+    assert!(streamed.succeeded(), "{}", streamed.summary());
+    let from_views = w.run_with(
+        "WV",
+        &RunOptions {
+            dry_run: true,
+            link_rule: true,
+            ..Default::default()
+        },
+    );
+    assert!(from_views.succeeded(), "{}", from_views.summary());
+    let files = |r: &outreach_workbench::pipeline::RunReport| {
+        r.files
+            .iter()
+            .map(|f| (f.table_name.clone(), f.rows, f.sha256.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(files(&streamed), files(&from_views));
+    assert_eq!(
+        files(&streamed)
+            .iter()
+            .map(|(t, rows, _)| format!("{t}={rows}"))
+            .collect::<Vec<_>>(),
+        [
+            "companies_good=2",
+            "companies_bad=1",
+            "people_good=4",
+            "people_bad=3"
+        ]
+    );
+    assert_eq!(streamed.people.as_ref().unwrap().errors["email_invalid"], 2);
+}
+
+/// A rule that fails on a value (a cast) fails the run before its commit:
+/// the previous run's tables and files stay as they were, and no
+/// temporary file is left behind.
+#[test]
+fn a_rule_failing_at_run_time_leaves_the_last_run_in_place() {
+    let mut w = World::new("runtime-rule");
+    w.set_config_extra(
+        r#"
+[rules]
+people = [{ code = "title_negative", condition = "CAST(title AS INTEGER) < 0" }]
+"#,
+    );
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_person(&mut pg, "p1", "c1", Some("x@a.example"), Some("42"));
+    add_person(&mut pg, "p2", "c1", Some("y@a.example"), Some("-1"));
+    let first = w.run_with("WV", &dry());
+    assert!(first.succeeded(), "{}", first.summary());
+    assert_eq!(first.people.as_ref().unwrap().errors["title_negative"], 1);
+
+    add_person(&mut pg, "p3", "c1", Some("z@a.example"), Some("CEO"));
+    let failed = w.run_with("WV", &dry());
+    assert_eq!(failed.status, RunStatus::Failed);
+    let error = failed.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("people_") && error.contains("CEO"),
+        "names the file and the value: {error}"
+    );
+    for f in &first.files {
+        let (_, sha256) = outreach_workbench::pipeline::export::hash_file(&f.path).unwrap();
+        assert_eq!(sha256, f.sha256, "{} was replaced", f.path.display());
+    }
+    let leftovers: Vec<_> = walk(&w.dir.path().join("exports"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let duck =
+        duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
+    let n: i64 = duck
+        .query_row("SELECT count(*) FROM wv.people_raw", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 2, "the failed run's rows were rolled back");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
 #[test]
 fn a_key_setting_naming_no_column_is_refused_before_any_work() {
     let mut w = World::new("nokey");
