@@ -362,6 +362,24 @@ fn files_written_while_loading_are_the_views_files() {
         ]
     );
     assert_eq!(streamed.people.as_ref().unwrap().errors["email_invalid"], 2);
+    // The link rule changes nothing but its own count (no person works for
+    // the bad company).
+    let counts = |r: &outreach_workbench::pipeline::RunReport| {
+        let mut people = serde_json::to_value(r.people.as_ref().unwrap()).unwrap();
+        people["errors"]
+            .as_object_mut()
+            .unwrap()
+            .remove("company_not_valid");
+        (
+            serde_json::to_value(r.companies.as_ref().unwrap()).unwrap(),
+            people,
+        )
+    };
+    assert_eq!(counts(&streamed), counts(&from_views));
+    assert_eq!(
+        from_views.people.as_ref().unwrap().errors["company_not_valid"],
+        0
+    );
 }
 
 /// A rule that fails on a value (a cast) fails the run before its commit:

@@ -114,6 +114,9 @@ impl<'a> StreamedExport<'a> {
             .collect::<Vec<_>>()
             .join(", ");
         let con = RawConnection::connect(&self.db).map_err(err)?;
+        // As in the export after the commit (see `export_all`): every
+        // column OPTIONAL, whatever the rows, so the bytes depend on the
+        // rows alone.
         con.execute("SET disabled_optimizers = 'statistics_propagation'")
             .map_err(err)?;
         let (template, next) = feed.into_feed();
