@@ -97,16 +97,7 @@ pub fn export_all(
         let (schema, span, queue) = (&schema, span.clone(), &queue);
         move || -> Result<Vec<(usize, ExportedFile)>, PipelineError> {
             let _entered = span.enter();
-            // DuckDB marks a Parquet column REQUIRED when the optimizer's
-            // statistics prove it has no NULL, and those statistics come
-            // from the raw table, bad rows included: one bad row with a NULL
-            // name would make the good file's `company_name` OPTIONAL,
-            // changing its schema and bytes though its rows did not change.
-            // Without that pass every column is OPTIONAL, as in the source,
-            // and the bytes depend on the rows alone. The setting is this
-            // connection's only.
-            conn.execute_batch("SET disabled_optimizers = 'statistics_propagation'")
-                .map_err(conn_err)?;
+            conn.execute_batch(WRITER_SETTINGS).map_err(conn_err)?;
             let mut done = Vec::new();
             loop {
                 let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
@@ -178,6 +169,15 @@ fn export_one(
 /// ~2 MB is still a good read for anyone scanning the files.
 const ROW_GROUP_ROWS: usize = 32_768;
 
+/// What every connection writing a file runs first (a connection's own
+/// setting). DuckDB marks a Parquet column REQUIRED when the optimizer's
+/// statistics prove it has no NULL, and those statistics come from the raw
+/// table, bad rows included: one bad row with a NULL name would make the
+/// good file's `company_name` OPTIONAL, changing its schema and bytes though
+/// its rows did not change. Without that pass every column is OPTIONAL, as
+/// in the source, and the bytes depend on the rows alone.
+const WRITER_SETTINGS: &str = "SET disabled_optimizers = 'statistics_propagation'";
+
 fn write_parquet(
     duck: &duckdb::Connection,
     schema: &str,
@@ -238,9 +238,19 @@ fn copy_sql(query: &str, tmp: &Path, cfg: &ExportConfig) -> String {
 /// Syncs `tmp` and renames it over `path`: whoever reads `path` sees the
 /// old file or the new one, whole.
 fn put_in_place(tmp: &Path, path: &Path) -> Result<(), PipelineError> {
+    sync_tmp(tmp, path)?;
+    rename_synced(tmp, path)
+}
+
+/// Syncs `tmp`, the file that will become `path`.
+fn sync_tmp(tmp: &Path, path: &Path) -> Result<(), PipelineError> {
     File::open(tmp)
         .and_then(|f| f.sync_all())
-        .map_err(|e| export_err(path, format!("syncing {}: {e}", tmp.display())))?;
+        .map_err(|e| export_err(path, format!("syncing {}: {e}", tmp.display())))
+}
+
+/// The second half of [`put_in_place`], for a `tmp` already synced.
+fn rename_synced(tmp: &Path, path: &Path) -> Result<(), PipelineError> {
     fs::rename(tmp, path)
         .map_err(|e| export_err(path, format!("renaming {}: {e}", tmp.display())))?;
     // The rename itself is durable only once the directory is synced.

@@ -1,10 +1,13 @@
 //! The export written while the pull loads the rows (see [`StreamedExport`]).
 
-use std::fs::{self, File};
+use std::fs;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use super::{copy_sql, export_err, hash_file, prepare_tmp, put_in_place, ExportedFile};
+use super::{
+    copy_sql, export_err, hash_file, prepare_tmp, rename_synced, sync_tmp, ExportedFile,
+    WRITER_SETTINGS,
+};
 use crate::config::{quote_ident, ExportConfig};
 use crate::pipeline::rules::Rule;
 use crate::pipeline::source::{TableFeed, Tap};
@@ -114,11 +117,7 @@ impl<'a> StreamedExport<'a> {
             .collect::<Vec<_>>()
             .join(", ");
         let con = RawConnection::connect(&self.db).map_err(err)?;
-        // As in the export after the commit (see `export_all`): every
-        // column OPTIONAL, whatever the rows, so the bytes depend on the
-        // rows alone.
-        con.execute("SET disabled_optimizers = 'statistics_propagation'")
-            .map_err(err)?;
+        con.execute(WRITER_SETTINGS).map_err(err)?;
         let (template, next) = feed.into_feed();
         let counted = con
             .run_with_feed(
@@ -136,9 +135,7 @@ impl<'a> StreamedExport<'a> {
             .map_err(err)?;
         // Synced and hashed here, while the pull goes on, rather than
         // after the commit, when nothing else would run beside it.
-        File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| export_err(&path, format!("syncing {}: {e}", tmp.display())))?;
+        sync_tmp(&tmp, &path)?;
         let (bytes, sha256) = hash_file(&tmp).map_err(|e| export_err(&path, e.to_string()))?;
         let rows = counted.first().copied().unwrap_or(0) as u64;
         self.written.lock().unwrap_or_else(|p| p.into_inner())[slot].done = Some(Done {
@@ -184,7 +181,8 @@ fn put(w: &Written) -> Result<ExportedFile, PipelineError> {
         .done
         .as_ref()
         .ok_or_else(|| export_err(&w.path, "the file was not finished".into()))?;
-    put_in_place(&w.tmp, &w.path)?;
+    // Synced when it was written.
+    rename_synced(&w.tmp, &w.path)?;
     Ok(ExportedFile {
         entity: w.entity.clone(),
         kind: w.kind.to_string(),
