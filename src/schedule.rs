@@ -8,11 +8,18 @@
 //! Vixie cron does:
 //! - a time that does not exist that day (spring forward) fires once, at
 //!   the first instant after the gap (02:30 becomes 03:00 EDT);
-//! - a time that exists twice (fall back) fires once, at the first of the two;
+//! - a time that exists twice (fall back) fires once, at the first of the
+//!   two, unless the hour field is a wildcard (`0 * * * *`, `*/15 * * * *`):
+//!   such a schedule fires in both repeated hours, so an hourly job has no
+//!   two-hour gap that night;
 //! - every other day it fires at exactly the stated local time.
+//!
+//! Fire times are whole seconds, whatever the instant they are computed
+//! from: daemons on several hosts fire a schedule at the same instant, and
+//! the fire time they claim in PostgreSQL is the same value.
 
 use chrono::offset::LocalResult;
-use chrono::{DateTime, Duration, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, Duration, NaiveDateTime, Offset, SubsecRound, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds};
 use croner::Cron;
@@ -37,7 +44,13 @@ pub struct Schedule {
     pub spec: String,
     pub tz: Tz,
     cron: Cron,
+    /// The hour field starts with `*`: fires in both hours of a fall-back.
+    hour_wildcard: bool,
 }
+
+/// More than the largest DST shift in use (2 h, Antarctica/Troll): the
+/// window in which a later wall-clock time can be an earlier instant.
+const DST_WINDOW: Duration = Duration::hours(3);
 
 impl Schedule {
     pub fn from_config(index: usize, cfg: &ScheduleConfig) -> Result<Schedule, ScheduleError> {
@@ -64,7 +77,8 @@ impl Schedule {
             }
             _ => return Err(err("cron", "set exactly one of `cron` or `cadence`".into())),
         };
-        let fields = expr.split_whitespace().count();
+        let field_list: Vec<&str> = expr.split_whitespace().collect();
+        let fields = field_list.len();
         if !(5..=6).contains(&fields) {
             return Err(err(
                 "cron",
@@ -87,33 +101,81 @@ impl Schedule {
             .iter()
             .map(|s| StateCode::parse(s).map_err(|e| err("states", e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
+        let hour_wildcard = field_list[if fields == 6 { 2 } else { 1 }].starts_with('*');
         Ok(Schedule {
             index,
             states,
             spec,
             tz,
             cron,
+            hour_wildcard,
         })
     }
 
-    /// The first fire time strictly after `after`.
+    /// The first fire time strictly after `after`, in whole seconds.
+    ///
+    /// Wall-clock matches come in wall-clock order; placed on the timeline
+    /// they are in order too, except near a fall-back, where a later wall
+    /// time can be an earlier instant. Away from a DST change the first
+    /// placement after `after` is the answer; near one, every match within
+    /// [`DST_WINDOW`] of it is placed and the earliest wins.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let mut probe = after.with_timezone(&self.tz).naive_local();
-        // Each step moves to a later wall-clock match; a few steps are only
-        // needed inside a repeated hour, so the bound is generous.
-        for _ in 0..10_000 {
+        let near_change = |t: DateTime<Utc>| {
+            let offset = |t: DateTime<Utc>| t.with_timezone(&self.tz).offset().fix();
+            offset(t - DST_WINDOW) != offset(t + DST_WINDOW)
+        };
+        let whole = after.trunc_subsecs(0);
+        let mut probe = whole.with_timezone(&self.tz).naive_local();
+        if near_change(whole) {
+            // The repeated hour's second pass has wall times before `after`'s.
+            probe -= DST_WINDOW;
+        }
+        let mut best: Option<(DateTime<Utc>, NaiveDateTime)> = None;
+        // Per-second schedules take the most steps: a few thousand inside
+        // the window, once a year.
+        for _ in 0..100_000 {
             let wall = self
                 .cron
                 .find_next_occurrence(&Utc.from_utc_datetime(&probe), false)
                 .ok()?
                 .naive_utc();
-            let at = place(&self.tz, wall);
-            if at > after {
-                return Some(at);
+            if let Some((at, found_wall)) = best {
+                if wall > found_wall + DST_WINDOW || !near_change(at) {
+                    return Some(at);
+                }
+            }
+            for at in self.place(wall) {
+                if at > after && best.is_none_or(|(b, _)| at < b) {
+                    best = Some((at, best.map_or(wall, |(_, w)| w)));
+                }
             }
             probe = wall;
         }
-        None
+        best.map(|(at, _)| at)
+    }
+
+    /// The instants a wall-clock time of the zone fires at: the earliest of
+    /// a repeated time (both with a wildcard hour), the first instant after
+    /// the gap for a skipped one.
+    fn place(&self, wall: NaiveDateTime) -> Vec<DateTime<Utc>> {
+        let tz = &self.tz;
+        match tz.from_local_datetime(&wall) {
+            LocalResult::Single(t) => vec![t.with_timezone(&Utc)],
+            LocalResult::Ambiguous(first, second) if self.hour_wildcard => {
+                vec![first.with_timezone(&Utc), second.with_timezone(&Utc)]
+            }
+            LocalResult::Ambiguous(first, _) => vec![first.with_timezone(&Utc)],
+            LocalResult::None => {
+                // Gaps are whole minutes in every zone still in use; walk to
+                // the first wall-clock minute that exists again.
+                let start = wall - Duration::seconds(wall.and_utc().timestamp() % 60);
+                vec![(1..=24 * 60)
+                    .map(|m| start + Duration::minutes(m))
+                    .find_map(|w| tz.from_local_datetime(&w).earliest())
+                    .map(|t| t.with_timezone(&Utc))
+                    .unwrap_or_else(|| Utc.from_utc_datetime(&wall))]
+            }
+        }
     }
 
     /// The next `n` fire times after `from`.
@@ -130,25 +192,6 @@ impl Schedule {
             }
         }
         out
-    }
-}
-
-/// Places a wall-clock time of `tz` on the timeline: earliest of a repeated
-/// time, first instant after the gap for a skipped one.
-fn place(tz: &Tz, wall: NaiveDateTime) -> DateTime<Utc> {
-    match tz.from_local_datetime(&wall) {
-        LocalResult::Single(t) => t.with_timezone(&Utc),
-        LocalResult::Ambiguous(first, _) => first.with_timezone(&Utc),
-        LocalResult::None => {
-            // Gaps are whole minutes in every zone still in use; walk to the
-            // first wall-clock minute that exists again.
-            let start = wall - Duration::seconds(wall.and_utc().timestamp() % 60);
-            (1..=24 * 60)
-                .map(|m| start + Duration::minutes(m))
-                .find_map(|w| tz.from_local_datetime(&w).earliest())
-                .map(|t| t.with_timezone(&Utc))
-                .unwrap_or_else(|| Utc.from_utc_datetime(&wall))
-        }
     }
 }
 
@@ -239,7 +282,9 @@ mod tests {
     }
 
     #[test]
-    fn hourly_across_fall_back_has_no_duplicate() {
+    fn hourly_across_fall_back_fires_in_both_repeated_hours() {
+        // As Vixie cron: a wildcard hour runs in the repeated hour too, so
+        // there is no two-hour gap; each instant fires once.
         let s = Schedule::from_config(
             0,
             &ScheduleConfig {
@@ -250,15 +295,53 @@ mod tests {
             },
         )
         .unwrap();
-        let f = fires(&s, "2026-11-01T04:30:00Z", 4);
+        assert_eq!(
+            fires(&s, "2026-11-01T04:30:00Z", 4),
+            [
+                "2026-11-01T05:00:00+00:00", // 01:00 EDT
+                "2026-11-01T06:00:00+00:00", // 01:00 EST, the repeat
+                "2026-11-01T07:00:00+00:00", // 02:00 EST
+                "2026-11-01T08:00:00+00:00",
+            ]
+        );
+        // Asked from inside the repeated hour, the repeat is still ahead.
+        assert_eq!(
+            fires(&s, "2026-11-01T05:30:00Z", 1),
+            ["2026-11-01T06:00:00+00:00"]
+        );
+        let s = sched("*/15 * * * *", "America/New_York");
+        let f = fires(&s, "2026-11-01T05:40:00Z", 6);
         assert_eq!(
             f,
             [
-                "2026-11-01T05:00:00+00:00", // 01:00 EDT
-                "2026-11-01T07:00:00+00:00", // 02:00 EST (01:00 EST is the repeat)
-                "2026-11-01T08:00:00+00:00",
-                "2026-11-01T09:00:00+00:00",
+                "2026-11-01T05:45:00+00:00", // 01:45 EDT
+                "2026-11-01T06:00:00+00:00", // 01:00 EST
+                "2026-11-01T06:15:00+00:00",
+                "2026-11-01T06:30:00+00:00",
+                "2026-11-01T06:45:00+00:00",
+                "2026-11-01T07:00:00+00:00", // 02:00 EST
             ]
+        );
+    }
+
+    #[test]
+    fn fire_times_are_whole_seconds() {
+        let s = sched("*/5 * * * * *", "UTC");
+        let after = utc("2026-01-01T00:00:01.734Z");
+        let next = s.next_after(after).unwrap();
+        assert_eq!(next.to_rfc3339(), "2026-01-01T00:00:05+00:00");
+        assert_eq!(next.timestamp_subsec_nanos(), 0);
+        let s = sched("0 6 * * *", "America/New_York");
+        let next = s.next_after(utc("2026-03-06T12:00:00.999999Z")).unwrap();
+        assert_eq!(next.timestamp_subsec_nanos(), 0);
+        // A fire time is strictly after: from exactly a fire, the next one.
+        let at = utc("2026-01-01T00:00:05Z");
+        assert_eq!(
+            sched("*/5 * * * * *", "UTC")
+                .next_after(at)
+                .unwrap()
+                .to_rfc3339(),
+            "2026-01-01T00:00:10+00:00"
         );
     }
 
