@@ -3,6 +3,10 @@
 # this script starts on free loopback ports and stops when it exits.
 #   scripts/test.sh                 # everything
 #   scripts/test.sh dedup           # only tests whose name contains "dedup"
+#
+# The one-shot tests (pipeline, gates, cli, types) run a second time with
+# every run going through PgBouncer in transaction mode, as production
+# reaches Neon's pooled endpoint.
 set -euo pipefail
 source "$(dirname "$0")/lib/services.sh"
 cd "$OW_ROOT"
@@ -16,3 +20,11 @@ cargo clippy --release --locked --all-targets --quiet -- -D warnings
 ow_start_services
 ow_log "cargo test"
 cargo test --release --locked --no-fail-fast -- "$@"
+if [ -n "${OW_PGB_PORT:-}" ]; then
+    filters=("$@")
+    [ ${#filters[@]} -gt 0 ] || filters=(pipeline:: gates:: cli:: types::)
+    ow_log "cargo test, the one-shot tests again through PgBouncer (transaction pooling)"
+    OW_TEST_POOLED=1 cargo test --release --locked --no-fail-fast -- "${filters[@]}"
+else
+    ow_log "PgBouncer is not running: the pooled pass is skipped"
+fi

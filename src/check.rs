@@ -2,7 +2,7 @@
 //! one line; an empty list means a run can start.
 
 use crate::config::Config;
-use crate::pipeline::{audit, pg_message, publish, rules, source, PipelineError};
+use crate::pipeline::{audit, claim, pg_message, publish, rules, source, PipelineError};
 
 /// Config-only checks (the config already loaded and validated, the rules'
 /// SQL parsed): secrets that a run will need. No network, for the
@@ -27,7 +27,7 @@ pub fn online(config: &Config) -> Vec<String> {
                 .into(),
         );
     }
-    match source::connect(&config.source) {
+    match crate::pg::connect(&config.source) {
         Err(e) => problems.push(e.to_string()),
         Ok(mut client) => {
             let s = &config.source;
@@ -75,4 +75,20 @@ pub fn online(config: &Config) -> Vec<String> {
         problems.push(e.to_string());
     }
     problems
+}
+
+/// The leases held now (who runs which state), for `check` to show: a
+/// line each; empty before any run made the table, or when it cannot be read.
+pub fn leases(config: &Config) -> Vec<String> {
+    let once = crate::config::RetryConfig {
+        attempts: 1,
+        ..config.retry.clone()
+    };
+    let mut session = crate::pg::Session::lazy(&config.source, &once);
+    let never = tokio_util::sync::CancellationToken::new();
+    match claim::live_leases(&mut session, config, &never) {
+        Ok(lines) => lines,
+        Err(e) if e.to_string().contains("does not exist") => Vec::new(),
+        Err(e) => vec![format!("cannot read the leases: {e}")],
+    }
 }

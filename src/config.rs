@@ -70,6 +70,8 @@ pub struct Config {
     #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
+    pub lease: LeaseConfig,
+    #[serde(default)]
     pub daemon: DaemonConfig,
     #[serde(default)]
     pub retry: RetryConfig,
@@ -304,6 +306,23 @@ impl Default for AuditConfig {
     }
 }
 
+/// The per-state lease that keeps runs of one state on several hosts
+/// apart (see `pipeline::claim`). Its table sits beside the audit table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// A lease not renewed for this long is taken over: how long a crashed
+    /// run (kill -9, power loss) keeps its state from running elsewhere.
+    /// The heartbeat renews it every third of this.
+    pub ttl_secs: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig { ttl_secs: 60 }
+    }
+}
+
 /// One `[[schedule]]` entry; see `schedule.rs` for how it fires.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -500,6 +519,12 @@ impl Config {
                 "needs 0 <= initial_backoff_secs <= max_backoff_secs",
             ));
         }
+        if self.lease.ttl_secs < 3 {
+            return Err(invalid(
+                "lease.ttl_secs",
+                "must be at least 3 (the heartbeat renews it every third of it)",
+            ));
+        }
         if self.daemon.max_concurrent_runs == 0 {
             return Err(invalid("daemon.max_concurrent_runs", "must be at least 1"));
         }
@@ -565,6 +590,20 @@ impl Config {
     }
     pub fn audit_table(&self) -> QualifiedName {
         QualifiedName::parse("audit.table", &self.audit.table).expect("validated at load")
+    }
+    /// `outreach_leases`, in the audit table's schema.
+    pub fn leases_table(&self) -> QualifiedName {
+        QualifiedName {
+            schema: self.audit_table().schema,
+            table: "outreach_leases".into(),
+        }
+    }
+    /// `outreach_fire_claims`, in the audit table's schema.
+    pub fn fire_claims_table(&self) -> QualifiedName {
+        QualifiedName {
+            schema: self.audit_table().schema,
+            table: "outreach_fire_claims".into(),
+        }
     }
     pub fn log_dir(&self) -> PathBuf {
         self.daemon

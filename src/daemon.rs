@@ -12,8 +12,9 @@
 //!
 //! A trigger that finds its state still running (or queued behind
 //! `max_concurrent_runs`) is skipped with a log line: runs of one state never
-//! overlap in this process. Across processes and hosts, the pipeline's
-//! PostgreSQL advisory lock does the same.
+//! overlap in this process. Across processes and hosts, each run claims its
+//! fire time and its state's lease in PostgreSQL (`pipeline::claim`): one
+//! fire time runs once, one state runs once at a time.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -150,7 +151,7 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
 /// is no reason not to start; each run checks the rules again before it
 /// pulls.
 fn check_rules_at_start(config: &Config) -> anyhow::Result<()> {
-    let checked = pipeline::source::connect(&config.source)
+    let checked = crate::pg::connect(&config.source)
         .and_then(|mut client| pipeline::rules::check_against_source(&mut client, config));
     match checked {
         Ok(()) => Ok(()),
@@ -165,35 +166,40 @@ fn check_rules_at_start(config: &Config) -> anyhow::Result<()> {
 }
 
 /// Runs a previous process left `running` (it died mid-run) are marked
-/// abandoned in the workbench and audited, so no run goes missing without a
-/// record. Problems here are logged, never fatal: the schedules matter more.
+/// abandoned in the workbench, their audit records pending; then every
+/// pending record (these, and runs that could not reach PostgreSQL) is
+/// written if PostgreSQL answers now. No run goes missing without a record.
+/// Problems here are logged, never fatal: the schedules matter more, and
+/// each run that reaches PostgreSQL sends what is still pending.
 fn audit_abandoned_runs(config: &Config, wb: &crate::workbench::Workbench) {
-    let runs = match wb.take_abandoned() {
-        Ok(runs) => runs,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not look for abandoned runs");
-            return;
-        }
+    // One try: a database that is down now must not hold up the start.
+    let once = crate::config::RetryConfig {
+        attempts: 1,
+        ..config.retry.clone()
     };
-    for run in runs {
-        let started =
-            chrono::DateTime::from_timestamp_micros(run.started_at_us).unwrap_or_default();
-        tracing::warn!(state = %run.state, run_id = %run.run_id, started_at = %started, "run abandoned by a previous process");
-        if run.dry_run {
-            continue;
+    let mut session = crate::pg::Session::lazy(&config.source, &once);
+    let never = CancellationToken::new();
+    match wb.take_abandoned() {
+        Ok(runs) => {
+            for run in &runs {
+                let started =
+                    chrono::DateTime::from_timestamp_micros(run.started_at_us).unwrap_or_default();
+                tracing::warn!(state = %run.state, run_id = %run.run_id, started_at = %started, "run abandoned by a previous process");
+            }
+            // Their leases are known dead (this process holds the
+            // workbench, so no other has them running): free the states
+            // now instead of after the TTL.
+            let ids: Vec<String> = runs.iter().map(|r| r.run_id.clone()).collect();
+            if !ids.is_empty() {
+                if let Err(e) = pipeline::claim::release_dead(&mut session, config, &ids, &never) {
+                    tracing::warn!(error = %e, "could not release the abandoned runs' leases; they expire by themselves");
+                }
+            }
         }
-        let details = serde_json::json!({
-            "state": run.state,
-            "run_id": run.run_id,
-            "status": "abandoned",
-            "started_at": started,
-            "finished_at": Utc::now(),
-            "error": crate::workbench::ABANDONED,
-        });
-        let written = pipeline::audit::write(config, &details);
-        if let Err(e) = written {
-            tracing::error!(run_id = %run.run_id, error = %e, "could not audit the abandoned run");
-        }
+        Err(e) => tracing::warn!(error = %e, "could not look for abandoned runs"),
+    }
+    if let Err(e) = pipeline::audit::send_pending(&mut session, config, wb, &never) {
+        tracing::warn!(error = %e, "could not write the pending audit records now; the next run that reaches PostgreSQL does");
     }
 }
 
@@ -217,9 +223,12 @@ fn missed_runs(config: &Config, wb: &crate::workbench::Workbench) -> Vec<(StateC
             };
             let due = last
                 .and_then(|t| schedule.next_after(t))
-                .is_some_and(|fire| fire <= now);
-            if due && !missed.iter().any(|(s, _)| s == state) {
-                let opts = RunOptions::for_schedule(config, cfg);
+                .filter(|fire| *fire <= now);
+            if let Some(fire) = due.filter(|_| !missed.iter().any(|(s, _)| s == state)) {
+                // The first fire time missed is the one claimed: a host that
+                // was up then has run it, and this one skips it.
+                let mut opts = RunOptions::for_schedule(config, cfg);
+                opts.fire_time = Some(fire);
                 missed.push((state.clone(), opts));
             }
         }
@@ -286,8 +295,10 @@ async fn fire_forever(
             tokio::time::sleep(wait).await;
         }
         after = next;
+        let mut fired = opts.clone();
+        fired.fire_time = Some(next);
         for state in &schedule.states {
-            trigger(state.clone(), &opts, &config, &shared);
+            trigger(state.clone(), &fired, &config, &shared);
         }
     }
 }
@@ -340,20 +351,28 @@ fn log_report(r: &pipeline::RunReport) {
             .map(|c| format!("{}/{}", c.good, c.bad))
             .unwrap_or_else(|| "-".into())
     };
-    match r.status {
-        RunStatus::Success => tracing::info!(
+    let audit_id = r
+        .audit_id
+        .map(|id| id.to_string())
+        .unwrap_or_else(|| "-".into());
+    match (r.status, &r.audit_error) {
+        (RunStatus::Success, None) => tracing::info!(
             state = %r.state, run_id = %r.run_id,
             companies_good_bad = %counts(&r.companies), people_good_bad = %counts(&r.people),
-            uploaded = r.uploaded, skipped = r.skipped, audit_id = ?r.audit_id,
+            uploaded = r.uploaded, skipped = r.skipped, audit_id = %audit_id,
             secs = r.duration_secs.unwrap_or_default(), "run succeeded"
         ),
-        RunStatus::Skipped => tracing::info!(
+        (RunStatus::Skipped, _) => tracing::info!(
             state = %r.state, run_id = %r.run_id, reason = r.error.as_deref().unwrap_or(""),
             "run skipped"
         ),
+        (RunStatus::Success, Some(audit_error)) => tracing::error!(
+            state = %r.state, run_id = %r.run_id, uploaded = r.uploaded, skipped = r.skipped,
+            error = %audit_error, "run published, but its audit record is not written yet"
+        ),
         _ => tracing::error!(
             state = %r.state, run_id = %r.run_id, status = r.status.as_str(),
-            error = r.error.as_deref().unwrap_or(""), audit_id = ?r.audit_id, "run did not succeed"
+            error = r.error.as_deref().unwrap_or(""), audit_id = %audit_id, "run did not succeed"
         ),
     }
 }

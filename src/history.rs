@@ -30,6 +30,9 @@ pub struct Entry {
     pub gates: Vec<GateResult>,
     pub forced: bool,
     pub audit_id: Option<i64>,
+    /// The audit record could not be written yet (PostgreSQL unreachable);
+    /// it is sent by the next run that reaches PostgreSQL.
+    pub audit_pending: bool,
     pub error: Option<String>,
 }
 
@@ -51,7 +54,7 @@ pub fn read(
     let mut stmt = conn
         .prepare(
             "SELECT run_id, state, status, dry_run, epoch_us(started_at), epoch_us(finished_at),
-                    audit_id, error, report
+                    audit_id, error, report, coalesce(audit_pending, false)
              FROM main.runs WHERE ?::VARCHAR IS NULL OR state = ?
              ORDER BY started_at DESC, run_id LIMIT ?",
         )
@@ -69,12 +72,13 @@ pub fn read(
                 r.get::<_, Option<i64>>(6)?,
                 r.get::<_, Option<String>>(7)?,
                 r.get::<_, Option<String>>(8)?,
+                r.get::<_, bool>(9)?,
             ))
         })
         .map_err(err)?;
     let mut out = Vec::new();
     for row in rows {
-        let (run_id, state, status, dry_run, started, finished, audit_id, error, report) =
+        let (run_id, state, status, dry_run, started, finished, audit_id, error, report, pending) =
             row.map_err(err)?;
         let json: serde_json::Value = report
             .as_deref()
@@ -97,6 +101,7 @@ pub fn read(
             gates: field(&json, "gates").unwrap_or_default(),
             forced: json["forced"].as_bool().unwrap_or(false),
             audit_id,
+            audit_pending: pending,
             error,
         });
     }
@@ -166,6 +171,12 @@ pub fn table(entries: &[Entry]) -> String {
         let shown = e.status == "success" || e.status == "gated";
         if let Some(err) = e.error.as_deref().filter(|_| !shown) {
             s.push_str(&format!("    {}: {err}\n", e.run_id));
+        }
+        if e.audit_pending {
+            s.push_str(&format!(
+                "    {}: audit record not written yet; sent when PostgreSQL answers again\n",
+                e.run_id
+            ));
         }
     }
     if entries.iter().any(|e| e.dry_run) {

@@ -206,6 +206,12 @@ fn main() -> ExitCode {
             for p in &problems {
                 println!("problem: {p}");
             }
+            if !offline {
+                // Not problems: who runs what right now, across hosts.
+                for lease in outreach_workbench::check::leases(&config) {
+                    println!("lease: {lease}");
+                }
+            }
             if problems.is_empty() {
                 println!(
                     "ok: {} ({})",

@@ -140,6 +140,13 @@ pub fn open_read_only(
 pub const ABANDONED: &str =
     "the process running it stopped before it finished (crash, kill -9 or power loss)";
 
+/// An audit record that waits in the workbench to be written.
+#[derive(Debug, Clone)]
+pub struct PendingAudit {
+    pub run_id: String,
+    pub details: serde_json::Value,
+}
+
 /// A run found still `running` when no process was running it.
 #[derive(Debug, Clone)]
 pub struct AbandonedRun {
@@ -228,7 +235,8 @@ impl Workbench {
                  finished_at TIMESTAMP,           -- UTC
                  audit_id BIGINT,
                  error VARCHAR,
-                 report VARCHAR                    -- the run report as JSON text
+                 report VARCHAR,                   -- the run report as JSON text
+                 audit_pending BOOLEAN DEFAULT false  -- its audit record is not written yet
              );
              CREATE TABLE IF NOT EXISTS main.upload_manifest (
                  object_key VARCHAR PRIMARY KEY,
@@ -244,6 +252,27 @@ impl Workbench {
             path: path.clone(),
             detail: e.to_string(),
         })?;
+        // Workbenches made before `audit_pending` existed.
+        let has_pending: bool = conn
+            .query_row(
+                "SELECT count(*) > 0 FROM duckdb_columns()
+                 WHERE schema_name = 'main' AND table_name = 'runs' AND column_name = 'audit_pending'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| WorkbenchError::Sql {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        if !has_pending {
+            conn.execute_batch(
+                "ALTER TABLE main.runs ADD COLUMN audit_pending BOOLEAN DEFAULT false",
+            )
+            .map_err(|e| WorkbenchError::Sql {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        }
         open.insert(
             path,
             OpenFile {
@@ -320,19 +349,34 @@ impl Workbench {
             .map_err(|e| self.sql_err(e))
     }
 
-    pub fn run_finished(&self, report: &RunReport) -> Result<(), WorkbenchError> {
+    /// Records how the run ended; `audit_pending` when its audit record
+    /// could not be written and waits here to be sent. A run that failed
+    /// before the workbench was opened has no row yet and gets one now.
+    pub fn run_finished(
+        &self,
+        report: &RunReport,
+        audit_pending: bool,
+    ) -> Result<(), WorkbenchError> {
         self.conn
             .execute(
-                "UPDATE main.runs SET status = ?, finished_at = make_timestamp(?), audit_id = ?,
-                     error = ?, report = ?
-                 WHERE run_id = ?",
+                "INSERT INTO main.runs (run_id, state, status, dry_run, started_at, finished_at,
+                     audit_id, error, report, audit_pending)
+                 VALUES (?, ?, ?, ?, make_timestamp(?), make_timestamp(?), ?, ?, ?, ?)
+                 ON CONFLICT (run_id) DO UPDATE SET status = excluded.status,
+                     finished_at = excluded.finished_at, audit_id = excluded.audit_id,
+                     error = excluded.error, report = excluded.report,
+                     audit_pending = excluded.audit_pending",
                 duckdb::params![
+                    report.run_id.as_str(),
+                    report.state.as_str(),
                     report.status.as_str(),
+                    report.dry_run,
+                    report.started_at.timestamp_micros(),
                     report.finished_at.map(|t| t.timestamp_micros()),
                     report.audit_id,
                     report.error.as_deref(),
                     report.to_json().to_string(),
-                    report.run_id.as_str()
+                    audit_pending,
                 ],
             )
             .map(|_| ())
@@ -340,13 +384,14 @@ impl Workbench {
     }
 
     /// Runs left `running` by a process that died (kill -9, power loss):
-    /// marks them `abandoned` and returns them, for the audit.
+    /// marks them `abandoned`, with their audit record pending (dry runs
+    /// have none), and returns them.
     pub fn take_abandoned(&self) -> Result<Vec<AbandonedRun>, WorkbenchError> {
         let mut stmt = self
             .conn
             .prepare(
                 "UPDATE main.runs SET status = 'abandoned', finished_at = make_timestamp(?),
-                     error = ?
+                     error = ?, audit_pending = NOT dry_run
                  WHERE status = 'running'
                  RETURNING run_id, state, dry_run, epoch_us(started_at)",
             )
@@ -365,6 +410,53 @@ impl Workbench {
             )
             .map_err(|e| self.sql_err(e))?;
         rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sql_err(e))
+    }
+
+    /// The audit records still to be written, oldest first: the run's own
+    /// report, or for an abandoned run (which has none) what its row says.
+    pub fn pending_audits(&self) -> Result<Vec<PendingAudit>, WorkbenchError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT run_id, state, status, epoch_us(started_at), epoch_us(finished_at), error,
+                        report
+                 FROM main.runs WHERE audit_pending ORDER BY started_at, run_id",
+            )
+            .map_err(|e| self.sql_err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let time = |us: Option<i64>| us.and_then(chrono::DateTime::from_timestamp_micros);
+                let report: Option<String> = r.get(6)?;
+                let details = match report.and_then(|j| serde_json::from_str(&j).ok()) {
+                    Some(json) => json,
+                    None => serde_json::json!({
+                        "state": r.get::<_, String>(1)?,
+                        "run_id": r.get::<_, String>(0)?,
+                        "status": r.get::<_, String>(2)?,
+                        "started_at": time(r.get(3)?),
+                        "finished_at": time(r.get(4)?),
+                        "error": r.get::<_, Option<String>>(5)?,
+                    }),
+                };
+                Ok(PendingAudit {
+                    run_id: r.get(0)?,
+                    details,
+                })
+            })
+            .map_err(|e| self.sql_err(e))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sql_err(e))
+    }
+
+    /// The run's audit record is written, as `audit_id`.
+    pub fn audited(&self, run_id: &str, audit_id: i64) -> Result<(), WorkbenchError> {
+        self.conn
+            .execute(
+                "UPDATE main.runs SET audit_id = ?, audit_pending = false WHERE run_id = ?",
+                duckdb::params![audit_id, run_id],
+            )
+            .map(|_| ())
             .map_err(|e| self.sql_err(e))
     }
 

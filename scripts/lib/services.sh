@@ -33,6 +33,7 @@ ow_ensure_packages() {
     [ -x /usr/bin/time ] || missing+=(time)
     command -v python3 >/dev/null || missing+=(python3)
     command -v bc >/dev/null || missing+=(bc)
+    [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
     if [ ${#missing[@]} -gt 0 ]; then
         ow_log "installing ${missing[*]}"
         local sudo=""
@@ -78,9 +79,11 @@ ow_stop_services() {
     OW_STARTED=()
 }
 
-# Starts a private PostgreSQL cluster (TLS on, with Debian's snakeoil cert)
+# Starts a private PostgreSQL cluster (TLS on, with Debian's snakeoil cert),
+# PgBouncer in front of it in transaction mode (as Neon's pooled endpoint),
 # and an s3s-fs server, and exports where they are:
 #   OW_PG_HOST OW_PG_PORT OW_PG_USER OW_PG_PASSWORD
+#   OW_PGB_PORT (PgBouncer; unset when it could not start)
 #   OW_S3_ENDPOINT OW_S3_ACCESS_KEY OW_S3_SECRET_KEY OW_S3_ROOT
 ow_start_services() {
     trap ow_stop_services EXIT
@@ -97,6 +100,8 @@ ow_start_services() {
         -o listen_addresses=localhost -o max_connections=200 >/dev/null
     runuser -u postgres -- psql -q -p "$OW_PG_PORT" -h /var/run/postgresql -d postgres \
         -c "CREATE ROLE $OW_PG_USER LOGIN SUPERUSER PASSWORD '$OW_PG_PASSWORD'" >/dev/null
+
+    ow_start_pgbouncer
 
     export OW_S3_ENDPOINT OW_S3_ACCESS_KEY=ow-test-key OW_S3_SECRET_KEY=ow-test-secret OW_S3_ROOT
     local port
@@ -115,6 +120,51 @@ ow_start_services() {
     done
     ow_log "s3s-fs did not start:"; cat "$OW_S3_ROOT.log" >&2
     return 1
+}
+
+# Debian's PgBouncer (1.18: no prepared-statement support) in transaction
+# mode with 3 server connections per database, so that server connections
+# are shared between clients the way Neon's pooler shares them. Runs as the
+# postgres user (it refuses root) from a folder of its own.
+ow_start_pgbouncer() {
+    unset OW_PGB_PORT
+    if [ ! -x /usr/sbin/pgbouncer ]; then
+        ow_log "PgBouncer is not installed; the pooled tests will skip"
+        return 0
+    fi
+    local dir port
+    dir=$(mktemp -d /tmp/ow-pgbouncer.XXXXXX)
+    OW_STARTED+=("dir:$dir")
+    port=$(ow_free_port)
+    printf '"%s" "%s"\n' "$OW_PG_USER" "$OW_PG_PASSWORD" >"$dir/userlist.txt"
+    cat >"$dir/pgbouncer.ini" <<INI
+[databases]
+* = host=127.0.0.1 port=$OW_PG_PORT
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+default_pool_size = 3
+max_client_conn = 500
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+INI
+    chown -R postgres "$dir"
+    ow_log "starting PgBouncer (transaction pooling) on 127.0.0.1:$port"
+    runuser -u postgres -- /usr/sbin/pgbouncer "$dir/pgbouncer.ini" >"$dir/stdout.log" 2>&1 &
+    OW_STARTED+=("pid:$!")
+    for _ in $(seq 1 50); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            export OW_PGB_PORT=$port
+            return 0
+        fi
+        sleep 0.1
+    done
+    ow_log "PgBouncer did not start; the pooled tests will skip:"
+    cat "$dir/stdout.log" "$dir/pgbouncer.log" >&2 2>/dev/null || true
 }
 
 # psql as the test superuser against the private cluster.

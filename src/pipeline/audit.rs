@@ -1,13 +1,24 @@
-//! Step 6: one row per run in the audit table (`shq.audit_log` by default).
+//! The last step: one row per run in the audit table (`shq.audit_log` by
+//! default), written exactly once.
 //!
 //! The table's layout is checked before a run does any work: finding out
 //! after an hour of pulling that the audit cannot be written would lose the
-//! run's record. A missing table is created with the known layout; an
-//! existing one must have the columns we write.
+//! run's record. A missing table is created with the known layout, with the
+//! lease and fire-claim tables beside it (see `claim`); an existing one must
+//! have the columns we write.
+//!
+//! "Exactly once": a record is keyed by its run id. Writing it again (a
+//! retry after an answer that never came, a pending record sent later) finds
+//! the row already there and returns its id. A run whose record cannot be
+//! written at all is kept in the workbench as pending and written by a later
+//! run (or the daemon's start) once PostgreSQL answers again.
 
-use postgres::{Client, GenericClient};
+use postgres::types::Type;
+use postgres::GenericClient;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::QualifiedName;
+use crate::config::{quote_ident, Config, QualifiedName};
+use crate::pg::Session;
 use crate::pipeline::PipelineError;
 
 pub const EVENT_TYPE: &str = "outreach_validation_run";
@@ -21,8 +32,11 @@ const REQUIRED: &[(&str, &[&str])] = &[
     ("details", &["jsonb", "json"]),
 ];
 
-fn err(table: &QualifiedName, e: postgres::Error) -> PipelineError {
-    PipelineError::Audit(format!("{table}: {e}"))
+fn err(table: &QualifiedName) -> impl Fn(postgres::Error) -> PipelineError + '_ {
+    move |source| PipelineError::Audit {
+        table: table.to_string(),
+        source,
+    }
 }
 
 /// What is wrong with the table's layout: `None` when the table does not
@@ -32,12 +46,12 @@ pub fn inspect(
     table: &QualifiedName,
 ) -> Result<Option<Vec<String>>, PipelineError> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT column_name::text, data_type::text FROM information_schema.columns
              WHERE table_schema = $1 AND table_name = $2",
-            &[&table.schema, &table.table],
+            &[(&table.schema, Type::TEXT), (&table.table, Type::TEXT)],
         )
-        .map_err(|e| err(table, e))?;
+        .map_err(err(table))?;
     if rows.is_empty() {
         return Ok(None);
     }
@@ -59,80 +73,183 @@ pub fn inspect(
     Ok(Some(problems))
 }
 
-/// Creates the schema and table when missing; refuses a table of another
-/// layout, naming the missing or mistyped columns.
+/// Advisory lock key for creating the tables ("OWAU"); transaction-scoped,
+/// so it works through a transaction pooler.
+const CREATE_LOCK_CLASS: i32 = 0x4f57_4155;
+
+/// Makes sure the audit, lease and fire-claim tables exist; refuses an
+/// audit table of another layout, naming the missing or mistyped columns.
+/// One round trip when they all exist.
 ///
-/// Concurrent runs (other states, other daemons) may all find the table
+/// Concurrent runs (other states, other daemons) may all find a table
 /// missing; `CREATE ... IF NOT EXISTS` is not safe against that race in
-/// PostgreSQL, so the check-and-create holds a transaction advisory lock.
-pub fn ensure_table(client: &mut Client, table: &QualifiedName) -> Result<(), PipelineError> {
-    let mut tx = client.transaction().map_err(|e| err(table, e))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&AUDIT_LOCK_CLASS])
-        .map_err(|e| err(table, e))?;
-    ensure_in(&mut tx, table)?;
-    tx.commit().map_err(|e| err(table, e))
-}
-
-/// Advisory lock key for creating the audit table ("OWAU").
-const AUDIT_LOCK_CLASS: i32 = 0x4f57_4155;
-
-fn ensure_in(client: &mut impl GenericClient, table: &QualifiedName) -> Result<(), PipelineError> {
-    match inspect(client, table)? {
-        Some(problems) if problems.is_empty() => Ok(()),
-        Some(problems) => Err(PipelineError::AuditLayout {
-            table: table.to_string(),
-            problems: problems.join(", "),
-        }),
-        None => client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema};
-                 CREATE TABLE IF NOT EXISTS {t} (
+/// PostgreSQL, so the creation holds a transaction advisory lock. Nothing is
+/// created when everything exists: `IF NOT EXISTS` still needs the CREATE
+/// privilege, which a production role may lack.
+pub fn ensure_tables(
+    session: &mut Session,
+    config: &Config,
+    cancel: &CancellationToken,
+) -> Result<(), PipelineError> {
+    let table = config.audit_table();
+    let leases = config.leases_table();
+    let claims = config.fire_claims_table();
+    session.run(&format!("checking the audit table {table}"), cancel, |c| {
+        let present: Vec<String> = c
+            .query_typed(
+                "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = ANY($2)",
+                &[
+                    (&table.schema, Type::TEXT),
+                    (
+                        &vec![&leases.table, &claims.table],
+                        Type::TEXT_ARRAY,
+                    ),
+                ],
+            )
+            .map_err(err(&table))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let audit = inspect(c, &table)?;
+        if let Some(problems) = audit.as_ref().filter(|p| !p.is_empty()) {
+            return Err(PipelineError::AuditLayout {
+                table: table.to_string(),
+                problems: problems.join(", "),
+            });
+        }
+        let mut create = Vec::new();
+        if audit.is_none() {
+            create.push(format!(
+                "CREATE TABLE IF NOT EXISTS {} (
                      id SERIAL PRIMARY KEY,
                      event_type VARCHAR(255) NOT NULL,
                      event_source VARCHAR(255) NOT NULL,
                      details JSONB,
                      created_at TIMESTAMP DEFAULT NOW()
-                 );",
-                schema = crate::config::quote_ident(&table.schema),
-                t = table.quoted()
-            ))
-            .map_err(|e| err(table, e)),
-    }
+                 )",
+                table.quoted()
+            ));
+        }
+        if !present.contains(&leases.table) {
+            create.push(format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                     state TEXT PRIMARY KEY,
+                     run_id TEXT NOT NULL,
+                     host TEXT NOT NULL,
+                     pid INTEGER NOT NULL,
+                     acquired_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                     renewed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                     expires_at TIMESTAMPTZ NOT NULL
+                 )",
+                leases.quoted()
+            ));
+        }
+        if !present.contains(&claims.table) {
+            create.push(format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                     state TEXT NOT NULL,
+                     fire_time TIMESTAMPTZ NOT NULL,
+                     run_id TEXT NOT NULL,
+                     host TEXT NOT NULL,
+                     pid INTEGER NOT NULL,
+                     claimed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                     PRIMARY KEY (state, fire_time)
+                 )",
+                claims.quoted()
+            ));
+        }
+        if create.is_empty() {
+            return Ok(());
+        }
+        // One simple-protocol batch is one implicit transaction: the lock
+        // is held until the last CREATE has committed.
+        c.batch_execute(&format!(
+            "SELECT pg_advisory_xact_lock({CREATE_LOCK_CLASS}, 0);
+             CREATE SCHEMA IF NOT EXISTS {};
+             {};",
+            quote_ident(&table.schema),
+            create.join(";\n")
+        ))
+        .map_err(err(&table))
+    })
 }
 
-/// Writes one record on a connection of its own (the run's may be what
-/// failed), retrying transient connection failures. Returns its `id`.
-pub fn write(
-    config: &crate::config::Config,
-    details: &serde_json::Value,
-) -> Result<i64, PipelineError> {
-    let never = tokio_util::sync::CancellationToken::new();
-    let mut client =
-        crate::pipeline::retry::retry(&config.retry, &never, "connecting for the audit", || {
-            crate::pipeline::source::connect(&config.source)
-        })?;
-    let table = config.audit_table();
-    ensure_table(&mut client, &table)?;
-    insert(&mut client, &table, details)
-}
-
-/// Inserts the run's record and returns its `id`.
-pub fn insert(
-    client: &mut Client,
+/// Writes the run's record unless one with its run id is there already,
+/// and returns the record's `id`. One statement, so a retry on a new
+/// connection is safe.
+///
+/// Two writers of one run id never race: a run writes its own record, and
+/// pending records are sent by the process holding the workbench, one
+/// sender at a time (see [`send_pending`]).
+pub fn record(
+    session: &mut Session,
     table: &QualifiedName,
     details: &serde_json::Value,
+    cancel: &CancellationToken,
 ) -> Result<i64, PipelineError> {
-    let row = client
-        .query_one(
-            &format!(
-                "INSERT INTO {} (event_type, event_source, details)
-                 VALUES ($1, $2, $3) RETURNING id::bigint",
-                table.quoted()
-            ),
-            &[&EVENT_TYPE, &EVENT_SOURCE, details],
-        )
-        .map_err(|e| err(table, e))?;
-    Ok(row.get(0))
+    let run_id = details["run_id"].as_str().unwrap_or_default().to_string();
+    let sql = format!(
+        "WITH existing AS (
+             SELECT id FROM {t} WHERE event_type = $1 AND details->>'run_id' = $4
+             ORDER BY id LIMIT 1
+         ), written AS (
+             INSERT INTO {t} (event_type, event_source, details)
+             SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT FROM existing)
+             RETURNING id
+         )
+         SELECT id::int8 FROM written UNION ALL SELECT id::int8 FROM existing",
+        t = table.quoted()
+    );
+    session.run(
+        &format!("writing the audit record to {table}"),
+        cancel,
+        |c| {
+            c.query_typed_one(
+                &sql,
+                &[
+                    (&EVENT_TYPE, Type::TEXT),
+                    (&EVENT_SOURCE, Type::TEXT),
+                    (details, Type::JSONB),
+                    (&run_id, Type::TEXT),
+                ],
+            )
+            .map(|r| r.get(0))
+            .map_err(err(table))
+        },
+    )
+}
+
+/// Writes the records the workbench holds as pending (runs that could not
+/// reach PostgreSQL, abandoned runs), oldest first, and marks each one
+/// written. Stops at the first failure: the rest wait for the next try.
+/// Returns how many were written.
+pub fn send_pending(
+    session: &mut Session,
+    config: &Config,
+    wb: &crate::workbench::Workbench,
+    cancel: &CancellationToken,
+) -> Result<usize, PipelineError> {
+    // One sender at a time in this process; the workbench file lock keeps
+    // other processes out.
+    static SENDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = SENDING.lock().unwrap_or_else(|p| p.into_inner());
+    let pending = wb.pending_audits().map_err(PipelineError::WorkbenchOpen)?;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    // The first run may never have reached PostgreSQL to create the table.
+    ensure_tables(session, config, cancel)?;
+    let table = config.audit_table();
+    let mut sent = 0;
+    for p in pending {
+        let id = record(session, &table, &p.details, cancel)?;
+        wb.audited(&p.run_id, id)
+            .map_err(PipelineError::WorkbenchOpen)?;
+        tracing::info!(run_id = %p.run_id, audit_id = id, "wrote the audit record of an earlier run that could not be audited then");
+        sent += 1;
+    }
+    Ok(sent)
 }
 
 /// The state's last successful run recorded in the audit table, for the
@@ -140,23 +257,23 @@ pub fn insert(
 /// deleted workbench and is shared by every host writing to it, so it is
 /// the reference of record.
 pub fn previous_success(
-    client: &mut Client,
+    session: &mut Session,
     table: &QualifiedName,
     state: &str,
+    cancel: &CancellationToken,
 ) -> Result<Option<crate::pipeline::gates::Previous>, PipelineError> {
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT details->>'run_id',
-                        ((details->'companies'->>'raw')::bigint + (details->'people'->>'raw')::bigint)
-                 FROM {} WHERE event_type = $1 AND details->>'state' = $2
-                     AND details->>'status' = 'success'
-                 ORDER BY id DESC LIMIT 1",
-                table.quoted()
-            ),
-            &[&EVENT_TYPE, &state],
-        )
-        .map_err(|e| err(table, e))?;
+    let sql = format!(
+        "SELECT details->>'run_id',
+                ((details->'companies'->>'raw')::bigint + (details->'people'->>'raw')::bigint)
+         FROM {} WHERE event_type = $1 AND details->>'state' = $2
+             AND details->>'status' = 'success'
+         ORDER BY id DESC LIMIT 1",
+        table.quoted()
+    );
+    let row = session.run("reading the previous run", cancel, |c| {
+        c.query_typed_opt(&sql, &[(&EVENT_TYPE, Type::TEXT), (&state, Type::TEXT)])
+            .map_err(err(table))
+    })?;
     Ok(row.and_then(|r| {
         let run_id: Option<String> = r.get(0);
         let rows: Option<i64> = r.get(1);

@@ -6,6 +6,7 @@
 //! failed stage; the failure is in the report (and in the audit).
 //!
 //! The stages, in the order a run goes through them:
+//! - [`claim`]: the schedule's fire time and the state's lease, in PostgreSQL
 //! - [`source`]: PostgreSQL → `<state>.companies_raw` / `people_raw`
 //! - [`validate`]: raw → `_good` / `_bad` with the rules
 //! - [`export`]: good/bad → Parquet files, atomically
@@ -13,6 +14,7 @@
 //! - [`audit`]: the run's record in PostgreSQL
 
 pub mod audit;
+pub mod claim;
 pub mod export;
 pub mod gates;
 pub mod pgtypes;
@@ -23,12 +25,15 @@ pub mod rules;
 pub mod source;
 pub mod validate;
 
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::pg::Session;
 use crate::state::StateCode;
 use crate::workbench::{Workbench, WorkbenchError};
 pub use report::{EntityCounts, RunReport, RunStatus};
@@ -37,7 +42,7 @@ pub use report::{EntityCounts, RunReport, RunStatus};
 pub enum PipelineError {
     #[error("{0}")]
     Config(String),
-    #[error("cannot connect to {target}: {}", pg_message(.source))]
+    #[error("cannot connect to {target}: {}", crate::pg::message(.source))]
     Connect {
         target: String,
         #[source]
@@ -45,7 +50,7 @@ pub enum PipelineError {
     },
     #[error("TLS setup failed: {0}")]
     Tls(String),
-    #[error("PostgreSQL error while {what}: {}", pg_message(.source))]
+    #[error("PostgreSQL error while {what}: {}", crate::pg::message(.source))]
     Source {
         what: String,
         #[source]
@@ -77,8 +82,12 @@ pub enum PipelineError {
         message: String,
         transient: bool,
     },
-    #[error("audit table {0}")]
-    Audit(String),
+    #[error("audit table {table}: {}", crate::pg::message(.source))]
+    Audit {
+        table: String,
+        #[source]
+        source: postgres::Error,
+    },
     #[error("audit table {table} exists with another layout ({problems}); set [audit] table (or OUTREACH_AUDIT__TABLE) to another schema.table and it will be created with the right layout")]
     AuditLayout { table: String, problems: String },
     #[error(transparent)]
@@ -87,19 +96,25 @@ pub enum PipelineError {
     Gated(String),
     #[error("run cancelled")]
     Cancelled,
-    #[error("another process is running state {0} against this database (PostgreSQL advisory lock held); skipped")]
+    /// Another run holds the state's lease (see [`claim`]).
+    #[error("{0}")]
     StateBusy(String),
+    /// Another host has claimed this fire time of the schedule.
+    #[error("{0}")]
+    FireClaimed(String),
+    #[error("{0}")]
+    LeaseLost(String),
+    #[error("the run panicked: {0}")]
+    Panicked(String),
 }
-
-/// First key of the per-state advisory lock ("OWWB"); the second is the
-/// state's hash. Any process using the same pair excludes the others.
-const ADVISORY_LOCK_CLASS: i32 = 0x4f57_5742;
 
 impl PipelineError {
     /// A failure that may pass by itself: worth retrying with backoff.
     pub fn is_transient(&self) -> bool {
         match self {
-            PipelineError::Connect { source, .. } => retry::is_transient_pg(source),
+            PipelineError::Connect { source, .. }
+            | PipelineError::Source { source, .. }
+            | PipelineError::Audit { source, .. } => crate::pg::is_transient(source),
             PipelineError::Bucket { transient, .. } | PipelineError::Publish { transient, .. } => {
                 *transient
             }
@@ -108,32 +123,7 @@ impl PipelineError {
     }
 }
 
-/// The server's own words for a database error (`FATAL: password
-/// authentication failed for user "x"`), which `postgres::Error`'s Display
-/// reduces to "db error"; the error chain for everything else.
-pub fn pg_message(e: &postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        let mut m = format!("{}: {}", db.severity(), db.message());
-        if let Some(d) = db.detail() {
-            m.push_str(&format!(" ({d})"));
-        }
-        if let Some(h) = db.hint() {
-            m.push_str(&format!("; hint: {h}"));
-        }
-        return m;
-    }
-    let mut m = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !m.contains(&text) {
-            m.push_str(": ");
-            m.push_str(&text);
-        }
-        cause = c.source();
-    }
-    m
-}
+pub use crate::pg::message as pg_message;
 
 /// How to run, beyond the config.
 #[derive(Debug, Clone, Default)]
@@ -146,6 +136,9 @@ pub struct RunOptions {
     pub gates: gates::GatesConfig,
     /// Publish even when a gate trips (the audit says so).
     pub force: bool,
+    /// The schedule's fire time this run is for: claimed in PostgreSQL so
+    /// that one fire runs once across every host.
+    pub fire_time: Option<DateTime<Utc>>,
 }
 
 impl RunOptions {
@@ -156,6 +149,7 @@ impl RunOptions {
             link_rule: schedule.link_rule,
             gates: schedule.gates.over(config.gates),
             force: false,
+            fire_time: None,
         }
     }
 
@@ -172,6 +166,16 @@ impl RunOptions {
     }
 }
 
+/// What a run holds while it goes, let go of at its end.
+#[derive(Default)]
+struct Held {
+    session: Option<Session>,
+    lease: Option<claim::Lease>,
+    workbench: Option<Workbench>,
+    /// The audit, lease and fire-claim tables have been checked.
+    tables_ready: bool,
+}
+
 /// Runs the whole pipeline for `state` and reports what happened.
 pub fn run(
     config: &Config,
@@ -181,55 +185,142 @@ pub fn run(
 ) -> RunReport {
     let mut report = RunReport::new(state, opts.dry_run);
     report.forced = opts.force;
+    report.fire_time = opts.fire_time;
     let span = tracing::info_span!("run", state = %state, run_id = %report.run_id);
     let _guard = span.enter();
     tracing::info!(dry_run = opts.dry_run, "run started");
 
-    let mut workbench = None;
-    let outcome = stages(config, state, cancel, opts, &mut report, &mut workbench);
+    let mut held = Held::default();
+    // A panic anywhere in the stages (a worker thread's is passed on to
+    // here) is a failed run like any other: reported, recorded, audited.
+    let mut outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        stages(config, state, cancel, opts, &mut report, &mut held)
+    }))
+    .unwrap_or_else(|panic| Err(PipelineError::Panicked(panic_text(&panic))));
+    // The fence before the audit: a run that lost its lease on the way
+    // does not record itself as a success or a gate.
+    let would_record_success = matches!(outcome, Ok(()) | Err(PipelineError::Gated(_)));
+    if let Some(lease) = held.lease.as_ref().filter(|_| would_record_success) {
+        if let Err(e) = lease.fence("writing the audit") {
+            outcome = Err(e);
+        }
+    }
     report.finish(outcome.as_ref().err());
 
-    // The audit is written for failed and cancelled runs too. It gets its
-    // own connection: the source's may be what failed.
-    let audit_possible = !matches!(
+    // Skipped runs did nothing: no audit, no history. A layout problem is
+    // the audit table's own.
+    let skipped = matches!(
         outcome,
-        Err(PipelineError::AuditLayout { .. } | PipelineError::StateBusy(_))
+        Err(PipelineError::StateBusy(_) | PipelineError::FireClaimed(_))
     );
-    if !opts.dry_run && audit_possible {
+    let auditable =
+        !opts.dry_run && !skipped && !matches!(outcome, Err(PipelineError::AuditLayout { .. }));
+    if auditable {
         let t = Instant::now();
-        let written = audit::write(config, &report.to_json());
-        match written {
-            Ok(id) => report.audit_id = Some(id),
-            Err(e) => {
-                tracing::error!(error = %e, "could not write the audit record");
-                report.audit_error = Some(e.to_string());
+        // The connect itself failed, after its retries: PostgreSQL is not
+        // there now, and the record waits in the workbench.
+        let unreachable =
+            held.session.is_none() && matches!(outcome, Err(PipelineError::Connect { .. }));
+        if unreachable {
+            report.audit_error = Some("PostgreSQL could not be reached; the record is kept in the workbench and written when it can be".into());
+        } else {
+            let session = held
+                .session
+                .get_or_insert_with(|| Session::lazy(&config.source, &config.retry));
+            let never = CancellationToken::new();
+            // A run that failed before its own check of the audit table
+            // (the bucket, the rules) checks it now.
+            let ready = match held.tables_ready {
+                true => Ok(()),
+                false => audit::ensure_tables(session, config, &never),
+            };
+            let written = ready.and_then(|()| {
+                audit::record(session, &config.audit_table(), &report.to_json(), &never)
+            });
+            match written {
+                Ok(id) => report.audit_id = Some(id),
+                Err(e) => {
+                    report.audit_error = Some(format!(
+                        "{e}; the record is kept in the workbench and written when it can be"
+                    ))
+                }
             }
+        }
+        if let Some(e) = &report.audit_error {
+            tracing::error!(error = %e, "could not write the audit record");
         }
         report.stages.audit = Some(t.elapsed().as_secs_f64());
     }
-    if let Some(wb) = &workbench {
-        if let Err(e) = wb.run_finished(&report) {
-            tracing::warn!(error = %e, "could not record the run in the workbench history");
-        }
+    if let Some(lease) = held.lease.take() {
+        lease.release();
+    }
+    if !skipped {
+        record_in_workbench(config, &report, auditable, &mut held);
     }
     match &report.error {
-        None => tracing::info!(status = report.status.as_str(), "run finished"),
+        None if report.audit_error.is_none() => {
+            tracing::info!(status = report.status.as_str(), "run finished")
+        }
+        None => tracing::error!(
+            status = report.status.as_str(),
+            "run finished, but its audit record is not written yet"
+        ),
         Some(e) => tracing::error!(status = report.status.as_str(), error = %e, "run finished"),
     }
     report
 }
 
+/// The run's row in the workbench history, with its audit still pending
+/// when it could not be written; then, PostgreSQL having answered, the
+/// pending records of earlier runs. A run that failed before it opened the
+/// workbench (PostgreSQL down) opens it now, so that it is in `history`.
+fn record_in_workbench(config: &Config, report: &RunReport, auditable: bool, held: &mut Held) {
+    let wb = match held.workbench.take() {
+        Some(wb) => wb,
+        None => match Workbench::open(&config.workbench, config.lock_timeout()) {
+            Ok(wb) => wb,
+            Err(e) => {
+                tracing::error!(error = %e, "could not record the run in the workbench history");
+                return;
+            }
+        },
+    };
+    let pending = auditable && report.audit_id.is_none();
+    if let Err(e) = wb.run_finished(report, pending) {
+        tracing::error!(error = %e, "could not record the run in the workbench history");
+    }
+    if let (Some(_), Some(session)) = (report.audit_id, held.session.as_mut()) {
+        let never = CancellationToken::new();
+        if let Err(e) = audit::send_pending(session, config, &wb, &never) {
+            tracing::warn!(error = %e, "could not write the pending audit records of earlier runs; they stay pending");
+        }
+    }
+}
+
+/// A panic's message, as `std` prints it.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// The state's last successful run, for `max_row_delta`, from the audit
 /// table; none before the table exists (a dry run on a new database).
 fn previous_success(
-    client: &mut postgres::Client,
+    session: &mut Session,
     config: &Config,
     state: &StateCode,
+    cancel: &CancellationToken,
 ) -> Result<Option<gates::Previous>, PipelineError> {
     let table = config.audit_table();
-    match audit::inspect(client, &table)? {
+    let usable = session.run("checking the audit table", cancel, |c| {
+        audit::inspect(c, &table)
+    })?;
+    match usable {
         Some(problems) if problems.is_empty() => {
-            audit::previous_success(client, &table, state.as_str())
+            audit::previous_success(session, &table, state.as_str(), cancel)
         }
         _ => Ok(None),
     }
@@ -249,7 +340,7 @@ fn stages(
     cancel: &CancellationToken,
     opts: &RunOptions,
     report: &mut RunReport,
-    workbench: &mut Option<Workbench>,
+    held: &mut Held,
 ) -> Result<(), PipelineError> {
     // Everything that can be refused is refused before any work is done.
     let r = &config.retry;
@@ -258,34 +349,35 @@ fn stages(
             publish::check_bucket(&config.storage)
         })?;
     }
-    let mut client = retry::retry(r, cancel, "connecting to PostgreSQL", || {
-        source::connect(&config.source)
-    })?;
+    // One connection for the run's own statements and the pull (the
+    // lease's heartbeat has its own).
+    let session = held
+        .session
+        .insert(Session::open(&config.source, r, cancel)?);
     // A rule naming a column the source does not have fails here, before
     // any row is pulled, naming the rule.
-    rules::check_against_source(&mut client, config)?;
+    session.run("checking the rules against the source", cancel, |c| {
+        rules::check_against_source(c, config)
+    })?;
     if !opts.dry_run {
-        audit::ensure_table(&mut client, &config.audit_table())?;
-        // One run per state across every daemon and host sharing this
-        // database; held by this session until `client` is dropped at the
-        // end of the run.
-        let locked: bool = client
-            .query_one(
-                "SELECT pg_try_advisory_lock($1, hashtext($2))",
-                &[&ADVISORY_LOCK_CLASS, &state.as_str()],
-            )
-            .map_err(|e| PipelineError::Source {
-                what: "taking the state's advisory lock".into(),
-                source: e,
-            })?
-            .get(0);
-        if !locked {
-            return Err(PipelineError::StateBusy(state.to_string()));
+        audit::ensure_tables(session, config, cancel)?;
+        held.tables_ready = true;
+        if let Some(fire) = opts.fire_time {
+            claim::claim_fire(session, config, state, fire, &report.run_id, cancel)?;
         }
+        held.lease = Some(claim::Lease::acquire(
+            session,
+            config,
+            state,
+            &report.run_id,
+            cancel,
+        )?);
     }
     check_cancel(cancel)?;
 
-    let wb = workbench.insert(Workbench::open(&config.workbench, config.lock_timeout())?);
+    let wb = held
+        .workbench
+        .insert(Workbench::open(&config.workbench, config.lock_timeout())?);
     wb.run_started(
         &report.run_id,
         state.as_str(),
@@ -325,7 +417,8 @@ fn stages(
         let t = Instant::now();
         let syncing = wb.background_sync();
         let taps = streamed.as_ref().map(|s| s.taps()).unwrap_or_default();
-        let pulled = source::pull(&mut client, config, state, &txn, &schema, cancel, taps);
+        let client = session.client(cancel)?;
+        let pulled = source::pull(client, config, state, &txn, &schema, cancel, taps);
         drop(syncing);
         let pulled = pulled?;
         report.stages.pull = Some(t.elapsed().as_secs_f64());
@@ -388,7 +481,7 @@ fn stages(
     // whoever investigates, the bucket keeps the last good ones.
     if let (Some(c), Some(p)) = (&report.companies, &report.people) {
         let previous = match opts.gates.max_row_delta {
-            Some(_) => previous_success(&mut client, config, state)?,
+            Some(_) => previous_success(session, config, state, cancel)?,
             None => None,
         };
         report.gates = gates::evaluate(&opts.gates, c, p, previous.as_ref());
@@ -404,12 +497,15 @@ fn stages(
         return Ok(());
     }
     let t = Instant::now();
+    let lease = held.lease.as_ref();
+    let fence = |key: &str| lease.map_or(Ok(()), |l| l.fence(&format!("uploading {key}")));
     let published = publish::publish(
         &config.storage,
         &config.retry,
         state,
         &report.files,
         cancel,
+        &fence,
         &mut report.objects,
     );
     report.stages.publish = Some(t.elapsed().as_secs_f64());

@@ -126,6 +126,7 @@ pub fn publish(
     state: &StateCode,
     files: &[ExportedFile],
     cancel: &CancellationToken,
+    fence: &dyn Fn(&str) -> Result<(), PipelineError>,
     out: &mut Vec<PublishedObject>,
 ) -> Result<(), PipelineError> {
     let bucket = bucket(cfg)?;
@@ -136,7 +137,17 @@ pub fn publish(
         }
         let key = object_key(cfg, state, file);
         let action = retry(retry_cfg, cancel, &format!("publishing {key}"), || {
-            rt.block_on(publish_one(&bucket, &key, state, file))
+            let remote = rt.block_on(remote_sha256(&bucket, &key))?;
+            if remote.as_deref() == Some(file.sha256.as_str()) {
+                tracing::info!(key, "unchanged, not uploading");
+                return Ok("skipped");
+            }
+            // Outside the async runtime: the fence talks to PostgreSQL
+            // through the blocking client, which has a runtime of its own.
+            fence(&key)?;
+            rt.block_on(upload(&bucket, &key, state, file))?;
+            tracing::info!(key, bytes = file.bytes, "uploaded");
+            Ok("uploaded")
         })?;
         out.push(PublishedObject {
             table_name: file.table_name.clone(),
@@ -148,22 +159,6 @@ pub fn publish(
         });
     }
     Ok(())
-}
-
-async fn publish_one(
-    bucket: &Bucket,
-    key: &str,
-    state: &StateCode,
-    file: &ExportedFile,
-) -> Result<&'static str, PipelineError> {
-    let remote = remote_sha256(bucket, key).await?;
-    if remote.as_deref() == Some(file.sha256.as_str()) {
-        tracing::info!(key, "unchanged, not uploading");
-        return Ok("skipped");
-    }
-    upload(bucket, key, state, file).await?;
-    tracing::info!(key, bytes = file.bytes, "uploaded");
-    Ok("uploaded")
 }
 
 /// The `sha256` metadata of the object at `key`, `None` when there is no

@@ -22,7 +22,8 @@ pub enum RunStatus {
     Success,
     Failed,
     Cancelled,
-    /// Another process holds the state; nothing was done or audited.
+    /// Another run holds the state, or another host claimed the fire time;
+    /// nothing was done or audited.
     Skipped,
     /// A quality gate tripped: exported locally, nothing published.
     Gated,
@@ -81,6 +82,9 @@ pub struct RunReport {
     pub state: String,
     pub status: RunStatus,
     pub dry_run: bool,
+    /// The schedule's fire time this run was for; none for a one-off run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fire_time: Option<DateTime<Utc>>,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     pub duration_secs: Option<f64>,
@@ -111,6 +115,7 @@ impl RunReport {
             state: state.to_string(),
             status: RunStatus::Running,
             dry_run,
+            fire_time: None,
             started_at: Utc::now(),
             finished_at: None,
             duration_secs: None,
@@ -147,7 +152,7 @@ impl RunReport {
         self.status = match error {
             None => RunStatus::Success,
             Some(PipelineError::Cancelled) => RunStatus::Cancelled,
-            Some(PipelineError::StateBusy(_)) => RunStatus::Skipped,
+            Some(PipelineError::StateBusy(_) | PipelineError::FireClaimed(_)) => RunStatus::Skipped,
             Some(PipelineError::Gated(_)) => RunStatus::Gated,
             Some(_) => RunStatus::Failed,
         };

@@ -13,8 +13,13 @@ use crate::config::RetryConfig;
 use crate::pipeline::PipelineError;
 
 /// Runs `f` until it succeeds, fails for good, or `attempts` are used up.
-/// Waits `initial_backoff`, then twice that, ... up to `max_backoff`
+/// Waits about `initial_backoff`, then twice that, ... up to `max_backoff`
 /// between tries; a cancellation during a wait ends it at once.
+///
+/// Each wait is drawn between half and all of its step ("equal jitter"):
+/// daemons on several hosts that failed together (a compute waking from
+/// scale-to-zero, a pooler restart) do not all come back in the same
+/// instant.
 pub fn retry<T>(
     cfg: &RetryConfig,
     cancel: &CancellationToken,
@@ -26,8 +31,9 @@ pub fn retry<T>(
     loop {
         match f() {
             Err(e) if e.is_transient() && attempt < cfg.attempts => {
-                tracing::warn!(attempt, retry_in_secs = delay, error = %e, "{what} failed; retrying");
-                let until = Instant::now() + Duration::from_secs_f64(delay);
+                let wait = delay * (0.5 + 0.5 * unit_random());
+                tracing::warn!(attempt, retry_in_secs = format!("{wait:.2}"), error = %e, "{what} failed; retrying");
+                let until = Instant::now() + Duration::from_secs_f64(wait);
                 while Instant::now() < until {
                     if cancel.is_cancelled() {
                         return Err(PipelineError::Cancelled);
@@ -42,31 +48,19 @@ pub fn retry<T>(
     }
 }
 
-/// A connection failure that is about the network, not about us: refused,
-/// reset, timed out. Authentication and TLS verification errors are not.
-pub fn is_transient_pg(e: &postgres::Error) -> bool {
-    if e.as_db_error().is_some() {
-        return false;
+/// A number in [0, 1), different on every call and in every process.
+fn unit_random() -> f64 {
+    // The low 62 bits of a v4 UUID are random (version and variant bits
+    // sit above them).
+    (uuid::Uuid::new_v4().as_u128() & ((1u128 << 53) - 1)) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn jitter_stays_in_its_range_and_varies() {
+        let draws: Vec<f64> = (0..200).map(|_| super::unit_random()).collect();
+        assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
+        assert!(draws.iter().any(|d| *d < 0.25) && draws.iter().any(|d| *d > 0.75));
     }
-    if e.to_string().contains("timeout") {
-        return true;
-    }
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            return matches!(
-                io.kind(),
-                ConnectionRefused
-                    | ConnectionReset
-                    | ConnectionAborted
-                    | TimedOut
-                    | BrokenPipe
-                    | UnexpectedEof
-                    | NotConnected
-            );
-        }
-        cause = c.source();
-    }
-    false
 }

@@ -22,7 +22,7 @@ use postgres::types::{FromSql, Type};
 use postgres::{Client, IsolationLevel, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{quote_ident, Config, SourceConfig, SslMode};
+use crate::config::{quote_ident, Config, QualifiedName, SourceConfig};
 use crate::pipeline::pgtypes::{column_defs, ColType, ColumnBuilder, DecodeError};
 use crate::pipeline::PipelineError;
 use crate::state::StateCode;
@@ -43,125 +43,20 @@ impl<'a> FromSql<'a> for Raw<'a> {
     }
 }
 
-enum Tls {
-    Off,
-    On(postgres_openssl::MakeTlsConnector),
-}
-
-/// The connection settings and TLS connector for `source.sslmode`, spelled
-/// as libpq does: `prefer` and `require` encrypt without checking the
-/// certificate, `verify-full` checks the chain and the host name. TLS always
-/// sends SNI, which Neon uses to route to the right endpoint.
-fn settings(cfg: &SourceConfig) -> Result<(postgres::Config, Tls, String), PipelineError> {
-    use postgres::config::SslMode as PgSsl;
-    let mut pg = postgres::Config::new();
-    pg.host(&cfg.host)
-        .port(cfg.port)
-        .dbname(&cfg.database)
-        .user(&cfg.user)
-        .application_name("outreach-workbench")
-        .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
-        .keepalives(true);
-    if let Some(p) = &cfg.password {
-        pg.password(p.expose());
-    }
-    let (mode, verify) = match cfg.sslmode {
-        SslMode::Disable => (PgSsl::Disable, false),
-        SslMode::Prefer => (PgSsl::Prefer, false),
-        SslMode::Require => (PgSsl::Require, false),
-        SslMode::VerifyFull => (PgSsl::Require, true),
-    };
-    pg.ssl_mode(mode);
-    let tls = if cfg.sslmode == SslMode::Disable {
-        Tls::Off
-    } else {
-        // OpenSSL directly rather than through native-tls, which parses the
-        // system's root certificates a second time (~20 ms of every run).
-        use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
-        let tls_err = |e: openssl::error::ErrorStack| PipelineError::Tls(e.to_string());
-        let mut builder = SslConnector::builder(SslMethod::tls()).map_err(tls_err)?;
-        if !verify {
-            builder.set_verify(SslVerifyMode::NONE);
-        }
-        let mut connector = postgres_openssl::MakeTlsConnector::new(builder.build());
-        if !verify {
-            connector.set_callback(|c, _| {
-                c.set_verify_hostname(false);
-                Ok(())
-            });
-        }
-        Tls::On(connector)
-    };
-    let target = format!(
-        "PostgreSQL {}@{}:{}/{} (sslmode {})",
-        cfg.user,
-        cfg.host,
-        cfg.port,
-        cfg.database,
-        match cfg.sslmode {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyFull => "verify-full",
-        }
-    );
-    Ok((pg, tls, target))
-}
-
-/// Opens a connection to the source database.
-pub fn connect(cfg: &SourceConfig) -> Result<Client, PipelineError> {
-    let (pg, tls, target) = settings(cfg)?;
-    let mut client = match tls {
-        Tls::Off => pg.connect(postgres::NoTls),
-        Tls::On(t) => pg.connect(t),
-    }
-    .map_err(|e| PipelineError::Connect { target, source: e })?;
-    // If this process dies mid-query, let the server notice within seconds
-    // and end the query, releasing the state's advisory lock, instead of
-    // when it next writes to the socket. PostgreSQL 14+; older servers
-    // refuse the setting, which is harmless.
-    let _ = client.batch_execute("SET client_connection_check_interval = '2s'");
-    Ok(client)
-}
-
-/// Asks the server to cancel whatever `token`'s session is running.
-fn cancel_query(cfg: &SourceConfig, token: &postgres::CancelToken) {
-    let sent = settings(cfg).and_then(|(_, tls, _)| {
-        match tls {
-            Tls::Off => token.cancel_query(postgres::NoTls),
-            Tls::On(t) => token.cancel_query(t),
-        }
-        .map_err(|e| PipelineError::Source {
-            what: "cancelling the query".into(),
-            source: e,
-        })
-    });
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, "could not cancel the running query");
-    }
-}
-
 /// A source table's columns with the DuckDB types the pull gives them.
 pub type Columns = Vec<(String, ColType)>;
 
 /// A table's columns as they will land in the workbench, without reading a
 /// row: what the rules are checked against.
 pub fn describe(
-    client: &mut Client,
+    client: &mut impl postgres::GenericClient,
     table: &crate::config::QualifiedName,
 ) -> Result<Columns, PipelineError> {
-    let stmt = client
-        .prepare(&format!("SELECT * FROM {} LIMIT 0", table.quoted()))
-        .map_err(|e| PipelineError::Source {
-            what: format!("describing {table}"),
-            source: e,
-        })?;
-    Ok(stmt
-        .columns()
-        .iter()
+    Ok(crate::pg::describe(client, table)?
+        .into_iter()
         .map(|c| {
-            let t = ColType::from_pg(c.type_(), c.type_modifier()).unwrap_or(ColType::Text);
-            (c.name().to_string(), t)
+            let t = ColType::from_pg(&c.ty, c.typmod).unwrap_or(ColType::Text);
+            (c.name, t)
         })
         .collect())
 }
@@ -281,7 +176,7 @@ pub fn pull(
                 watching.recv_timeout(Duration::from_millis(50))
             {
                 if cancel.is_cancelled() {
-                    cancel_query(&config.source, &token);
+                    crate::pg::cancel_query(&config.source, &token);
                     return;
                 }
             }
@@ -358,8 +253,10 @@ fn read_source(
     outs: Vec<SyncSender<TableFeed>>,
 ) -> Result<PullStats, PipelineError> {
     let s = &config.source;
-    let companies = config.companies_table().quoted();
-    let people = config.people_table().quoted();
+    let companies_table = config.companies_table();
+    let people_table = config.people_table();
+    let companies = companies_table.quoted();
+    let people = people_table.quoted();
     let state_col = quote_ident(&s.state_column);
     let mut pg = client
         .build_transaction()
@@ -378,12 +275,25 @@ fn read_source(
         link = quote_ident(&s.people_company_column),
         key = quote_ident(&s.company_key),
     );
-    for (name, from, alias, key) in [
-        ("companies_raw", &companies_from, "c", &s.company_key),
-        ("people_raw", &people_from, "p", &s.person_key),
+    for (name, source_table, from, alias, key) in [
+        (
+            "companies_raw",
+            &companies_table,
+            &companies_from,
+            "c",
+            &s.company_key,
+        ),
+        (
+            "people_raw",
+            &people_table,
+            &people_from,
+            "p",
+            &s.person_key,
+        ),
     ] {
         let rows = stream_query(
             &mut pg,
+            source_table,
             from,
             alias,
             key,
@@ -408,9 +318,9 @@ fn read_source(
     Ok(stats)
 }
 
-/// Describes `SELECT alias.* <from>`, announces the table with its mapped
-/// types, and streams the rows ordered by `key` as Arrow batches. Returns
-/// the row count.
+/// Describes the table (`SELECT alias.* <from>` reads all of its columns),
+/// announces it with its mapped types, and streams the rows ordered by `key`
+/// as Arrow batches. Returns the row count.
 ///
 /// The server sorts, not DuckDB: the rows land in the raw table in key
 /// order and the export writes them as they lie, which is what makes the
@@ -421,6 +331,7 @@ fn read_source(
 #[allow(clippy::too_many_arguments)]
 fn stream_query(
     tx: &mut Transaction<'_>,
+    source_table: &QualifiedName,
     from: &str,
     alias: &str,
     key: &str,
@@ -435,30 +346,32 @@ fn stream_query(
     let src_err =
         |what: String| move |e: postgres::Error| PipelineError::Source { what, source: e };
     let loader_gone = || PipelineError::Workbench("the workbench stopped taking rows".into());
-    let describe = format!("SELECT {alias}.* {from}");
-    let stmt = tx
-        .prepare(&describe)
-        .map_err(src_err(format!("preparing the query for {table}")))?;
+    let described = crate::pg::describe(tx, source_table)?;
 
     let mut types = Vec::new();
     let mut select = Vec::new();
-    for col in stmt.columns() {
-        let q = quote_ident(col.name());
-        match ColType::from_pg(col.type_(), col.type_modifier()) {
+    for col in described {
+        let q = quote_ident(&col.name);
+        let as_text = |select: &mut Vec<String>, types: &mut Vec<_>| {
+            select.push(format!("{alias}.{q}::text AS {q}"));
+            types.push((col.name.clone(), ColType::Text));
+        };
+        if let Some(from_type) = &col.fallback_from {
+            warn_fallback(table, &col.name, from_type, fallbacks);
+            as_text(&mut select, &mut types);
+            continue;
+        }
+        match ColType::from_pg(&col.ty, col.typmod) {
             Some(t) => {
-                select.push(format!("{alias}.{q}"));
-                types.push((col.name().to_string(), t));
+                select.push(match &col.cast {
+                    Some(cast) => format!("{alias}.{q}::{cast} AS {q}"),
+                    None => format!("{alias}.{q}"),
+                });
+                types.push((col.name.clone(), t));
             }
             None => {
-                tracing::warn!(
-                    table,
-                    column = col.name(),
-                    pg_type = col.type_().name(),
-                    "no exact DuckDB type for this column; carrying it as text"
-                );
-                fallbacks.push(format!("{table}.{} ({})", col.name(), col.type_().name()));
-                select.push(format!("{alias}.{q}::text AS {q}"));
-                types.push((col.name().to_string(), ColType::Text));
+                warn_fallback(table, &col.name, col.ty.name(), fallbacks);
+                as_text(&mut select, &mut types);
             }
         }
     }
@@ -473,9 +386,6 @@ fn stream_query(
         select.join(", "),
         order_by(alias, key, key_type)
     );
-    let stmt = tx
-        .prepare(&sql)
-        .map_err(src_err(format!("preparing the query for {table}")))?;
 
     let arrow_schema = Arc::new(Schema::new(
         types
@@ -532,8 +442,10 @@ fn stream_query(
         Ok(())
     };
 
+    // The unnamed statement: nothing is left prepared on the (pooled)
+    // server connection, and it costs one round trip less.
     let mut rows = tx
-        .query_raw(&stmt, [state.as_str()])
+        .query_typed_raw(&sql, [(state.as_str(), Type::TEXT)])
         .map_err(src_err(format!("querying {table}")))?;
     let mut n: u64 = 0;
     // Per row and per value: the error (and its message) is built only on
@@ -563,4 +475,16 @@ fn stream_query(
     }
     flush(&mut builders)?;
     Ok(n)
+}
+
+/// A column carried as text for want of an exact type: said once in the
+/// log and kept for the run report.
+fn warn_fallback(table: &str, column: &str, pg_type: &str, fallbacks: &mut Vec<String>) {
+    tracing::warn!(
+        table,
+        column,
+        pg_type,
+        "no exact DuckDB type for this column; carrying it as text"
+    );
+    fallbacks.push(format!("{table}.{column} ({pg_type})"));
 }

@@ -27,12 +27,30 @@ pub struct Services {
     pub s3_endpoint: String,
     pub s3_key: String,
     pub s3_secret: String,
+    /// PgBouncer in transaction mode in front of the same PostgreSQL, when
+    /// `scripts/test.sh` could start it.
+    pub pgb_port: Option<u16>,
+    /// Where the runs' `[source]` points: PostgreSQL itself, or PgBouncer
+    /// for the suite's pooled pass (`OW_TEST_POOLED=1`).
+    pub source_port: u16,
 }
 
 pub fn services() -> Services {
+    let pg_port: u16 = var("OW_PG_PORT").parse().unwrap();
+    let pgb_port: Option<u16> = std::env::var("OW_PGB_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok());
+    let pooled = std::env::var("OW_TEST_POOLED").is_ok_and(|v| v == "1");
+    let source_port = match (pooled, pgb_port) {
+        (true, Some(p)) => p,
+        (true, None) => panic!("OW_TEST_POOLED=1 but OW_PGB_PORT is not set"),
+        (false, _) => pg_port,
+    };
     Services {
+        pgb_port,
+        source_port,
         pg_host: var("OW_PG_HOST"),
-        pg_port: var("OW_PG_PORT").parse().unwrap(),
+        pg_port,
         pg_user: var("OW_PG_USER"),
         pg_password: var("OW_PG_PASSWORD"),
         s3_endpoint: var("OW_S3_ENDPOINT"),
@@ -215,7 +233,7 @@ path_style = true
 "#,
         dir = dir.display(),
         host = s.pg_host,
-        port = s.pg_port,
+        port = s.source_port,
         user = s.pg_user,
         endpoint = s.s3_endpoint,
     )
@@ -407,4 +425,66 @@ pub fn pg_comes_back_on(port: u16, delay: std::time::Duration) {
             }
         }
     });
+}
+
+/// The PgBouncer port, or `None` after printing why the test is skipped.
+pub fn pooler_or_skip(test: &str) -> Option<u16> {
+    let port = services().pgb_port;
+    if port.is_none() {
+        eprintln!("SKIPPED {test}: PgBouncer is not running (scripts/test.sh starts Debian's pgbouncer when it is installed)");
+    }
+    port
+}
+
+/// A loopback TCP proxy to `target` that holds every new connection for
+/// `delay` before passing bytes on: a slow network to one server. Returns
+/// its port; it lives as long as the test process.
+pub fn slow_proxy(target: String, delay: std::time::Duration) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let target = target.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    return;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Leases left in the test database (an empty list when the table does
+/// not exist yet).
+pub fn leases(w: &World) -> Vec<(String, String)> {
+    w.pg()
+        .query(
+            "SELECT state, run_id FROM shq.outreach_leases ORDER BY state",
+            &[],
+        )
+        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        .unwrap_or_default()
+}
+
+/// Advisory locks held by any session of the cluster.
+pub fn advisory_locks(w: &World) -> i64 {
+    w.pg()
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
 }

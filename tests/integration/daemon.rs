@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use outreach_workbench::pipeline::RunStatus;
+
 use crate::common::*;
 
 /// Reads companies through the slow view (see `add_slow_view`).
@@ -134,6 +136,28 @@ fn audits(w: &World, state: &str) -> Vec<(String, String, String)> {
             .collect(),
         Err(_) => Vec::new(), // table not created yet
     }
+}
+
+/// No two audited runs of WV were for the same fire time.
+fn assert_fires_distinct(w: &World) {
+    let fires: Vec<Option<String>> = w
+        .pg()
+        .query(
+            "SELECT details->>'fire_time' FROM shq.audit_log WHERE details->>'state' = 'WV'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for f in fires.iter().flatten() {
+        assert!(seen.insert(f.clone()), "fire time {f} ran twice: {fires:?}");
+    }
+    assert!(
+        fires.iter().all(|f| f.is_some()),
+        "scheduled runs carry their fire time: {fires:?}"
+    );
 }
 
 fn wait_for_audits(
@@ -269,6 +293,11 @@ fn sigterm_during_a_run_cancels_after_the_grace_period_and_publishes_nothing() {
         "outreach/wv/companies/good/companies_good.parquet"
     )
     .is_none());
+    assert!(
+        leases(&w).is_empty(),
+        "no lease left after SIGTERM: {:?}",
+        leases(&w)
+    );
 }
 
 #[test]
@@ -289,10 +318,8 @@ fn two_daemons_on_one_database_never_run_a_state_at_once() {
     let d2 = Daemon::start(&w, &cfg, "d2", &env2);
     let a = wait_for_audits(&w, "WV", 4, Duration::from_secs(90));
     let out = format!("{}{}", d1.output(), d2.output());
-    assert!(
-        out.contains("advisory lock held"),
-        "one of them skipped: {out}"
-    );
+    assert!(out.contains("run skipped"), "one of them skipped: {out}");
+    assert_fires_distinct(&w);
     // No two audited runs overlap in time.
     let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
     let mut spans: Vec<_> = a.iter().map(|r| (t(&r.1), t(&r.2))).collect();
@@ -461,4 +488,141 @@ cadence = \"daily\"
     d.wait_for_log("could not check the rules", Duration::from_secs(30));
     d.wait_for_log("daemon started", Duration::from_secs(30));
     assert_eq!(d.stop().0, Some(0));
+}
+
+#[test]
+fn two_daemons_through_the_pooler_run_each_fire_once_even_with_a_slow_s3() {
+    let Some(pgb) =
+        pooler_or_skip("two_daemons_through_the_pooler_run_each_fire_once_even_with_a_slow_s3")
+    else {
+        return;
+    };
+    let w = World::new("dpool2");
+    slow_wv_companies(&w, 3, 0.3);
+    let cfg = config_with(
+        &w,
+        "\n[lease]\nttl_secs = 5\n\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/2 * * * * *\"\n",
+    );
+    // The second host reaches S3 through a slow network: it gets to every
+    // fire time late, after the first host may have finished it.
+    let s3 = services()
+        .s3_endpoint
+        .trim_start_matches("http://")
+        .to_string();
+    let slow = format!(
+        "http://127.0.0.1:{}",
+        slow_proxy(s3, Duration::from_millis(1500))
+    );
+    let port = pgb.to_string();
+    let dir2 = w.dir.path().join("host2").to_string_lossy().to_string();
+    let d1 = Daemon::start(&w, &cfg, "d1", &[SLOW, ("OUTREACH_SOURCE__PORT", &port)]);
+    let d2 = Daemon::start(
+        &w,
+        &cfg,
+        "d2",
+        &[
+            SLOW,
+            ("OUTREACH_SOURCE__PORT", &port),
+            ("OUTREACH_WORKBENCH__DIR", &dir2),
+            ("OUTREACH_STORAGE__ENDPOINT", &slow),
+        ],
+    );
+    let a = wait_for_audits(&w, "WV", 5, Duration::from_secs(120));
+    d2.wait_for_log("already claimed", Duration::from_secs(60));
+    d1.stop();
+    d2.stop();
+    assert!(a.iter().all(|r| r.0 == "success"), "{a:?}");
+    assert_fires_distinct(&w);
+    let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
+    let mut spans: Vec<_> = audits(&w, "WV")
+        .iter()
+        .map(|r| (t(&r.1), t(&r.2)))
+        .collect();
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "overlapping runs: {pair:?}");
+    }
+    assert!(leases(&w).is_empty(), "{:?}", leases(&w));
+    assert_eq!(advisory_locks(&w), 0);
+}
+
+#[test]
+fn a_lease_left_by_kill_9_is_taken_over_past_its_ttl() {
+    let Some(pgb) = pooler_or_skip("a_lease_left_by_kill_9_is_taken_over_past_its_ttl") else {
+        return;
+    };
+    let mut w = World::new("dpoolkill");
+    slow_wv_companies(&w, 20, 1.0);
+    let cfg = config_with(
+        &w,
+        "\n[lease]\nttl_secs = 6\n\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/2 * * * * *\"\n",
+    );
+    let port = pgb.to_string();
+    let d = Daemon::start(&w, &cfg, "d1", &[SLOW, ("OUTREACH_SOURCE__PORT", &port)]);
+    d.wait_for_log("run started", Duration::from_secs(30));
+    let start = Instant::now();
+    while leases(&w).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no lease taken:\n{}",
+            d.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Operators see who holds it.
+    let check = bin_with_secrets()
+        .args(["--config"])
+        .arg(&cfg)
+        .arg("check")
+        .env("OUTREACH_SOURCE__PORT", &port)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(shown.contains("lease: WV held by"), "{}", text(&check));
+    d.signal("KILL");
+    drop(d);
+    let (_, dead_run) = leases(&w)[0].clone();
+
+    // Another host, while the dead run's lease is still fresh: skipped.
+    w.config.source.port = pgb;
+    w.config.workbench.dir = w.dir.path().join("host2");
+    let left: f64 = w
+        .pg()
+        .query_one(
+            "SELECT extract(epoch FROM expires_at - now())::float8 FROM shq.outreach_leases",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(left > 1.0, "the lease is fresh ({left} s left)");
+    let busy = w.run("WV");
+    assert_eq!(busy.status, RunStatus::Skipped, "{:?}", busy.error);
+    assert!(
+        busy.error.as_deref().unwrap().contains(&dead_run),
+        "{:?}",
+        busy.error
+    );
+    // Past the TTL it is taken over.
+    let start = Instant::now();
+    loop {
+        let expired: bool = w
+            .pg()
+            .query_one(
+                "SELECT coalesce(bool_and(expires_at < now()), true) FROM shq.outreach_leases",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if expired {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the lease never expired"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let taken = w.run("WV");
+    assert_eq!(taken.status, RunStatus::Success, "{:?}", taken.error);
+    assert!(leases(&w).is_empty(), "{:?}", leases(&w));
 }

@@ -8,4 +8,5 @@ mod daemon;
 mod gates;
 mod packaging;
 mod pipeline;
+mod pooled;
 mod types;

@@ -542,7 +542,13 @@ fn bad_password_fails_clearly_and_audits_no_success() {
     let r = w.run("WV");
     assert_eq!(r.status, RunStatus::Failed);
     let e = r.error.clone().unwrap();
-    assert!(e.contains("password authentication failed"), "{e}");
+    // PostgreSQL says "password authentication failed", PgBouncer (in the
+    // pooled pass) "SASL authentication failed": the server's own words.
+    assert!(
+        e.contains("FATAL: password authentication failed")
+            || e.contains("FATAL: SASL authentication failed"),
+        "{e}"
+    );
     assert!(!e.contains("wrong-password"), "no secret in errors: {e}");
     assert!(r.audit_id.is_none());
     assert!(!r.succeeded());
@@ -585,10 +591,12 @@ fn tls_require_works_and_verify_full_checks_the_certificate() {
     let mut w = World::new("tls");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    // TLS to PostgreSQL itself (the test pooler speaks plain text).
+    w.config.source.port = services().pg_port;
     w.config.source.sslmode = outreach_workbench::config::SslMode::Require;
     let r = w.run_with("WV", &dry());
     assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
-    let mut c = outreach_workbench::pipeline::source::connect(&w.config.source).unwrap();
+    let mut c = outreach_workbench::pg::connect(&w.config.source).unwrap();
     let ssl: bool = c
         .query_one(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
@@ -626,7 +634,7 @@ fn a_database_back_within_the_retries_does_not_fail_the_run() {
     );
 
     // Authentication failures are not retried: they fail at once.
-    w.config.source.port = services().pg_port;
+    w.config.source.port = services().source_port;
     w.config.source.password = Some(outreach_workbench::config::Secret::new("wrong"));
     let started = std::time::Instant::now();
     let r = w.run_with("WV", &dry());
