@@ -24,6 +24,9 @@ pub struct GatesConfig {
     pub max_row_delta: Option<f64>,
     /// Trip when any pulled row has a NULL primary key.
     pub no_null_ids: Option<bool>,
+    /// Trip when a file's columns differ from those in the state's manifest
+    /// in the bucket (added, removed or retyped). Reported either way.
+    pub schema_change: Option<bool>,
 }
 
 impl GatesConfig {
@@ -33,6 +36,7 @@ impl GatesConfig {
             max_bad_ratio: self.max_bad_ratio.or(defaults.max_bad_ratio),
             max_row_delta: self.max_row_delta.or(defaults.max_row_delta),
             no_null_ids: self.no_null_ids.or(defaults.no_null_ids),
+            schema_change: self.schema_change.or(defaults.schema_change),
         }
     }
 
@@ -175,6 +179,29 @@ pub fn evaluate(
 }
 
 /// The reason a run stops, or `None` when no gate tripped.
+/// The `schema_change` gate's verdict on `changes` (see `manifest::drift`),
+/// when the gate is on.
+pub fn schema_gate(
+    gates: &GatesConfig,
+    changes: &[super::manifest::SchemaChange],
+) -> Option<GateResult> {
+    (gates.schema_change == Some(true)).then(|| GateResult {
+        gate: "schema_change".into(),
+        limit: 0.0,
+        value: changes.len() as f64,
+        tripped: !changes.is_empty(),
+        detail: if changes.is_empty() {
+            "same columns as the manifest in the bucket".into()
+        } else {
+            changes
+                .iter()
+                .map(|c| c.describe())
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+    })
+}
+
 pub fn reason(results: &[GateResult]) -> Option<String> {
     let tripped: Vec<String> = results
         .iter()

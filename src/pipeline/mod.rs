@@ -17,6 +17,7 @@ pub mod audit;
 pub mod claim;
 pub mod export;
 pub mod gates;
+pub mod manifest;
 pub mod pgtypes;
 pub mod publish;
 pub mod report;
@@ -477,6 +478,28 @@ fn stages(
     report.stages.export = Some(t.elapsed().as_secs_f64());
     check_cancel(cancel)?;
 
+    // What the bucket holds now: the manifest the run compares its schema
+    // with and replaces last. A dry run does not look at the bucket.
+    let keyed: Vec<_> = report
+        .files
+        .iter()
+        .map(|f| (f.clone(), publish::object_key(&config.storage, state, f)))
+        .collect();
+    let manifest_key = manifest::key(&config.storage.prefix, state);
+    let (entries, previous) = if opts.dry_run {
+        (Vec::new(), None)
+    } else {
+        let entries = manifest::entries(&wb.conn, &keyed)?;
+        let previous = publish::read_manifest(&config.storage, r, &manifest_key, cancel)?;
+        if let Some(p) = &previous {
+            report.schema_changes = manifest::drift(p, &entries);
+        }
+        for c in &report.schema_changes {
+            tracing::warn!(change = %c.describe(), "schema changed since the manifest in the bucket");
+        }
+        (entries, previous)
+    };
+
     // The gates sit between export and publish: the files are on disk for
     // whoever investigates, the bucket keeps the last good ones.
     if let (Some(c), Some(p)) = (&report.companies, &report.people) {
@@ -486,6 +509,9 @@ fn stages(
         };
         report.gates = gates::evaluate(&opts.gates, c, p, previous.as_ref());
     }
+    report
+        .gates
+        .extend(gates::schema_gate(&opts.gates, &report.schema_changes));
     if let Some(reason) = gates::reason(&report.gates) {
         if !opts.force {
             return Err(PipelineError::Gated(reason));
@@ -512,5 +538,28 @@ fn stages(
     for o in report.objects.iter().filter(|o| o.action == "uploaded") {
         wb.record_upload(&o.key, &o.sha256, o.bytes, &report.run_id)?;
     }
-    published
+    published?;
+    // Last: the manifest that names this run's files. Left alone when it
+    // already names exactly these (nothing changed).
+    if manifest::unchanged(previous.as_ref(), &entries) {
+        report.manifest = Some(format!(
+            "unchanged s3://{}/{manifest_key}",
+            config.storage.bucket
+        ));
+    } else {
+        fence(&manifest_key)?;
+        let m = manifest::Manifest {
+            run_id: report.run_id.clone(),
+            state: state.to_string(),
+            finished_at: chrono::Utc::now(),
+            files: entries,
+        };
+        publish::write_manifest(&config.storage, r, &manifest_key, &m, cancel)?;
+        report.manifest = Some(format!(
+            "written s3://{}/{manifest_key}",
+            config.storage.bucket
+        ));
+    }
+    report.stages.publish = Some(t.elapsed().as_secs_f64());
+    Ok(())
 }

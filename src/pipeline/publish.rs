@@ -8,8 +8,13 @@
 //!
 //! Uploads are single PUTs with Content-MD5, or multipart above 8 MiB (each
 //! part with its own Content-MD5); either way the object appears whole or
-//! not at all. Cancellation is checked before each file: once cancelled,
+//! not at all. Each upload is read back (a HEAD: size and `sha256`) before
+//! it counts. After the files, the state's manifest is written (see
+//! `manifest`). Cancellation is checked before each file: once cancelled,
 //! nothing more is published.
+//!
+//! Retries are ours alone (`[retry]`, with jitter): rust-s3's own retry of
+//! "safe" requests is turned off, so that no retry loop runs inside another.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{RetryConfig, StorageConfig};
 use crate::pipeline::export::ExportedFile;
+use crate::pipeline::manifest::Manifest;
 use crate::pipeline::retry::retry;
 use crate::pipeline::PipelineError;
 use crate::state::StateCode;
@@ -49,6 +55,7 @@ pub fn object_key(cfg: &StorageConfig, state: &StateCode, file: &ExportedFile) -
 }
 
 pub fn bucket(cfg: &StorageConfig) -> Result<Box<Bucket>, PipelineError> {
+    s3::set_retries(0);
     let (Some(key), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) else {
         return Err(PipelineError::Config(
             "storage credentials missing: set B2_KEY_ID and B2_APPLICATION_KEY (or OUTREACH_STORAGE__ACCESS_KEY_ID / OUTREACH_STORAGE__SECRET_ACCESS_KEY)".into(),
@@ -146,6 +153,7 @@ pub fn publish(
             // through the blocking client, which has a runtime of its own.
             fence(&key)?;
             rt.block_on(upload(&bucket, &key, state, file))?;
+            rt.block_on(verify(&bucket, &key, file))?;
             tracing::info!(key, bytes = file.bytes, "uploaded");
             Ok("uploaded")
         })?;
@@ -158,6 +166,95 @@ pub fn publish(
             action: action.into(),
         });
     }
+    Ok(())
+}
+
+/// Reads the uploaded object's size and `sha256` back: an upload counts only
+/// once the bucket holds what was sent. A mismatch is worth another try.
+async fn verify(bucket: &Bucket, key: &str, file: &ExportedFile) -> Result<(), PipelineError> {
+    let (head, _) = bucket
+        .head_object(key)
+        .await
+        .map_err(|e| s3_error(key, "reading the upload back", e))?;
+    let size = head.content_length.map(|n| n as u64);
+    let sha = head.metadata.as_ref().and_then(|m| m.get("sha256"));
+    if size == Some(file.bytes) && sha == Some(&file.sha256) {
+        return Ok(());
+    }
+    Err(PipelineError::Publish {
+        key: key.to_string(),
+        transient: true,
+        message: format!(
+            "the bucket holds {} bytes with sha256 {} after the upload, not {} bytes with sha256 {}",
+            size.map_or("?".into(), |s| s.to_string()),
+            sha.map_or("(none)", |s| s.as_str()),
+            file.bytes,
+            file.sha256
+        ),
+    })
+}
+
+/// The state's manifest in the bucket, `None` when there is none (or it
+/// cannot be parsed: it is then rewritten by this run).
+pub fn read_manifest(
+    cfg: &StorageConfig,
+    retry_cfg: &RetryConfig,
+    key: &str,
+    cancel: &CancellationToken,
+) -> Result<Option<Manifest>, PipelineError> {
+    let bucket = bucket(cfg)?;
+    let rt = runtime(key)?;
+    let body = retry(retry_cfg, cancel, &format!("reading {key}"), || {
+        match rt.block_on(bucket.get_object(key)) {
+            Ok(r) => Ok(Some(r.to_vec())),
+            Err(S3Error::HttpFailWithBody(404, _)) => Ok(None),
+            Err(e) => Err(s3_error(key, "reading the manifest", e)),
+        }
+    })?;
+    Ok(body.and_then(|b| match serde_json::from_slice(&b) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "the manifest in the bucket cannot be read; this run writes a new one");
+            None
+        }
+    }))
+}
+
+/// Writes the manifest (after the files it names), and reads its size back.
+pub fn write_manifest(
+    cfg: &StorageConfig,
+    retry_cfg: &RetryConfig,
+    key: &str,
+    manifest: &Manifest,
+    cancel: &CancellationToken,
+) -> Result<(), PipelineError> {
+    let bucket = bucket(cfg)?;
+    let rt = runtime(key)?;
+    let body = serde_json::to_vec_pretty(manifest).expect("plain data");
+    retry(retry_cfg, cancel, &format!("writing {key}"), || {
+        rt.block_on(async {
+            bucket
+                .put_object_with_content_type(key, &body, "application/json")
+                .await
+                .map_err(|e| s3_error(key, "writing the manifest", e))?;
+            let (head, _) = bucket
+                .head_object(key)
+                .await
+                .map_err(|e| s3_error(key, "reading the manifest back", e))?;
+            match head.content_length {
+                Some(n) if n as usize == body.len() => Ok(()),
+                other => Err(PipelineError::Publish {
+                    key: key.to_string(),
+                    transient: true,
+                    message: format!(
+                        "the bucket holds {other:?} bytes after writing {} bytes",
+                        body.len()
+                    ),
+                }),
+            }
+        })
+    })?;
+    tracing::info!(key, files = manifest.files.len(), "manifest written");
     Ok(())
 }
 
@@ -247,6 +344,20 @@ fn s3_message(doing: &str, e: S3Error) -> String {
                 _ => format!("{doing}: HTTP {status}: {}", body.trim()),
             }
         }
-        other => format!("{doing}: {other}"),
+        other => {
+            // reqwest's Display stops at "error sending request for url";
+            // the cause (refused, reset, TLS, timeout) is further down.
+            let mut m = format!("{doing}: {other}");
+            let mut cause = std::error::Error::source(other);
+            while let Some(c) = cause {
+                let text = c.to_string();
+                if !m.contains(&text) {
+                    m.push_str(": ");
+                    m.push_str(&text);
+                }
+                cause = c.source();
+            }
+            m
+        }
     }
 }

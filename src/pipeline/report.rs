@@ -100,6 +100,11 @@ pub struct RunReport {
     pub gates: Vec<GateResult>,
     /// `run --force`: published although a gate tripped.
     pub forced: bool,
+    /// Columns added, removed or retyped since the bucket's manifest.
+    pub schema_changes: Vec<super::manifest::SchemaChange>,
+    /// `written s3://…/_manifest.json` or `unchanged …`; none when the run
+    /// did not get that far.
+    pub manifest: Option<String>,
     pub error: Option<String>,
     /// Not part of the audit record (it is written before the id exists).
     #[serde(skip)]
@@ -129,6 +134,8 @@ impl RunReport {
             stages: StageTimes::default(),
             gates: Vec::new(),
             forced: false,
+            schema_changes: Vec::new(),
+            manifest: None,
             error: None,
             audit_id: None,
             audit_error: None,
@@ -242,6 +249,12 @@ impl RunReport {
                 (true, true) => "TRIPPED, published anyway (--force)",
             };
             let _ = writeln!(s, "  gate {}: {verdict}", g.describe());
+        }
+        for c in &self.schema_changes {
+            let _ = writeln!(s, "  schema changed: {}", c.describe());
+        }
+        if let Some(m) = &self.manifest {
+            let _ = writeln!(s, "  manifest {m}");
         }
         if !self.text_fallbacks.is_empty() {
             let _ = writeln!(s, "  carried as text: {}", self.text_fallbacks.join(", "));

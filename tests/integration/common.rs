@@ -411,20 +411,26 @@ pub fn pg_comes_back_on(port: u16, delay: std::time::Duration) {
         let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
         for client in listener.incoming() {
             let Ok(client) = client else { continue };
-            let Ok(server) = std::net::TcpStream::connect(&target) else {
-                continue;
-            };
-            for (mut from, mut to) in [
-                (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                (server, client),
-            ] {
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                });
-            }
+            forward(client, &target);
         }
     });
+}
+
+/// Connects to `target` and copies bytes both ways until either side
+/// closes, on threads of their own.
+fn forward(client: std::net::TcpStream, target: &str) {
+    let Ok(server) = std::net::TcpStream::connect(target) else {
+        return;
+    };
+    for (mut from, mut to) in [
+        (client.try_clone().unwrap(), server.try_clone().unwrap()),
+        (server, client),
+    ] {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+        });
+    }
 }
 
 /// The PgBouncer port, or `None` after printing why the test is skipped.
@@ -448,18 +454,7 @@ pub fn slow_proxy(target: String, delay: std::time::Duration) -> u16 {
             let target = target.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(delay);
-                let Ok(server) = std::net::TcpStream::connect(&target) else {
-                    return;
-                };
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
+                forward(client, &target);
             });
         }
     });

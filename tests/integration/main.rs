@@ -9,4 +9,6 @@ mod gates;
 mod packaging;
 mod pipeline;
 mod pooled;
+mod publish;
+mod s3proxy;
 mod types;

@@ -1,0 +1,203 @@
+//! Publishing as the bucket sees it, through the suite's fault proxy: the
+//! manifest written last, uploads read back, retries only for what may pass,
+//! schema drift.
+
+use outreach_workbench::pipeline::{RunOptions, RunStatus};
+
+use crate::common::*;
+use crate::s3proxy::FaultProxy;
+
+const MANIFEST: &str = "outreach/wv/_manifest.json";
+const PEOPLE_GOOD: &str = "outreach/wv/people/good/people_good.parquet";
+
+fn world_behind_proxy(name: &str) -> (World, FaultProxy) {
+    let mut w = World::new(name);
+    let proxy = FaultProxy::start();
+    w.config.storage.endpoint = proxy.endpoint.clone();
+    w.config.retry.initial_backoff_secs = 0.05;
+    w.config.retry.max_backoff_secs = 0.1;
+    let mut pg = w.pg();
+    for i in 0..5 {
+        add_company(
+            &mut pg,
+            &format!("c{i}"),
+            Some("A"),
+            Some("a.example"),
+            "WV",
+        );
+        add_person(
+            &mut pg,
+            &format!("p{i}"),
+            &format!("c{i}"),
+            Some("a@b.example"),
+            Some("CEO"),
+        );
+    }
+    (w, proxy)
+}
+
+fn manifest(w: &World) -> serde_json::Value {
+    serde_json::from_slice(&get(&w.bucket, MANIFEST)).unwrap()
+}
+
+#[test]
+fn the_manifest_names_this_runs_files_is_written_last_and_left_alone_when_unchanged() {
+    let (w, proxy) = world_behind_proxy("manifest");
+    let first = w.run("WV");
+    assert_eq!(first.status, RunStatus::Success, "{:?}", first.error);
+    let m = manifest(&w);
+    assert_eq!(m["run_id"], first.run_id.as_str());
+    let files = m["files"].as_array().unwrap();
+    assert_eq!(files.len(), 4);
+    for f in files {
+        let key = f["key"].as_str().unwrap();
+        let meta = head(&w.bucket, key).expect("the file is there");
+        assert_eq!(meta["sha256"], f["sha256"].as_str().unwrap(), "{key}");
+        assert!(f["schema_fingerprint"].as_str().unwrap().len() == 64);
+        assert!(!f["columns"].as_array().unwrap().is_empty());
+    }
+    // Written after every file, each upload read back before it.
+    let log = proxy.requests();
+    let put = |key: &str| {
+        log.iter()
+            .rposition(|(m, t, _)| m == "PUT" && t.contains(key))
+            .unwrap_or_else(|| panic!("no PUT of {key}: {log:?}"))
+    };
+    let manifest_put = put("_manifest.json");
+    for f in files {
+        let key = f["key"].as_str().unwrap();
+        let at = put(key);
+        assert!(at < manifest_put, "{key} after the manifest: {log:?}");
+        assert!(
+            log[at + 1].0 == "HEAD" && log[at + 1].1.contains(key),
+            "the upload of {key} is read back: {log:?}"
+        );
+    }
+    assert!(first.manifest.as_deref().unwrap().starts_with("written"));
+
+    proxy.clear_log();
+    let again = w.run("WV");
+    assert_eq!(again.status, RunStatus::Success, "{:?}", again.error);
+    assert_eq!(again.uploaded, 0);
+    assert!(again.manifest.as_deref().unwrap().starts_with("unchanged"));
+    assert_eq!(manifest(&w)["run_id"], first.run_id.as_str(), "untouched");
+    assert!(
+        !proxy.requests().iter().any(|(m, _, _)| m == "PUT"),
+        "{:?}",
+        proxy.requests()
+    );
+}
+
+#[test]
+fn a_first_run_into_an_empty_bucket_costs_one_head_per_key() {
+    let (w, proxy) = world_behind_proxy("onehead");
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    let log = proxy.requests();
+    let before_put: Vec<_> = log
+        .iter()
+        .take_while(|(m, t, _)| !(m == "PUT" && t.contains(PEOPLE_GOOD)))
+        .filter(|(m, t, _)| m == "HEAD" && t.contains(PEOPLE_GOOD))
+        .collect();
+    assert_eq!(
+        before_put.len(),
+        1,
+        "one HEAD, answered 404, no retry: {log:?}"
+    );
+    assert_eq!(before_put[0].2, 404);
+}
+
+#[test]
+fn a_403_fails_at_once_and_a_half_published_run_leaves_the_previous_manifest() {
+    let (w, proxy) = world_behind_proxy("halfway");
+    let first = w.run("WV");
+    assert_eq!(first.status, RunStatus::Success, "{:?}", first.error);
+    // New data: every file changes; the people files are refused.
+    add_company(&mut w.pg(), "c9", Some("Z"), Some("z.example"), "WV");
+    add_person(&mut w.pg(), "p9", "c9", Some("z@b.example"), Some("CTO"));
+    proxy.fail("PUT", "people/good", 10, 403, "AccessDenied");
+    proxy.clear_log();
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Failed);
+    let e = r.error.unwrap();
+    assert!(e.contains("HTTP 403 AccessDenied"), "{e}");
+    let puts = proxy
+        .requests()
+        .iter()
+        .filter(|(m, t, _)| m == "PUT" && t.contains("people/good"))
+        .count();
+    assert_eq!(puts, 1, "a 403 is not retried");
+    assert!(r.uploaded >= 1, "some files went up before the failure");
+    let m = manifest(&w);
+    assert_eq!(
+        m["run_id"],
+        first.run_id.as_str(),
+        "the previous manifest stays"
+    );
+    // ... so a reader sees that the bucket's files are not all of that run.
+    let companies_good = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["table_name"] == "companies_good")
+        .unwrap();
+    let now = head(&w.bucket, companies_good["key"].as_str().unwrap()).unwrap();
+    assert_ne!(now["sha256"], companies_good["sha256"].as_str().unwrap());
+}
+
+#[test]
+fn transient_500s_are_retried_until_the_upload_goes_through() {
+    let (mut w, proxy) = world_behind_proxy("retry500");
+    w.config.retry.attempts = 4;
+    proxy.fail("PUT", "people/good", 2, 500, "InternalError");
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    let puts: Vec<u16> = proxy
+        .requests()
+        .iter()
+        .filter(|(m, t, _)| m == "PUT" && t.contains("people/good"))
+        .map(|r| r.2)
+        .collect();
+    assert_eq!(puts, [500, 500, 200], "two failures, then the upload");
+    assert!(head(&w.bucket, PEOPLE_GOOD).is_some());
+}
+
+#[test]
+fn a_dropped_column_is_reported_and_gated_with_schema_change() {
+    let (mut w, _proxy) = world_behind_proxy("drift");
+    let first = w.run("WV");
+    assert_eq!(first.status, RunStatus::Success, "{:?}", first.error);
+    w.pg()
+        .batch_execute("ALTER TABLE marketing.company_master DROP COLUMN company_phone")
+        .unwrap();
+    let reported = w.run("WV");
+    assert_eq!(reported.status, RunStatus::Success, "{:?}", reported.error);
+    let change = reported
+        .schema_changes
+        .iter()
+        .find(|c| c.table_name == "companies_good")
+        .expect("the change is reported");
+    assert_eq!(change.removed, ["company_phone"]);
+    assert!(reported
+        .summary()
+        .contains("schema changed: companies_good: removed company_phone"));
+    let audit = audit_details(&w, reported.audit_id.unwrap());
+    assert_eq!(audit["schema_changes"][0]["removed"][0], "company_phone");
+
+    // With the gate on, the next change stops the run before publishing.
+    w.set_config_extra("[gates]\nschema_change = true\n");
+    w.config.storage.endpoint = _proxy.endpoint.clone();
+    w.pg()
+        .batch_execute("ALTER TABLE marketing.company_master ADD COLUMN rating INTEGER")
+        .unwrap();
+    let gated = w.run_with(
+        "WV",
+        &RunOptions {
+            gates: w.config.gates,
+            ..Default::default()
+        },
+    );
+    assert_eq!(gated.status, RunStatus::Gated, "{:?}", gated.error);
+    assert!(gated.error.unwrap().contains("schema_change"));
+    assert_eq!(manifest(&w)["run_id"], reported.run_id.as_str());
+}

@@ -1,0 +1,140 @@
+//! A fault-injecting HTTP proxy in front of the test S3 server (loopback
+//! only): it logs every request, answers the ones a rule matches with the
+//! rule's error, and forwards the rest, one request per connection.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+
+use crate::common::services;
+
+/// `times` requests with `method` whose target contains `path` get
+/// `status` with an S3 error body of `code`.
+struct Rule {
+    method: String,
+    path: String,
+    times: usize,
+    status: u16,
+    code: String,
+}
+
+#[derive(Default)]
+struct State {
+    rules: Vec<Rule>,
+    /// (method, target, status) of every request, in order.
+    log: Vec<(String, String, u16)>,
+}
+
+pub struct FaultProxy {
+    pub endpoint: String,
+    state: Arc<Mutex<State>>,
+}
+
+impl FaultProxy {
+    pub fn start() -> FaultProxy {
+        let upstream = services()
+            .s3_endpoint
+            .trim_start_matches("http://")
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (state, upstream) = (shared.clone(), upstream.clone());
+                std::thread::spawn(move || serve(client, &upstream, &state));
+            }
+        });
+        FaultProxy { endpoint, state }
+    }
+
+    pub fn fail(&self, method: &str, path: &str, times: usize, status: u16, code: &str) {
+        self.state.lock().unwrap().rules.push(Rule {
+            method: method.into(),
+            path: path.into(),
+            times,
+            status,
+            code: code.into(),
+        });
+    }
+
+    pub fn requests(&self) -> Vec<(String, String, u16)> {
+        self.state.lock().unwrap().log.clone()
+    }
+
+    pub fn clear_log(&self) {
+        self.state.lock().unwrap().log.clear();
+    }
+}
+
+fn serve(client: TcpStream, upstream: &str, state: &Mutex<State>) {
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut head = Vec::new();
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if !lower.starts_with("connection:") {
+            head.push(line);
+        }
+    }
+    let mut body = vec![0; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let mut parts = head[0].split_whitespace();
+    let method = parts.next().unwrap_or_default().to_string();
+    let target = parts.next().unwrap_or_default().to_string();
+    let fault = {
+        let mut s = state.lock().unwrap();
+        let hit = s
+            .rules
+            .iter_mut()
+            .find(|r| r.times > 0 && r.method == method && target.contains(&r.path));
+        hit.map(|r| {
+            r.times -= 1;
+            (r.status, r.code.clone())
+        })
+    };
+    let mut client = client;
+    if let Some((status, code)) = fault {
+        let xml = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
+        );
+        let body = if method == "HEAD" { "" } else { xml.as_str() };
+        let _ = write!(
+            client,
+            "HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        state.lock().unwrap().log.push((method, target, status));
+        return;
+    }
+    let Ok(mut server) = TcpStream::connect(upstream) else {
+        return;
+    };
+    let mut request = head.concat();
+    request.push_str("Connection: close\r\n\r\n");
+    if server.write_all(request.as_bytes()).is_err() || server.write_all(&body).is_err() {
+        return;
+    }
+    let mut response = Vec::new();
+    let _ = server.read_to_end(&mut response);
+    let status = std::str::from_utf8(&response[..response.len().min(12)])
+        .ok()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    state.lock().unwrap().log.push((method, target, status));
+    let _ = client.write_all(&response);
+}
