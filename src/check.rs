@@ -77,6 +77,16 @@ pub fn online(config: &Config) -> Vec<String> {
     problems
 }
 
+/// Multipart uploads under the prefix unfinished for more than a day are
+/// aborted; a line for each, or for why they could not be looked at.
+pub fn stale_uploads(config: &Config) -> Vec<String> {
+    let prefix = match config.storage.prefix.as_str() {
+        "" => String::new(),
+        p => format!("{p}/"),
+    };
+    publish::sweep_stale(&config.storage, &prefix).unwrap_or_else(|e| vec![e.to_string()])
+}
+
 /// The leases held now (who runs which state), for `check` to show: a
 /// line each; empty before any run made the table, or when it cannot be read.
 pub fn leases(config: &Config) -> Vec<String> {

@@ -254,6 +254,10 @@ pub struct StorageConfig {
     pub secret_access_key: Option<Secret>,
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
+    /// Files this size or larger go up in parts of this size (MiB); one
+    /// part is held in memory at a time. B2 takes parts of 5 MB to 5 GB.
+    #[serde(default = "default_part_size")]
+    pub part_size_mib: u64,
 }
 
 fn default_region() -> String {
@@ -264,6 +268,9 @@ fn default_prefix() -> String {
 }
 fn default_request_timeout() -> u64 {
     300
+}
+fn default_part_size() -> u64 {
+    16
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -501,6 +508,15 @@ impl Config {
             return Err(invalid(
                 "storage.prefix",
                 format!("`{}` must not start or end with `/`", st.prefix),
+            ));
+        }
+        if !(5..=5120).contains(&st.part_size_mib) {
+            return Err(invalid(
+                "storage.part_size_mib",
+                format!(
+                    "{} must be between 5 (the S3 and B2 minimum part) and 5120",
+                    st.part_size_mib
+                ),
             ));
         }
         if let Some(level) = self.export.zstd_level {

@@ -211,6 +211,9 @@ fn main() -> ExitCode {
                 for lease in outreach_workbench::check::leases(&config) {
                     println!("lease: {lease}");
                 }
+                for line in outreach_workbench::check::stale_uploads(&config) {
+                    println!("uploads: {line}");
+                }
             }
             if problems.is_empty() {
                 println!(

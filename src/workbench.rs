@@ -238,6 +238,12 @@ impl Workbench {
                  report VARCHAR,                   -- the run report as JSON text
                  audit_pending BOOLEAN DEFAULT false  -- its audit record is not written yet
              );
+             -- Multipart uploads a run could not abort; the next run does.
+             CREATE TABLE IF NOT EXISTS main.unfinished_uploads (
+                 upload_id VARCHAR PRIMARY KEY,
+                 object_key VARCHAR NOT NULL,
+                 left_at TIMESTAMP NOT NULL       -- UTC
+             );
              CREATE TABLE IF NOT EXISTS main.upload_manifest (
                  object_key VARCHAR PRIMARY KEY,
                  sha256 VARCHAR NOT NULL,
@@ -492,6 +498,40 @@ impl Workbench {
             )
             .map(|_| ())
             .map_err(|e| self.sql_err(e))
+    }
+
+    /// Multipart uploads left unfinished by earlier runs, oldest first.
+    pub fn unfinished_uploads(&self) -> Result<Vec<(String, String)>, WorkbenchError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT object_key, upload_id FROM main.unfinished_uploads ORDER BY left_at")
+            .map_err(|e| self.sql_err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.sql_err(e))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sql_err(e))
+    }
+
+    /// Remembers (`left`) or forgets an unfinished multipart upload.
+    pub fn set_unfinished_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+        left: bool,
+    ) -> Result<(), WorkbenchError> {
+        let done = if left {
+            self.conn.execute(
+                "INSERT OR REPLACE INTO main.unfinished_uploads VALUES (?, ?, make_timestamp(?))",
+                duckdb::params![upload_id, key, chrono::Utc::now().timestamp_micros()],
+            )
+        } else {
+            self.conn.execute(
+                "DELETE FROM main.unfinished_uploads WHERE upload_id = ? AND object_key = ?",
+                duckdb::params![upload_id, key],
+            )
+        };
+        done.map(|_| ()).map_err(|e| self.sql_err(e))
     }
 
     fn sql_err(&self, e: duckdb::Error) -> WorkbenchError {

@@ -523,8 +523,26 @@ fn stages(
         return Ok(());
     }
     let t = Instant::now();
+    // Litter first: uploads an earlier run could not abort, and any under
+    // the state's prefix unfinished for more than a day.
+    let leftovers: Vec<publish::Unfinished> = wb
+        .unfinished_uploads()?
+        .into_iter()
+        .map(|(key, upload_id)| publish::Unfinished { key, upload_id })
+        .collect();
+    for gone in publish::abort_leftovers(&config.storage, &leftovers) {
+        wb.set_unfinished_upload(&gone.key, &gone.upload_id, false)?;
+    }
+    let state_prefix = match config.storage.prefix.as_str() {
+        "" => format!("{}/", state.lower()),
+        p => format!("{p}/{}/", state.lower()),
+    };
+    if let Err(e) = publish::sweep_stale(&config.storage, &state_prefix) {
+        tracing::warn!(error = %e, "could not look for stale multipart uploads");
+    }
     let lease = held.lease.as_ref();
     let fence = |key: &str| lease.map_or(Ok(()), |l| l.fence(&format!("uploading {key}")));
+    let mut progress = publish::Progress::default();
     let published = publish::publish(
         &config.storage,
         &config.retry,
@@ -532,8 +550,12 @@ fn stages(
         &report.files,
         cancel,
         &fence,
-        &mut report.objects,
+        &mut progress,
     );
+    report.objects = progress.objects;
+    for u in &progress.unfinished {
+        wb.set_unfinished_upload(&u.key, &u.upload_id, true)?;
+    }
     report.stages.publish = Some(t.elapsed().as_secs_f64());
     for o in report.objects.iter().filter(|o| o.action == "uploaded") {
         wb.record_upload(&o.key, &o.sha256, o.bytes, &report.run_id)?;

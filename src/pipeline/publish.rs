@@ -6,9 +6,10 @@
 //! workbench file is deleted, and an object deleted or overwritten by someone
 //! else is uploaded again. The local manifest only records what we sent.
 //!
-//! Uploads are single PUTs with Content-MD5, or multipart above 8 MiB (each
-//! part with its own Content-MD5); either way the object appears whole or
-//! not at all. Each upload is read back (a HEAD: size and `sha256`) before
+//! Uploads are single PUTs with Content-MD5, or multipart from
+//! `part_size_mib` on (each part with its own Content-MD5); either way the
+//! object appears whole or not at all, and a multipart upload that fails is
+//! aborted. Each upload is read back (a HEAD: size and `sha256`) before
 //! it counts. After the files, the state's manifest is written (see
 //! `manifest`). Cancellation is checked before each file: once cancelled,
 //! nothing more is published.
@@ -16,7 +17,6 @@
 //! Retries are ours alone (`[retry]`, with jitter): rust-s3's own retry of
 //! "safe" requests is turned off, so that no retry loop runs inside another.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use s3::creds::Credentials;
@@ -134,9 +134,9 @@ pub fn publish(
     files: &[ExportedFile],
     cancel: &CancellationToken,
     fence: &dyn Fn(&str) -> Result<(), PipelineError>,
-    out: &mut Vec<PublishedObject>,
+    out: &mut Progress,
 ) -> Result<(), PipelineError> {
-    let bucket = bucket(cfg)?;
+    let part_size = (cfg.part_size_mib * 1024 * 1024) as usize;
     let rt = runtime("")?;
     for file in files {
         if cancel.is_cancelled() {
@@ -144,6 +144,9 @@ pub fn publish(
         }
         let key = object_key(cfg, state, file);
         let action = retry(retry_cfg, cancel, &format!("publishing {key}"), || {
+            // A client of its own for each try: its connections are new,
+            // not the pooled ones a 500 or a reset came from.
+            let bucket = bucket(cfg)?;
             let remote = rt.block_on(remote_sha256(&bucket, &key))?;
             if remote.as_deref() == Some(file.sha256.as_str()) {
                 tracing::info!(key, "unchanged, not uploading");
@@ -152,12 +155,20 @@ pub fn publish(
             // Outside the async runtime: the fence talks to PostgreSQL
             // through the blocking client, which has a runtime of its own.
             fence(&key)?;
-            rt.block_on(upload(&bucket, &key, state, file))?;
+            rt.block_on(upload(
+                &bucket,
+                &key,
+                state,
+                file,
+                part_size,
+                cancel,
+                &mut out.unfinished,
+            ))?;
             rt.block_on(verify(&bucket, &key, file))?;
             tracing::info!(key, bytes = file.bytes, "uploaded");
             Ok("uploaded")
         })?;
-        out.push(PublishedObject {
+        out.objects.push(PublishedObject {
             table_name: file.table_name.clone(),
             url: format!("s3://{}/{key}", cfg.bucket),
             key,
@@ -268,41 +279,177 @@ async fn remote_sha256(bucket: &Bucket, key: &str) -> Result<Option<String>, Pip
     }
 }
 
+/// What publishing did, as it goes: kept when it fails half-way.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub objects: Vec<PublishedObject>,
+    pub unfinished: Vec<Unfinished>,
+}
+
+/// A multipart upload this run could not abort (the network was gone):
+/// kept in the workbench and aborted before the next run uploads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unfinished {
+    pub key: String,
+    pub upload_id: String,
+}
+
+const CONTENT_TYPE: &str = "application/vnd.apache.parquet";
+
+/// Uploads one file: a single PUT below `part_size`, else a multipart
+/// upload of our own, so that its id is known and a failed or cancelled
+/// one is aborted (B2 keeps, and bills, unfinished parts). An abort that
+/// fails too is left in `unfinished` for the next run.
 async fn upload(
     bucket: &Bucket,
     key: &str,
     state: &StateCode,
     file: &ExportedFile,
+    part_size: usize,
+    cancel: &CancellationToken,
+    unfinished: &mut Vec<Unfinished>,
 ) -> Result<(), PipelineError> {
-    let mut meta = BTreeMap::new();
-    meta.insert("table_name", file.table_name.clone());
-    meta.insert("state", state.to_string());
-    meta.insert("pipeline", PIPELINE_NAME.to_string());
-    meta.insert(
-        "upload_timestamp",
-        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-    );
-    meta.insert("sha256", file.sha256.clone());
-    let mut req = bucket
-        .put_object_stream_builder(key)
-        .with_content_type("application/vnd.apache.parquet");
-    for (k, v) in &meta {
-        req = req
-            .with_metadata(k, v)
-            .map_err(|e| s3_error(key, "uploading", e))?;
+    use std::io::Read;
+    let mut meta = http::HeaderMap::new();
+    for (k, v) in [
+        ("table_name", file.table_name.clone()),
+        ("state", state.to_string()),
+        ("pipeline", PIPELINE_NAME.to_string()),
+        (
+            "upload_timestamp",
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        ),
+        ("sha256", file.sha256.clone()),
+    ] {
+        let name = format!("x-amz-meta-{k}");
+        meta.insert(
+            http::HeaderName::from_bytes(name.as_bytes()).expect("plain ASCII"),
+            v.parse().expect("plain ASCII"),
+        );
     }
-    let mut reader =
-        tokio::fs::File::open(&file.path)
-            .await
-            .map_err(|e| PipelineError::Publish {
-                key: key.to_string(),
-                transient: false,
-                message: format!("opening {}: {e}", file.path.display()),
-            })?;
-    req.execute_stream(&mut reader)
-        .await
+    let with_meta = bucket
+        .with_extra_headers(meta)
         .map_err(|e| s3_error(key, "uploading", e))?;
-    Ok(())
+    let open_err = |e: std::io::Error| PipelineError::Publish {
+        key: key.to_string(),
+        transient: false,
+        message: format!("reading {}: {e}", file.path.display()),
+    };
+    let mut reader = std::fs::File::open(&file.path).map_err(open_err)?;
+    if file.bytes < part_size as u64 {
+        let mut body = Vec::with_capacity(file.bytes as usize);
+        reader.read_to_end(&mut body).map_err(open_err)?;
+        with_meta
+            .put_object_with_content_type(key, &body, CONTENT_TYPE)
+            .await
+            .map_err(|e| s3_error(key, "uploading", e))?;
+        return Ok(());
+    }
+    let upload_id = with_meta
+        .initiate_multipart_upload(key, CONTENT_TYPE)
+        .await
+        .map_err(|e| s3_error(key, "starting the multipart upload", e))?
+        .upload_id;
+    let sent = async {
+        let mut parts = Vec::new();
+        loop {
+            if cancel.is_cancelled() {
+                return Err(PipelineError::Cancelled);
+            }
+            let mut chunk = Vec::with_capacity(part_size);
+            (&mut reader)
+                .take(part_size as u64)
+                .read_to_end(&mut chunk)
+                .map_err(open_err)?;
+            if chunk.is_empty() {
+                break;
+            }
+            let number = parts.len() as u32 + 1;
+            let part = bucket
+                .put_multipart_chunk(chunk, key, number, &upload_id, CONTENT_TYPE)
+                .await
+                .map_err(|e| s3_error(key, &format!("uploading part {number}"), e))?;
+            parts.push(part);
+        }
+        bucket
+            .complete_multipart_upload(key, &upload_id, parts)
+            .await
+            .map_err(|e| s3_error(key, "completing the multipart upload", e))
+            .map(|_| ())
+    }
+    .await;
+    if sent.is_err() {
+        match bucket.abort_upload(key, &upload_id).await {
+            Ok(()) => tracing::info!(key, "aborted the unfinished multipart upload"),
+            Err(e) => {
+                tracing::warn!(key, upload_id, error = %s3_message("aborting", e), "could not abort the unfinished multipart upload; the next run aborts it");
+                unfinished.push(Unfinished {
+                    key: key.to_string(),
+                    upload_id: upload_id.clone(),
+                });
+            }
+        }
+    }
+    sent
+}
+
+/// Aborts multipart uploads earlier runs could not, returning those now
+/// gone (aborted, or no longer known to the server).
+pub fn abort_leftovers(cfg: &StorageConfig, leftovers: &[Unfinished]) -> Vec<Unfinished> {
+    let Ok(bucket) = bucket(cfg) else {
+        return Vec::new();
+    };
+    let Ok(rt) = runtime("") else {
+        return Vec::new();
+    };
+    let mut gone = Vec::new();
+    for u in leftovers {
+        match rt.block_on(bucket.abort_upload(&u.key, &u.upload_id)) {
+            Ok(()) | Err(S3Error::HttpFailWithBody(404, _)) => {
+                tracing::info!(key = %u.key, upload_id = %u.upload_id, "aborted a multipart upload an earlier run left unfinished");
+                gone.push(u.clone());
+            }
+            Err(e) => {
+                tracing::warn!(key = %u.key, error = %s3_message("aborting", e), "could not abort an earlier unfinished multipart upload; trying again next run")
+            }
+        }
+    }
+    gone
+}
+
+/// Unfinished multipart uploads under `prefix` started more than a day ago
+/// (by anyone: a crashed run, another tool) are aborted; returns a line
+/// for each. A server that cannot list them (s3s-fs) is passed over.
+pub fn sweep_stale(cfg: &StorageConfig, prefix: &str) -> Result<Vec<String>, PipelineError> {
+    let bucket = bucket(cfg)?;
+    let rt = runtime(prefix)?;
+    let listed = match rt.block_on(bucket.list_multiparts_uploads(Some(prefix), None)) {
+        Ok(l) => l,
+        Err(S3Error::HttpFailWithBody(501, _)) => {
+            tracing::debug!("this S3 server cannot list multipart uploads");
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(s3_error(prefix, "listing unfinished multipart uploads", e)),
+    };
+    let day_ago = chrono::Utc::now() - chrono::Duration::days(1);
+    let mut out = Vec::new();
+    for u in listed.iter().flat_map(|page| &page.uploads) {
+        let started = chrono::DateTime::parse_from_rfc3339(&u.initiated)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .ok();
+        if started.is_none_or(|t| t > day_ago) {
+            continue;
+        }
+        rt.block_on(bucket.abort_upload(&u.key, &u.id))
+            .map_err(|e| s3_error(&u.key, "aborting a stale multipart upload", e))?;
+        let line = format!(
+            "aborted the multipart upload of {} started {} and never finished",
+            u.key, u.initiated
+        );
+        tracing::warn!("{line}");
+        out.push(line);
+    }
+    Ok(out)
 }
 
 fn s3_error(key: &str, doing: &str, e: S3Error) -> PipelineError {

@@ -201,3 +201,99 @@ fn a_dropped_column_is_reported_and_gated_with_schema_change() {
     assert!(gated.error.unwrap().contains("schema_change"));
     assert_eq!(manifest(&w)["run_id"], reported.run_id.as_str());
 }
+
+/// People whose file is well over two 5 MiB parts: a 4 KB random bio each.
+fn big_people(w: &World) {
+    w.pg()
+        .batch_execute(
+            "INSERT INTO marketing.people_master (unique_id, company_unique_id, company_slot_unique_id,
+                 first_name, last_name, email, title, bio, source_system, promoted_from_intake_at)
+             SELECT 'big' || i, 'c0', 'slot', 'Ana', 'Smith', 'a' || i || '@b.example', 'CEO',
+                    (SELECT string_agg(md5(random()::text || i || j), '') FROM generate_series(1, 128) j),
+                    'test', '2025-01-01 00:00:00+00'
+             FROM generate_series(1, 8000) i",
+        )
+        .unwrap();
+}
+
+/// Unfinished multipart uploads s3s-fs holds for `bucket` (it keeps one
+/// metadata file per upload until it is completed or aborted).
+fn unfinished_uploads(bucket: &str) -> Vec<String> {
+    use base64::Engine;
+    let root = std::env::var("OW_S3_ROOT").unwrap();
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bucket);
+    std::fs::read_dir(root)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!(".bucket-{b}.")) && n.contains(".upload-"))
+        .collect()
+}
+
+#[test]
+fn a_multipart_upload_cut_mid_way_is_aborted_and_the_bucket_keeps_the_last_run() {
+    let (mut w, proxy) = world_behind_proxy("cutpart");
+    w.config.storage.part_size_mib = 5;
+    let first = w.run("WV");
+    assert_eq!(first.status, RunStatus::Success, "{:?}", first.error);
+    let before = head(&w.bucket, PEOPLE_GOOD).unwrap()["sha256"].clone();
+    big_people(&w);
+    // Every try of the second part loses its connection.
+    proxy.fail("PUT", "partNumber=2", 100, 0, "");
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Failed);
+    let e = r.error.unwrap();
+    assert!(
+        e.contains("people_good.parquet") && e.contains("uploading part 2"),
+        "{e}"
+    );
+    assert_eq!(head(&w.bucket, PEOPLE_GOOD).unwrap()["sha256"], before);
+    assert_eq!(
+        manifest(&w)["run_id"],
+        first.run_id.as_str(),
+        "manifest unchanged"
+    );
+    assert!(
+        unfinished_uploads(&w.bucket).is_empty(),
+        "aborted: {:?}",
+        unfinished_uploads(&w.bucket)
+    );
+}
+
+#[test]
+fn an_upload_that_could_not_be_aborted_is_aborted_by_the_next_run() {
+    let (mut w, proxy) = world_behind_proxy("leftover");
+    w.config.storage.part_size_mib = 5;
+    big_people(&w);
+    proxy.fail("PUT", "partNumber=2", 100, 0, "");
+    proxy.fail("DELETE", "uploadId=", 100, 0, "");
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Failed);
+    assert_eq!(
+        unfinished_uploads(&w.bucket).len(),
+        w.config.retry.attempts as usize,
+        "one upload a try, and each abort was cut too"
+    );
+
+    // The network is back: the next run aborts it before it uploads.
+    let proxy2 = FaultProxy::start();
+    w.config.storage.endpoint = proxy2.endpoint.clone();
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    assert!(
+        unfinished_uploads(&w.bucket).is_empty(),
+        "{:?}",
+        unfinished_uploads(&w.bucket)
+    );
+    assert!(
+        proxy2.requests()[0].0 == "DELETE"
+            || proxy2
+                .requests()
+                .iter()
+                .any(|(m, t, _)| m == "DELETE" && t.contains("uploadId="))
+    );
+    let got = head(&w.bucket, PEOPLE_GOOD).unwrap();
+    assert_eq!(
+        got["sha256"],
+        manifest(&w)["files"][2]["sha256"].as_str().unwrap()
+    );
+}

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use crate::common::services;
 
 /// `times` requests with `method` whose target contains `path` get
-/// `status` with an S3 error body of `code`.
+/// `status` with an S3 error body of `code`; status 0 cuts the connection
+/// instead, without an answer.
 struct Rule {
     method: String,
     path: String,
@@ -107,6 +108,11 @@ fn serve(client: TcpStream, upstream: &str, state: &Mutex<State>) {
         })
     };
     let mut client = client;
+    if let Some((0, _)) = fault {
+        state.lock().unwrap().log.push((method, target, 0));
+        let _ = client.shutdown(std::net::Shutdown::Both);
+        return;
+    }
     if let Some((status, code)) = fault {
         let xml = format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
