@@ -46,7 +46,27 @@ struct Shared {
     stopping: CancellationToken,
     /// Set when the grace period is over: running runs cancel.
     cancel_runs: CancellationToken,
+    /// systemd's `Status:` line: next fire times, last results.
+    board: Mutex<crate::systemd::Board>,
 }
+
+impl Shared {
+    fn update_board(&self, f: impl FnOnce(&mut crate::systemd::Board)) {
+        let mut board = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut board);
+        crate::systemd::status(&board.line());
+    }
+
+    fn board_line(&self) -> String {
+        self.board.lock().unwrap_or_else(|p| p.into_inner()).line()
+    }
+}
+
+/// The daemon refused to start for a reason a restart cannot fix (the
+/// config or its rules): the service stops instead of looping.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
 
 /// Runs until SIGTERM/SIGINT. Errors only for what prevents starting.
 pub fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
@@ -64,6 +84,7 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
         permits: Arc::new(Semaphore::new(config.daemon.max_concurrent_runs.max(1))),
         stopping: CancellationToken::new(),
         cancel_runs: CancellationToken::new(),
+        board: Mutex::new(crate::systemd::Board::default()),
     });
     // Blocking work (DuckDB, the postgres client) stays off the async threads.
     let cfg = config.clone();
@@ -95,31 +116,56 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
         schedules = tasks.len(),
         "daemon started"
     );
+    crate::systemd::ready(&shared.board_line());
 
-    while let Some(sig) = signals.recv().await {
+    // The scheduler loop: signals, and the watchdog's pings while it turns.
+    let mut watchdog = crate::systemd::watchdog_every().map(tokio::time::interval);
+    loop {
+        let ping = async {
+            match watchdog.as_mut() {
+                Some(every) => {
+                    every.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let sig = tokio::select! {
+            sig = signals.recv() => sig,
+            () = ping => {
+                crate::systemd::watchdog();
+                continue;
+            }
+        };
+        let Some(sig) = sig else { break };
         match sig {
             // Loading parses the schedules and rules: a bad file is refused
             // before the old schedules are dropped.
-            SIGHUP => match Config::load(&config_path) {
-                Ok(new) => {
-                    for t in tasks.drain(..) {
-                        t.abort();
+            SIGHUP => {
+                crate::systemd::reloading();
+                match Config::load(&config_path) {
+                    Ok(new) => {
+                        for t in tasks.drain(..) {
+                            t.abort();
+                        }
+                        if new.daemon.max_concurrent_runs != config.daemon.max_concurrent_runs {
+                            tracing::warn!(
+                                "max_concurrent_runs changes take effect at the next restart"
+                            );
+                        }
+                        config = new;
+                        shared.update_board(|b| b.clear_next());
+                        tasks = start_schedules(&config, &shared)?;
+                        tracing::info!(schedules = tasks.len(), "configuration reloaded");
                     }
-                    if new.daemon.max_concurrent_runs != config.daemon.max_concurrent_runs {
-                        tracing::warn!(
-                            "max_concurrent_runs changes take effect at the next restart"
-                        );
+                    Err(e) => {
+                        tracing::error!(error = %e, "new configuration refused; the old one keeps running");
                     }
-                    config = new;
-                    tasks = start_schedules(&config, &shared)?;
-                    tracing::info!(schedules = tasks.len(), "configuration reloaded");
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "new configuration refused; the old one keeps running");
-                }
-            },
+                crate::systemd::ready(&shared.board_line());
+            }
             _ => {
                 tracing::info!(signal = sig, "stopping: no new runs");
+                crate::systemd::stopping();
                 break;
             }
         }
@@ -156,7 +202,7 @@ fn check_rules_at_start(config: &Config) -> anyhow::Result<()> {
     match checked {
         Ok(()) => Ok(()),
         Err(e @ pipeline::PipelineError::Rule(_)) => {
-            Err(anyhow::anyhow!("{e}; fix [rules] in the config"))
+            Err(Refused(format!("{e}; fix [rules] in the config")).into())
         }
         Err(e) => {
             tracing::warn!(error = %e, "could not check the rules against the source now; each run checks them before pulling");
@@ -260,6 +306,11 @@ fn start_schedules(config: &Config, shared: &Arc<Shared>) -> anyhow::Result<Vec<
     for (schedule, cfg) in config.schedules()?.into_iter().zip(&config.schedule) {
         let opts = RunOptions::for_schedule(&config, cfg);
         if let Some(next) = schedule.next_after(Utc::now()) {
+            shared.update_board(|b| {
+                for state in &schedule.states {
+                    b.next_fire(state.as_str(), next, schedule.tz);
+                }
+            });
             tracing::info!(
                 schedule = schedule.index,
                 spec = %schedule.spec,
@@ -295,6 +346,13 @@ async fn fire_forever(
             tokio::time::sleep(wait).await;
         }
         after = next;
+        if let Some(then) = schedule.next_after(next) {
+            shared.update_board(|b| {
+                for state in &schedule.states {
+                    b.next_fire(state.as_str(), then, schedule.tz);
+                }
+            });
+        }
         let mut fired = opts.clone();
         fired.fire_time = Some(next);
         for state in &schedule.states {
@@ -338,7 +396,25 @@ fn trigger(state: StateCode, opts: &RunOptions, config: &Arc<Config>, shared: &A
         }
         drop(permit);
         match joined {
-            Ok(report) => log_report(&report),
+            Ok(report) => {
+                log_report(&report);
+                if report.status != RunStatus::Skipped {
+                    let result = format!(
+                        "{} {} ({} uploaded)",
+                        if report.succeeded() {
+                            "success"
+                        } else {
+                            report.status.as_str()
+                        },
+                        report
+                            .finished_at
+                            .unwrap_or_else(Utc::now)
+                            .format("%H:%M UTC"),
+                        report.uploaded
+                    );
+                    shared.update_board(|b| b.last_result(state.as_str(), result));
+                }
+            }
             Err(e) => tracing::error!(state = %state, error = %e, "run panicked"),
         }
         shared.running.lock().unwrap().remove(&state);
@@ -365,6 +441,11 @@ fn log_report(r: &pipeline::RunReport) {
         (RunStatus::Skipped, _) => tracing::info!(
             state = %r.state, run_id = %r.run_id, reason = r.error.as_deref().unwrap_or(""),
             "run skipped"
+        ),
+        // A shutdown's (or the run timeout's) doing, not a fault of the run.
+        (RunStatus::Cancelled, None) => tracing::warn!(
+            state = %r.state, run_id = %r.run_id, audit_id = %audit_id,
+            reason = r.error.as_deref().unwrap_or(""), "run cancelled"
         ),
         (RunStatus::Success, Some(audit_error)) => tracing::error!(
             state = %r.state, run_id = %r.run_id, uploaded = r.uploaded, skipped = r.skipped,

@@ -15,4 +15,5 @@ pub mod pg;
 pub mod pipeline;
 pub mod schedule;
 pub mod state;
+pub mod systemd;
 pub mod workbench;

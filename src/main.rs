@@ -64,6 +64,14 @@ enum Command {
     },
     /// Run the schedules until SIGTERM (what the systemd unit starts).
     Daemon,
+    /// Check the config, then tell the running daemon to reload it
+    /// (the unit's ExecReload): exits 2, and leaves the daemon alone, when
+    /// the config is refused.
+    Reload {
+        /// The daemon's PID [default: $MAINPID, which systemd sets].
+        #[arg(long)]
+        pid: Option<i32>,
+    },
     /// List each schedule with its next five fire times.
     Schedule,
     /// Check the config, rules, secrets, PostgreSQL, the audit table and the bucket; one line per problem.
@@ -166,8 +174,36 @@ fn main() -> ExitCode {
             };
             match outreach_workbench::daemon::run(path, config) {
                 Ok(()) => ExitCode::SUCCESS,
+                // The unit's RestartPreventExitStatus=2: no restart loop
+                // over a config or rule only an edit can fix.
+                Err(e) if e.is::<outreach_workbench::daemon::Refused>() => {
+                    tracing::error!("daemon refused to start: {e:#}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
                 Err(e) => {
                     tracing::error!("daemon failed: {e:#}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
+        Command::Reload { pid } => {
+            // The config loaded above: a refused one has exited 2 already.
+            let pid = pid.or_else(|| std::env::var("MAINPID").ok()?.parse().ok());
+            let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) else {
+                eprintln!("error: no daemon to reload: pass --pid (systemd sets MAINPID)");
+                return ExitCode::from(EXIT_FAILED);
+            };
+            match rustix::process::kill_process(pid, rustix::process::Signal::HUP) {
+                Ok(()) => {
+                    println!(
+                        "ok: {} is valid; daemon {} reloads it",
+                        path.display(),
+                        pid.as_raw_nonzero()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: signalling daemon {}: {e}", pid.as_raw_nonzero());
                     ExitCode::from(EXIT_FAILED)
                 }
             }
