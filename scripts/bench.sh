@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # Benchmark: `run --state WV --dry-run` against streaming the same two
 # queries with psql's binary COPY, on the sample generator at
-# companies=200000 people_per_company=3 focus_share=0.25 (WV: ~50k companies,
-# ~150k people). Prints medians of RUNS repetitions and the run's peak RSS.
-#   RUNS=5 COMPANIES=200000 scripts/bench.sh
+# companies=SCALE people_per_company=3 focus_share=0.25 (at 200000: WV ~50k
+# companies, ~150k people). For each scale, prints medians of RUNS paired
+# repetitions (a COPY, then a run) and the run's peak RSS; then one line per
+# scale.
+#   RUNS=5 SCALES="200000 2000000" scripts/bench.sh     # the benchmark scale and 10x
+#   COMPANIES=200000 scripts/bench.sh                   # one scale (as before)
 set -euo pipefail
 source "$(dirname "$0")/lib/services.sh"
 source "$(dirname "$0")/lib/sample.sh"
 cd "$OW_ROOT"
 RUNS=${RUNS:-5}
+SCALES=${SCALES:-${COMPANIES:-200000}}
 
 ow_prepare
 ow_build
 ow_start_services
-ow_load_sample bench "${COMPANIES:-200000}" 3 0.25
 work=$(mktemp -d /tmp/ow-bench.XXXXXX)
 OW_STARTED+=("dir:$work")
-config=$(ow_write_config "$work" bench bench)
 ow_export_secrets
 
 companies_q="SELECT * FROM marketing.company_master WHERE address_state = 'WV'"
@@ -25,34 +27,51 @@ people_q="SELECT p.* FROM marketing.people_master p WHERE p.company_unique_id IN
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 now() { date +%s.%N; }
 
-copy_times=() run_times=() run_rss=() ratios=()
-"$OW_BIN" run --state WV --dry-run --config "$config" >"$work/warmup.txt" 2>/dev/null   # warm caches
-for i in $(seq 1 "$RUNS"); do
-    t0=$(now)
-    ow_psql -d bench -c "COPY ($companies_q) TO STDOUT (FORMAT binary)" >/dev/null
-    ow_psql -d bench -c "COPY ($people_q) TO STDOUT (FORMAT binary)" >/dev/null
-    t1=$(now)
-    copy_times+=("$(echo "$t1 - $t0" | bc -l)")
-    /usr/bin/time -f '%e %M' -o "$work/time.txt" \
-        "$OW_BIN" run --state WV --dry-run --config "$config" >"$work/run.txt" 2>/dev/null
-    read -r secs kib <"$work/time.txt"
-    run_times+=("$secs")
-    run_rss+=("$kib")
-    ratios+=("$(echo "$secs / ${copy_times[-1]}" | bc -l)")
+summary=()
+for scale in $SCALES; do
+    db=bench_$scale
+    ow_load_sample "$db" "$scale" 3 0.25
+    dir=$work/$scale
+    config=$(ow_write_config "$dir" "$db" "bench-$scale")
+    copy_times=() run_times=() run_rss=() ratios=()
+    "$OW_BIN" run --state WV --dry-run --config "$config" >"$dir/warmup.txt" 2>/dev/null   # warm caches
+    for i in $(seq 1 "$RUNS"); do
+        t0=$(now)
+        ow_psql -d "$db" -c "COPY ($companies_q) TO STDOUT (FORMAT binary)" >/dev/null
+        ow_psql -d "$db" -c "COPY ($people_q) TO STDOUT (FORMAT binary)" >/dev/null
+        t1=$(now)
+        copy_times+=("$(echo "$t1 - $t0" | bc -l)")
+        /usr/bin/time -f '%e %M' -o "$dir/time.txt" \
+            "$OW_BIN" run --state WV --dry-run --config "$config" >"$dir/run.txt" 2>/dev/null
+        read -r secs kib <"$dir/time.txt"
+        run_times+=("$secs")
+        run_rss+=("$kib")
+        ratios+=("$(echo "$secs / ${copy_times[-1]}" | bc -l)")
+    done
+
+    copy_med=$(printf '%s\n' "${copy_times[@]}" | median)
+    run_med=$(printf '%s\n' "${run_times[@]}" | median)
+    rss_med=$(printf '%s\n' "${run_rss[@]}" | median)
+    rss_max=$(printf '%s\n' "${run_rss[@]}" | sort -g | tail -n 1)
+    ratio_med=$(echo "$run_med / $copy_med" | bc -l)
+    ratio_paired=$(printf '%s\n' "${ratios[@]}" | median)
+    echo
+    echo "outreach-workbench benchmark, companies=$scale ($RUNS runs each, medians)"
+    grep -E 'companies|people ' "$dir/run.txt" | head -n 2
+    grep -E '^  time' "$dir/run.txt"
+    printf '%-44s %8.2f s\n' "psql COPY (binary) of both queries" "$copy_med"
+    printf '%-44s %8.2f s\n' "run --state WV --dry-run" "$run_med"
+    printf '%-44s %8.2f x\n' "ratio run / COPY (of the medians)" "$ratio_med"
+    # The machine's speed drifts between runs; each run's own ratio to the
+    # COPY just before it drifts less.
+    printf '%-44s %8.2f x\n' "ratio run / COPY (median of each run's)" "$ratio_paired"
+    printf '%-44s %8.0f MiB (max %.0f MiB)\n' "peak RSS of run" "$(echo "$rss_med / 1024" | bc -l)" "$(echo "$rss_max / 1024" | bc -l)"
+    summary+=("$(printf '%-10s %8.2f s %8.2f s %7.2fx %7.2fx %7.0f MiB' "$scale" "$copy_med" "$run_med" "$ratio_med" "$ratio_paired" "$(echo "$rss_med / 1024" | bc -l)")")
+    # Each scale's database and workbench go before the next is loaded.
+    ow_psql -d postgres -c "DROP DATABASE $db" >/dev/null
+    rm -rf "$dir"
 done
 
-copy_med=$(printf '%s\n' "${copy_times[@]}" | median)
-run_med=$(printf '%s\n' "${run_times[@]}" | median)
-rss_med=$(printf '%s\n' "${run_rss[@]}" | median)
-rss_max=$(printf '%s\n' "${run_rss[@]}" | sort -g | tail -n 1)
 echo
-echo "outreach-workbench benchmark ($RUNS runs each, medians)"
-grep -E 'companies|people ' "$work/run.txt" | head -n 2
-grep -E '^  time' "$work/run.txt"
-printf '%-44s %8.2f s\n' "psql COPY (binary) of both queries" "$copy_med"
-printf '%-44s %8.2f s\n' "run --state WV --dry-run" "$run_med"
-printf '%-44s %8.2f x\n' "ratio run / COPY (of the medians)" "$(echo "$run_med / $copy_med" | bc -l)"
-# The machine's speed drifts between runs; each run's own ratio to the
-# COPY just before it drifts less.
-printf '%-44s %8.2f x\n' "ratio run / COPY (median of each run's)" "$(printf '%s\n' "${ratios[@]}" | median)"
-printf '%-44s %8.0f MiB (max %.0f MiB)\n' "peak RSS of run" "$(echo "$rss_med / 1024" | bc -l)" "$(echo "$rss_max / 1024" | bc -l)"
+printf '%-10s %10s %10s %8s %8s %11s\n' "companies" "COPY" "run" "ratio" "paired" "peak RSS"
+printf '%s\n' "${summary[@]}"
