@@ -72,6 +72,8 @@ pub struct Config {
     #[serde(default)]
     pub lease: LeaseConfig,
     #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
     pub daemon: DaemonConfig,
     #[serde(default)]
     pub retry: RetryConfig,
@@ -330,6 +332,17 @@ impl Default for LeaseConfig {
     }
 }
 
+/// The daemon's metrics (see `metrics.rs`); both off unless set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// A node_exporter textfile (`…/textfile_collector/outreach.prom`),
+    /// rewritten after every run.
+    pub textfile: Option<PathBuf>,
+    /// `127.0.0.1:9464`: serve `/metrics` and `/healthz` there.
+    pub listen: Option<String>,
+}
+
 /// One `[[schedule]]` entry; see `schedule.rs` for how it fires.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -534,6 +547,14 @@ impl Config {
                 "retry",
                 "needs 0 <= initial_backoff_secs <= max_backoff_secs",
             ));
+        }
+        if let Some(listen) = &self.metrics.listen {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "metrics.listen",
+                    format!("`{listen}` is not an address and port such as 127.0.0.1:9464"),
+                ));
+            }
         }
         if self.lease.ttl_secs < 3 {
             return Err(invalid(

@@ -48,9 +48,33 @@ struct Shared {
     cancel_runs: CancellationToken,
     /// systemd's `Status:` line: next fire times, last results.
     board: Mutex<crate::systemd::Board>,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// `[metrics] textfile`, rewritten after every run.
+    textfile: Option<PathBuf>,
+}
+
+/// A task that ends when its owner goes: the metrics server.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Shared {
+    /// The next fire of `states`, for systemd's status line and the metrics.
+    fn next_fire(&self, states: &[StateCode], at: chrono::DateTime<Utc>, tz: chrono_tz::Tz) {
+        for state in states {
+            self.metrics.next_fire(state.as_str(), at);
+        }
+        self.update_board(|b| {
+            for state in states {
+                b.next_fire(state.as_str(), at, tz);
+            }
+        });
+    }
+
     fn update_board(&self, f: impl FnOnce(&mut crate::systemd::Board)) {
         let mut board = self.board.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut board);
@@ -85,7 +109,23 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
         stopping: CancellationToken::new(),
         cancel_runs: CancellationToken::new(),
         board: Mutex::new(crate::systemd::Board::default()),
+        metrics: Arc::new(crate::metrics::Metrics::new()),
+        textfile: config.metrics.textfile.clone(),
     });
+    // Bound before anything runs: a port in use stops the start, saying so.
+    let _metrics_server = match &config.metrics.listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("[metrics] listen = {addr:?}: {e}"))?;
+            tracing::info!(address = %addr, "serving /metrics and /healthz");
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
+                listener,
+                shared.metrics.clone(),
+            ))))
+        }
+        None => None,
+    };
     // Blocking work (DuckDB, the postgres client) stays off the async threads.
     let cfg = config.clone();
     let missed = tokio::task::spawn_blocking(move || {
@@ -117,10 +157,17 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
         "daemon started"
     );
     crate::systemd::ready(&shared.board_line());
+    if let Some(path) = &shared.textfile {
+        if let Err(e) = shared.metrics.write_textfile(path) {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the metrics textfile");
+        }
+    }
 
     // The scheduler loop: signals, and the watchdog's pings while it turns.
     let mut watchdog = crate::systemd::watchdog_every().map(tokio::time::interval);
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
     loop {
+        shared.metrics.beat();
         let ping = async {
             match watchdog.as_mut() {
                 Some(every) => {
@@ -135,6 +182,7 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
                 crate::systemd::watchdog();
                 continue;
             }
+            _ = heartbeat.tick() => continue,
         };
         let Some(sig) = sig else { break };
         match sig {
@@ -306,11 +354,7 @@ fn start_schedules(config: &Config, shared: &Arc<Shared>) -> anyhow::Result<Vec<
     for (schedule, cfg) in config.schedules()?.into_iter().zip(&config.schedule) {
         let opts = RunOptions::for_schedule(&config, cfg);
         if let Some(next) = schedule.next_after(Utc::now()) {
-            shared.update_board(|b| {
-                for state in &schedule.states {
-                    b.next_fire(state.as_str(), next, schedule.tz);
-                }
-            });
+            shared.next_fire(&schedule.states, next, schedule.tz);
             tracing::info!(
                 schedule = schedule.index,
                 spec = %schedule.spec,
@@ -347,11 +391,7 @@ async fn fire_forever(
         }
         after = next;
         if let Some(then) = schedule.next_after(next) {
-            shared.update_board(|b| {
-                for state in &schedule.states {
-                    b.next_fire(state.as_str(), then, schedule.tz);
-                }
-            });
+            shared.next_fire(&schedule.states, then, schedule.tz);
         }
         let mut fired = opts.clone();
         fired.fire_time = Some(next);
@@ -398,6 +438,12 @@ fn trigger(state: StateCode, opts: &RunOptions, config: &Arc<Config>, shared: &A
         match joined {
             Ok(report) => {
                 log_report(&report);
+                shared.metrics.record(&report);
+                if let Some(path) = &shared.textfile {
+                    if let Err(e) = shared.metrics.write_textfile(path) {
+                        tracing::warn!(path = %path.display(), error = %e, "could not write the metrics textfile");
+                    }
+                }
                 if report.status != RunStatus::Skipped {
                     let result = format!(
                         "{} {} ({} uploaded)",

@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod history;
 pub mod logging;
+pub mod metrics;
 pub mod pg;
 pub mod pipeline;
 pub mod schedule;

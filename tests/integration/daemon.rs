@@ -716,3 +716,68 @@ fn the_daemon_tells_systemd_ready_status_reloading_watchdog_and_stopping() {
     // Sent before it exited; the socket kept it.
     sock.wait_for("STOPPING=1", Duration::from_secs(5));
 }
+
+/// `GET path` on loopback: (status line, body).
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+#[test]
+fn metrics_are_served_and_written_after_runs_that_succeed_and_gate() {
+    let w = World::new("dmetrics");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "c2", None, Some("b.example"), "PA");
+    let port = free_port();
+    let textfile = w.dir.path().join("outreach.prom");
+    let cfg = config_with(
+        &w,
+        &format!(
+            "\n[metrics]\nlisten = \"127.0.0.1:{port}\"\ntextfile = \"{}\"\n
+[[schedule]]\nstates = [\"WV\"]\ncron = \"*/2 * * * * *\"\n
+[[schedule]]\nstates = [\"PA\"]\ncron = \"*/2 * * * * *\"\n[schedule.gates]\nmax_bad_ratio = 0.0\n",
+            textfile.display()
+        ),
+    );
+    let d = Daemon::start(&w, &cfg, "d", &[]);
+    wait_for_audits(&w, "WV", 1, Duration::from_secs(60));
+    let pa = wait_for_audits(&w, "PA", 1, Duration::from_secs(60));
+    assert_eq!(pa[0].0, "gated");
+    d.wait_for_log("run did not succeed", Duration::from_secs(10));
+    let (status, body) = http_get(port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    for needle in [
+        "outreach_workbench_runs_total{state=\"WV\",status=\"success\"}",
+        "outreach_workbench_runs_total{state=\"PA\",status=\"gated\"}",
+        "outreach_workbench_last_success_timestamp_seconds{state=\"WV\"}",
+        "outreach_workbench_last_run_timestamp_seconds{state=\"PA\"}",
+        "outreach_workbench_rows{state=\"PA\",entity=\"companies\",kind=\"bad\"} 1",
+        "outreach_workbench_objects_total{state=\"WV\",action=\"uploaded\"}",
+        "outreach_workbench_uploaded_bytes_total{state=\"WV\"}",
+        "outreach_workbench_run_duration_seconds{state=\"WV\",stage=\"pull\"}",
+        "outreach_workbench_next_fire_timestamp_seconds{state=\"PA\"}",
+    ] {
+        assert!(body.contains(needle), "no {needle} in:\n{body}");
+    }
+    assert!(
+        !body.contains("last_success_timestamp_seconds{state=\"PA\"}"),
+        "a gated run is no success:\n{body}"
+    );
+    let (health, _) = http_get(port, "/healthz");
+    assert!(health.contains("200"), "{health}");
+    let (missing, _) = http_get(port, "/nope");
+    assert!(missing.contains("404"), "{missing}");
+    let file = std::fs::read_to_string(&textfile).unwrap();
+    assert!(
+        file.contains("outreach_workbench_runs_total{state=\"PA\",status=\"gated\"}"),
+        "{file}"
+    );
+    assert!(file.trim_end().ends_with("# EOF"), "written whole: {file}");
+    d.stop();
+}

@@ -1,0 +1,310 @@
+//! The daemon's metrics in Prometheus text format: written as a
+//! node_exporter textfile after every run (`[metrics] textfile`), and served
+//! over HTTP at `/metrics`, with `/healthz`, when `[metrics] listen` is set.
+//!
+//! Per state: the last success and the last run (Unix seconds), runs by
+//! status, the last run's good/bad rows, bytes uploaded and objects by
+//! action, the last run's seconds per stage, and the next fire time. The
+//! README shows two alert rules built on them.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::pipeline::{RunReport, RunStatus};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct State {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateStatus {
+    state: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Rows {
+    state: String,
+    entity: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Action {
+    state: String,
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Stage {
+    state: String,
+    stage: String,
+}
+
+type Seconds = Gauge<f64, AtomicU64>;
+
+pub struct Metrics {
+    registry: Registry,
+    last_success: Family<State, Seconds>,
+    last_run: Family<State, Seconds>,
+    runs: Family<StateStatus, Counter>,
+    rows: Family<Rows, Gauge>,
+    uploaded_bytes: Family<State, Counter>,
+    objects: Family<Action, Counter>,
+    duration: Family<Stage, Seconds>,
+    next_fire: Family<State, Seconds>,
+    /// When the scheduler loop last turned (Unix seconds), for `/healthz`.
+    alive: AtomicI64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("outreach_workbench");
+        let m = Metrics {
+            last_success: Family::default(),
+            last_run: Family::default(),
+            runs: Family::default(),
+            rows: Family::default(),
+            uploaded_bytes: Family::default(),
+            objects: Family::default(),
+            duration: Family::default(),
+            next_fire: Family::default(),
+            alive: AtomicI64::new(now()),
+            registry: Registry::default(),
+        };
+        // Counters get their `_total` suffix from the encoder.
+        let r = &mut registry;
+        r.register(
+            "last_success_timestamp_seconds",
+            "When the state's last successful run finished",
+            m.last_success.clone(),
+        );
+        r.register(
+            "last_run_timestamp_seconds",
+            "When the state's last run finished, whatever its outcome",
+            m.last_run.clone(),
+        );
+        r.register("runs", "Runs by outcome", m.runs.clone());
+        r.register(
+            "rows",
+            "Good and bad rows of the state's last run that got that far",
+            m.rows.clone(),
+        );
+        r.register(
+            "uploaded_bytes",
+            "Bytes uploaded to the bucket",
+            m.uploaded_bytes.clone(),
+        );
+        r.register(
+            "objects",
+            "Files uploaded or skipped as unchanged",
+            m.objects.clone(),
+        );
+        r.register(
+            "run_duration_seconds",
+            "Seconds of the state's last run, per stage and in all",
+            m.duration.clone(),
+        );
+        r.register(
+            "next_fire_timestamp_seconds",
+            "The state's next scheduled fire time",
+            m.next_fire.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// A finished run (not a skipped one: another host did the work).
+    pub fn record(&self, r: &RunReport) {
+        if r.status == RunStatus::Skipped {
+            return;
+        }
+        let state = || State {
+            state: r.state.clone(),
+        };
+        let finished = r
+            .finished_at
+            .map(|t| t.timestamp_millis() as f64 / 1000.0)
+            .unwrap_or_default();
+        let status = if r.status == RunStatus::Success && r.audit_error.is_some() {
+            "unaudited"
+        } else {
+            r.status.as_str()
+        };
+        self.runs
+            .get_or_create(&StateStatus {
+                state: r.state.clone(),
+                status: status.into(),
+            })
+            .inc();
+        self.last_run.get_or_create(&state()).set(finished);
+        if r.succeeded() {
+            self.last_success.get_or_create(&state()).set(finished);
+        }
+        for (entity, counts) in [("companies", &r.companies), ("people", &r.people)] {
+            let Some(c) = counts else { continue };
+            for (kind, n) in [("good", c.good), ("bad", c.bad)] {
+                self.rows
+                    .get_or_create(&Rows {
+                        state: r.state.clone(),
+                        entity: entity.into(),
+                        kind: kind.into(),
+                    })
+                    .set(n as i64);
+            }
+        }
+        for o in &r.objects {
+            self.objects
+                .get_or_create(&Action {
+                    state: r.state.clone(),
+                    action: o.action.clone(),
+                })
+                .inc();
+            if o.action == "uploaded" {
+                self.uploaded_bytes.get_or_create(&state()).inc_by(o.bytes);
+            }
+        }
+        let s = &r.stages;
+        for (stage, secs) in [
+            ("pull", s.pull),
+            ("validate", s.validate),
+            ("export", s.export),
+            ("publish", s.publish),
+            ("audit", s.audit),
+            ("total", r.duration_secs),
+        ] {
+            let g = self.duration.get_or_create(&Stage {
+                state: r.state.clone(),
+                stage: stage.into(),
+            });
+            g.set(secs.unwrap_or(0.0));
+        }
+    }
+
+    pub fn next_fire(&self, state: &str, at: chrono::DateTime<chrono::Utc>) {
+        self.next_fire
+            .get_or_create(&State {
+                state: state.into(),
+            })
+            .set(at.timestamp() as f64);
+    }
+
+    /// The scheduler loop is turning.
+    pub fn beat(&self) {
+        self.alive.store(now(), Ordering::Relaxed);
+    }
+
+    /// Whether the scheduler loop turned within `limit`.
+    pub fn alive_within(&self, limit: Duration) -> bool {
+        now() - self.alive.load(Ordering::Relaxed) <= limit.as_secs() as i64
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+
+    /// Replaces `path` with the metrics as a whole: written beside it, synced,
+    /// then renamed over it, so node_exporter never reads half a file.
+    pub fn write_textfile(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = path.with_extension("prom.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(self.render().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
+/// `/healthz` answers 200 while the scheduler loop turned in the last 30 s.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            // The request line and headers; a body is never expected.
+            while len < buf.len() {
+                match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf[len..])).await
+                {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => {
+                        len += n;
+                        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, kind, body) = match path {
+                "/metrics" => (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    metrics.render(),
+                ),
+                "/healthz" if metrics.alive_within(Duration::from_secs(30)) => {
+                    ("200 OK", "text/plain", "ok\n".to_string())
+                }
+                "/healthz" => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "the scheduler loop has stopped turning\n".to_string(),
+                ),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_shows_in_the_text_format() {
+        let m = Metrics::new();
+        let mut r = RunReport::new(&crate::state::StateCode::parse("WV").unwrap(), false);
+        r.finish(None);
+        m.record(&r);
+        m.next_fire("WV", chrono::Utc::now());
+        let text = m.render();
+        assert!(
+            text.contains("outreach_workbench_runs_total{state=\"WV\",status=\"success\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("outreach_workbench_last_success_timestamp_seconds{state=\"WV\"}"));
+        assert!(text.contains("outreach_workbench_next_fire_timestamp_seconds{state=\"WV\"}"));
+    }
+}
