@@ -83,6 +83,9 @@ pub struct Config {
     pub gates: GatesConfig,
     #[serde(default)]
     pub schedule: Vec<ScheduleConfig>,
+    /// Webhooks told about runs that need a person (see `notify.rs`).
+    #[serde(default)]
+    pub notify: Vec<crate::notify::NotifyConfig>,
 }
 
 /// Retries of transient failures (connection refused or reset, timeouts,
@@ -588,6 +591,10 @@ impl Config {
                 .gates
                 .check()
                 .map_err(|(k, m)| invalid(&format!("schedule[{i}].gates.{k}"), m))?;
+        }
+        for (i, n) in self.notify.iter().enumerate() {
+            n.check()
+                .map_err(|(k, m)| invalid(&format!("notify[{i}].{k}"), m))?;
         }
         self.schedules()?;
         Ok(())

@@ -51,6 +51,8 @@ struct Shared {
     metrics: Arc<crate::metrics::Metrics>,
     /// `[metrics] textfile`, rewritten after every run.
     textfile: Option<PathBuf>,
+    /// Whether each state's last run here succeeded, for `recovered`.
+    last_ok: Mutex<std::collections::HashMap<StateCode, bool>>,
 }
 
 /// A task that ends when its owner goes: the metrics server.
@@ -111,6 +113,7 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
         board: Mutex::new(crate::systemd::Board::default()),
         metrics: Arc::new(crate::metrics::Metrics::new()),
         textfile: config.metrics.textfile.clone(),
+        last_ok: Mutex::new(std::collections::HashMap::new()),
     });
     // Bound before anything runs: a port in use stops the start, saying so.
     let _metrics_server = match &config.metrics.listen {
@@ -279,6 +282,13 @@ fn audit_abandoned_runs(config: &Config, wb: &crate::workbench::Workbench) {
                 let started =
                     chrono::DateTime::from_timestamp_micros(run.started_at_us).unwrap_or_default();
                 tracing::warn!(state = %run.state, run_id = %run.run_id, started_at = %started, "run abandoned by a previous process");
+                if !run.dry_run {
+                    let details = serde_json::json!({
+                        "state": run.state, "run_id": run.run_id, "status": "abandoned",
+                        "started_at": started, "error": crate::workbench::ABANDONED,
+                    });
+                    crate::notify::send(&config.notify, "abandoned", details);
+                }
             }
             // Their leases are known dead (this process holds the
             // workbench, so no other has them running): free the states
@@ -429,6 +439,7 @@ fn trigger(state: StateCode, opts: &RunOptions, config: &Arc<Config>, shared: &A
             })
         });
         let st = state.clone();
+        let config_for_notify = config.clone();
         let joined =
             tokio::task::spawn_blocking(move || pipeline::run(&config, &st, &cancel, &opts)).await;
         if let Some(t) = timer {
@@ -439,6 +450,18 @@ fn trigger(state: StateCode, opts: &RunOptions, config: &Arc<Config>, shared: &A
             Ok(report) => {
                 log_report(&report);
                 shared.metrics.record(&report);
+                if report.status != RunStatus::Skipped {
+                    let previous = shared
+                        .last_ok
+                        .lock()
+                        .unwrap()
+                        .insert(state.clone(), report.succeeded());
+                    if let Some(event) = crate::notify::event(&report, previous) {
+                        let mut details = report.to_json();
+                        details["audit_id"] = serde_json::json!(report.audit_id);
+                        crate::notify::send(&config_for_notify.notify, event, details);
+                    }
+                }
                 if let Some(path) = &shared.textfile {
                     if let Err(e) = shared.metrics.write_textfile(path) {
                         tracing::warn!(path = %path.display(), error = %e, "could not write the metrics textfile");

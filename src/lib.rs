@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod history;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod pg;
 pub mod pipeline;
 pub mod schedule;

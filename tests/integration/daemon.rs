@@ -781,3 +781,137 @@ fn metrics_are_served_and_written_after_runs_that_succeed_and_gate() {
     assert!(file.trim_end().ends_with("# EOF"), "written whole: {file}");
     d.stop();
 }
+
+/// (path, body) of each request a webhook receiver got, in order.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+/// A webhook receiver on loopback: records (path, body) of every POST and
+/// answers 500 to the first request of each path in `fail_first`.
+fn webhook_receiver(fail_first: &[&str]) -> (u16, Received) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let (seen, failing) = (
+        got.clone(),
+        fail_first.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    );
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = reader.read_line(&mut first);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
+            let mut seen = seen.lock().unwrap();
+            let earlier = seen.iter().filter(|(p, _)| *p == path).count();
+            seen.push((path.clone(), String::from_utf8_lossy(&body).to_string()));
+            let status = if earlier == 0 && failing.iter().any(|f| path.contains(f.as_str())) {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let mut conn = conn;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (port, got)
+}
+
+#[test]
+fn notifications_reach_their_webhooks_in_both_formats_with_a_retry_and_no_secret_logged() {
+    let w = World::new("dnotifyhook");
+    add_company(&mut w.pg(), "c2", None, Some("b.example"), "PA");
+    let (port, got) = webhook_receiver(&["json"]);
+    let json_url = format!("http://127.0.0.1:{port}/hook/json-secret-token-1");
+    let slack_url = format!("http://127.0.0.1:{port}/hook/slack-secret-token-2");
+    let cfg = config_with(
+        &w,
+        "
+[[notify]]
+url_env = \"OW_HOOK_JSON\"
+on = [\"gated\", \"failed\"]
+format = \"json\"
+
+[[notify]]
+url_env = \"OW_HOOK_SLACK\"
+on = [\"gated\"]
+format = \"slack\"
+
+[[schedule]]
+states = [\"PA\"]
+cron = \"*/2 * * * * *\"
+[schedule.gates]
+max_bad_ratio = 0.0
+",
+    );
+    let d = Daemon::start(
+        &w,
+        &cfg,
+        "d",
+        &[("OW_HOOK_JSON", &json_url), ("OW_HOOK_SLACK", &slack_url)],
+    );
+    let start = Instant::now();
+    let (json, slack) = loop {
+        let seen = got.lock().unwrap().clone();
+        let json: Vec<_> = seen
+            .iter()
+            .filter(|(p, _)| p.contains("json"))
+            .cloned()
+            .collect();
+        let slack: Vec<_> = seen
+            .iter()
+            .filter(|(p, _)| p.contains("slack"))
+            .cloned()
+            .collect();
+        if json.len() >= 2 && !slack.is_empty() {
+            break (json, slack);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "webhooks got {seen:?}\n{}",
+            d.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    d.wait_for_log("notification sent", Duration::from_secs(10));
+    d.stop();
+    // The first JSON post got a 500 and was sent again, the same report.
+    assert_eq!(json[0].1, json[1].1);
+    let report: serde_json::Value = serde_json::from_str(&json[1].1).unwrap();
+    assert_eq!(report["event"], "gated");
+    assert_eq!(report["state"], "PA");
+    assert_eq!(report["status"], "gated");
+    assert!(report["audit_id"].as_i64().is_some(), "{report}");
+    let text: serde_json::Value = serde_json::from_str(&slack[0].1).unwrap();
+    let text = text["text"].as_str().unwrap();
+    assert!(
+        text.contains("PA gated") && text.contains("audit id"),
+        "{text}"
+    );
+    assert!(text.contains("max_bad_ratio"), "the reason: {text}");
+    let out = d_output_of(&w, "d");
+    assert!(out.contains("notification failed; retrying"), "{out}");
+    assert!(
+        !out.contains("secret-token"),
+        "a webhook URL was logged:\n{out}"
+    );
+}
+
+fn d_output_of(w: &World, name: &str) -> String {
+    std::fs::read_to_string(w.dir.path().join(format!("{name}.out"))).unwrap_or_default()
+}
