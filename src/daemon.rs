@@ -131,14 +131,26 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     };
     // Blocking work (DuckDB, the postgres client) stays off the async threads.
     let cfg = config.clone();
+    let metrics = shared.metrics.clone();
     let missed = tokio::task::spawn_blocking(move || {
         check_rules_at_start(&cfg)?;
-        // One opening of the workbench for both looks at the run history;
+        // One opening of the workbench for every look at the run history;
         // closed again before the first run so analysts can open it.
         let wb = crate::workbench::Workbench::open(&cfg.workbench, cfg.lock_timeout());
         match wb {
             Ok(wb) => {
                 audit_abandoned_runs(&cfg, &wb);
+                // The last run and success per state survive a restart:
+                // an alert on their age must not go blind when the
+                // daemon starts again.
+                match wb.last_finished() {
+                    Ok(states) => {
+                        for (state, run, success) in states {
+                            metrics.seed(&state, run, success);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not read the last runs for the metrics"),
+                }
                 anyhow::Ok(missed_runs(&cfg, &wb))
             }
             Err(e) => {

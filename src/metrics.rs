@@ -195,6 +195,20 @@ impl Metrics {
         }
     }
 
+    /// The last run and success from before this process (the workbench's
+    /// history), in Unix seconds.
+    pub fn seed(&self, state: &str, last_run: Option<f64>, last_success: Option<f64>) {
+        let key = State {
+            state: state.into(),
+        };
+        if let Some(t) = last_run {
+            self.last_run.get_or_create(&key).set(t);
+        }
+        if let Some(t) = last_success {
+            self.last_success.get_or_create(&key).set(t);
+        }
+    }
+
     pub fn next_fire(&self, state: &str, at: chrono::DateTime<chrono::Utc>) {
         self.next_fire
             .get_or_create(&State {

@@ -466,6 +466,28 @@ impl Workbench {
             .map_err(|e| self.sql_err(e))
     }
 
+    /// Per state, when its last real run and its last success (audited)
+    /// finished, in Unix seconds: what the metrics start from.
+    #[allow(clippy::type_complexity)]
+    pub fn last_finished(&self) -> Result<Vec<(String, Option<f64>, Option<f64>)>, WorkbenchError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT state, epoch_ms(max(finished_at)) / 1000.0,
+                        epoch_ms(max(finished_at) FILTER (WHERE status = 'success'
+                            AND NOT coalesce(audit_pending, false))) / 1000.0
+                 FROM main.runs
+                 WHERE NOT dry_run AND status NOT IN ('running', 'skipped')
+                 GROUP BY state ORDER BY state",
+            )
+            .map_err(|e| self.sql_err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(|e| self.sql_err(e))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sql_err(e))
+    }
+
     /// When the last real (not dry) run of `state` started, in epoch µs.
     pub fn last_started(&self, state: &str) -> Result<Option<i64>, WorkbenchError> {
         self.conn

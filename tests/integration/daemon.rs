@@ -780,6 +780,24 @@ fn metrics_are_served_and_written_after_runs_that_succeed_and_gate() {
     );
     assert!(file.trim_end().ends_with("# EOF"), "written whole: {file}");
     d.stop();
+
+    // Restarted, before any run: the last success comes from the history.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("*/2 * * * * *", "0 0 1 1 *");
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(&w, &cfg, "d2", &[]);
+    d.wait_for_log("daemon started", Duration::from_secs(30));
+    let (_, body) = http_get(port, "/metrics");
+    assert!(
+        body.contains("outreach_workbench_last_success_timestamp_seconds{state=\"WV\"}"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("last_success_timestamp_seconds{state=\"PA\"}"),
+        "{body}"
+    );
+    d.stop();
 }
 
 /// (path, body) of each request a webhook receiver got, in order.
