@@ -142,17 +142,7 @@ pub fn message(e: &postgres::Error) -> String {
         }
         return m;
     }
-    let mut m = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !m.contains(&text) {
-            m.push_str(": ");
-            m.push_str(&text);
-        }
-        cause = c.source();
-    }
-    m
+    crate::pipeline::with_causes(e.to_string(), e)
 }
 
 /// A failure that is about the connection, not about what was asked:

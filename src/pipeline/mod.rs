@@ -126,6 +126,22 @@ impl PipelineError {
 
 pub use crate::pg::message as pg_message;
 
+/// `head` followed by each cause of `e` that it does not already say:
+/// libraries' own messages often stop short of the reason ("error sending
+/// request", "error connecting"), which is further down the chain.
+pub(crate) fn with_causes(mut head: String, e: &dyn std::error::Error) -> String {
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !head.contains(&text) {
+            head.push_str(": ");
+            head.push_str(&text);
+        }
+        cause = c.source();
+    }
+    head
+}
+
 /// How to run, beyond the config.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {

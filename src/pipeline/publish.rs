@@ -494,17 +494,7 @@ fn s3_message(doing: &str, e: S3Error) -> String {
         other => {
             // reqwest's Display stops at "error sending request for url";
             // the cause (refused, reset, TLS, timeout) is further down.
-            let mut m = format!("{doing}: {other}");
-            let mut cause = std::error::Error::source(other);
-            while let Some(c) = cause {
-                let text = c.to_string();
-                if !m.contains(&text) {
-                    m.push_str(": ");
-                    m.push_str(&text);
-                }
-                cause = c.source();
-            }
-            m
+            crate::pipeline::with_causes(format!("{doing}: {other}"), other)
         }
     }
 }

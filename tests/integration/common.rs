@@ -473,11 +473,13 @@ pub fn leases(w: &World) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-/// Advisory locks held by any session of the cluster.
+/// Advisory locks held in the test's database, by any session (tests
+/// running beside it take short ones in their own databases).
 pub fn advisory_locks(w: &World) -> i64 {
     w.pg()
         .query_one(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+             WHERE l.locktype = 'advisory' AND d.datname = current_database()",
             &[],
         )
         .unwrap()
