@@ -80,21 +80,14 @@ pub fn online(config: &Config) -> Vec<String> {
 /// Multipart uploads under the prefix unfinished for more than a day are
 /// aborted; a line for each, or for why they could not be looked at.
 pub fn stale_uploads(config: &Config) -> Vec<String> {
-    let prefix = match config.storage.prefix.as_str() {
-        "" => String::new(),
-        p => format!("{p}/"),
-    };
-    publish::sweep_stale(&config.storage, &prefix).unwrap_or_else(|e| vec![e.to_string()])
+    publish::sweep_stale(&config.storage, &config.storage.key(""))
+        .unwrap_or_else(|e| vec![e.to_string()])
 }
 
 /// The leases held now (who runs which state), for `check` to show: a
 /// line each; empty before any run made the table, or when it cannot be read.
 pub fn leases(config: &Config) -> Vec<String> {
-    let once = crate::config::RetryConfig {
-        attempts: 1,
-        ..config.retry.clone()
-    };
-    let mut session = crate::pg::Session::lazy(&config.source, &once);
+    let mut session = crate::pg::Session::lazy(&config.source, &config.retry.single_try());
     let never = tokio_util::sync::CancellationToken::new();
     match claim::live_leases(&mut session, config, &never) {
         Ok(lines) => lines,

@@ -99,6 +99,18 @@ pub struct RetryConfig {
     pub max_backoff_secs: f64,
 }
 
+impl RetryConfig {
+    /// The same settings with one try: for work that must not hold up
+    /// what comes next (the daemon's start, `check`), when the database may
+    /// simply be down.
+    pub fn single_try(&self) -> RetryConfig {
+        RetryConfig {
+            attempts: 1,
+            ..self.clone()
+        }
+    }
+}
+
 impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
@@ -263,6 +275,18 @@ pub struct StorageConfig {
     /// part is held in memory at a time. B2 takes parts of 5 MB to 5 GB.
     #[serde(default = "default_part_size")]
     pub part_size_mib: u64,
+}
+
+impl StorageConfig {
+    /// `rel` under `prefix`: the one place object keys are spelled
+    /// (`outreach/wv/_manifest.json`; `rel` as it is with no prefix).
+    pub fn key(&self, rel: &str) -> String {
+        if self.prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{}/{rel}", self.prefix)
+        }
+    }
 }
 
 fn default_region() -> String {

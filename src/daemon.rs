@@ -49,8 +49,6 @@ struct Shared {
     /// systemd's `Status:` line: next fire times, last results.
     board: Mutex<crate::systemd::Board>,
     metrics: Arc<crate::metrics::Metrics>,
-    /// `[metrics] textfile`, rewritten after every run.
-    textfile: Option<PathBuf>,
     /// Whether each state's last run here succeeded, for `recovered`.
     last_ok: Mutex<std::collections::HashMap<StateCode, bool>>,
 }
@@ -83,6 +81,15 @@ impl Shared {
         crate::systemd::status(&board.line());
     }
 
+    /// Rewrites `[metrics] textfile` of the config in force, if set.
+    fn write_metrics(&self, config: &Config) {
+        if let Some(path) = &config.metrics.textfile {
+            if let Err(e) = self.metrics.write_textfile(path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not write the metrics textfile");
+            }
+        }
+    }
+
     fn board_line(&self) -> String {
         self.board.lock().unwrap_or_else(|p| p.into_inner()).line()
     }
@@ -112,7 +119,6 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
         cancel_runs: CancellationToken::new(),
         board: Mutex::new(crate::systemd::Board::default()),
         metrics: Arc::new(crate::metrics::Metrics::new()),
-        textfile: config.metrics.textfile.clone(),
         last_ok: Mutex::new(std::collections::HashMap::new()),
     });
     // Bound before anything runs: a port in use stops the start, saying so.
@@ -172,11 +178,7 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
         "daemon started"
     );
     crate::systemd::ready(&shared.board_line());
-    if let Some(path) = &shared.textfile {
-        if let Err(e) = shared.metrics.write_textfile(path) {
-            tracing::warn!(path = %path.display(), error = %e, "could not write the metrics textfile");
-        }
-    }
+    shared.write_metrics(&config);
 
     // The scheduler loop: signals, and the watchdog's pings while it turns.
     let mut watchdog = crate::systemd::watchdog_every().map(tokio::time::interval);
@@ -282,11 +284,7 @@ fn check_rules_at_start(config: &Config) -> anyhow::Result<()> {
 /// each run that reaches PostgreSQL sends what is still pending.
 fn audit_abandoned_runs(config: &Config, wb: &crate::workbench::Workbench) {
     // One try: a database that is down now must not hold up the start.
-    let once = crate::config::RetryConfig {
-        attempts: 1,
-        ..config.retry.clone()
-    };
-    let mut session = crate::pg::Session::lazy(&config.source, &once);
+    let mut session = crate::pg::Session::lazy(&config.source, &config.retry.single_try());
     let never = CancellationToken::new();
     match wb.take_abandoned() {
         Ok(runs) => {
@@ -294,12 +292,14 @@ fn audit_abandoned_runs(config: &Config, wb: &crate::workbench::Workbench) {
                 let started =
                     chrono::DateTime::from_timestamp_micros(run.started_at_us).unwrap_or_default();
                 tracing::warn!(state = %run.state, run_id = %run.run_id, started_at = %started, "run abandoned by a previous process");
-                if !run.dry_run {
-                    let details = serde_json::json!({
-                        "state": run.state, "run_id": run.run_id, "status": "abandoned",
-                        "started_at": started, "error": crate::workbench::ABANDONED,
-                    });
-                    crate::notify::send(&config.notify, "abandoned", details);
+            }
+            // Told with the same details the audit gets (the pending record
+            // `take_abandoned` made of each real run).
+            if !runs.is_empty() && !config.notify.is_empty() {
+                for p in wb.pending_audits().unwrap_or_default() {
+                    if runs.iter().any(|r| r.run_id == p.run_id) {
+                        crate::notify::send(&config.notify, "abandoned", p.details);
+                    }
                 }
             }
             // Their leases are known dead (this process holds the
@@ -474,11 +474,7 @@ fn trigger(state: StateCode, opts: &RunOptions, config: &Arc<Config>, shared: &A
                         crate::notify::send(&config_for_notify.notify, event, details);
                     }
                 }
-                if let Some(path) = &shared.textfile {
-                    if let Err(e) = shared.metrics.write_textfile(path) {
-                        tracing::warn!(path = %path.display(), error = %e, "could not write the metrics textfile");
-                    }
-                }
+                shared.write_metrics(&config_for_notify);
                 if report.status != RunStatus::Skipped {
                     let result = format!(
                         "{} {} ({} uploaded)",

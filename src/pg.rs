@@ -32,7 +32,7 @@ use crate::config::{QualifiedName, RetryConfig, SourceConfig, SslMode};
 use crate::pipeline::retry::retry;
 use crate::pipeline::PipelineError;
 
-pub(crate) enum Tls {
+enum Tls {
     Off,
     On(postgres_openssl::MakeTlsConnector),
 }
@@ -41,9 +41,7 @@ pub(crate) enum Tls {
 /// as libpq does: `prefer` and `require` encrypt without checking the
 /// certificate, `verify-full` checks the chain and the host name. TLS always
 /// sends SNI, which Neon uses to route to the right endpoint.
-pub(crate) fn settings(
-    cfg: &SourceConfig,
-) -> Result<(postgres::Config, Tls, String), PipelineError> {
+fn settings(cfg: &SourceConfig) -> Result<(postgres::Config, Tls, String), PipelineError> {
     use postgres::config::SslMode as PgSsl;
     let mut pg = postgres::Config::new();
     // No `options`: PgBouncer refuses startup parameters it does not know.

@@ -79,12 +79,8 @@ impl SchemaChange {
 }
 
 /// `<prefix>/<state>/_manifest.json`.
-pub fn key(prefix: &str, state: &crate::state::StateCode) -> String {
-    if prefix.is_empty() {
-        format!("{}/_manifest.json", state.lower())
-    } else {
-        format!("{prefix}/{}/_manifest.json", state.lower())
-    }
+pub fn key(storage: &crate::config::StorageConfig, state: &crate::state::StateCode) -> String {
+    storage.key(&format!("{}/_manifest.json", state.lower()))
 }
 
 /// The manifest entries of `files` (with their object keys), their schemas

@@ -183,6 +183,9 @@ impl RunOptions {
     }
 }
 
+/// Said of an audit record that could not be written now.
+const PENDING: &str = "; the record is kept in the workbench and written when it can be";
+
 /// What a run holds while it goes, let go of at its end.
 #[derive(Default)]
 struct Held {
@@ -239,7 +242,7 @@ pub fn run(
         let unreachable =
             held.session.is_none() && matches!(outcome, Err(PipelineError::Connect { .. }));
         if unreachable {
-            report.audit_error = Some("PostgreSQL could not be reached; the record is kept in the workbench and written when it can be".into());
+            report.audit_error = Some(format!("PostgreSQL could not be reached{PENDING}"));
         } else {
             let session = held
                 .session
@@ -256,11 +259,7 @@ pub fn run(
             });
             match written {
                 Ok(id) => report.audit_id = Some(id),
-                Err(e) => {
-                    report.audit_error = Some(format!(
-                        "{e}; the record is kept in the workbench and written when it can be"
-                    ))
-                }
+                Err(e) => report.audit_error = Some(format!("{e}{PENDING}")),
             }
         }
         if let Some(e) = &report.audit_error {
@@ -325,16 +324,21 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 
 /// The state's last successful run, for `max_row_delta`, from the audit
 /// table; none before the table exists (a dry run on a new database).
+/// `tables_ready`: this run has checked the table already (real runs do).
 fn previous_success(
     session: &mut Session,
     config: &Config,
     state: &StateCode,
+    tables_ready: bool,
     cancel: &CancellationToken,
 ) -> Result<Option<gates::Previous>, PipelineError> {
     let table = config.audit_table();
-    let usable = session.run("checking the audit table", cancel, |c| {
-        audit::inspect(c, &table)
-    })?;
+    let usable = match tables_ready {
+        true => Some(Vec::new()),
+        false => session.run("checking the audit table", cancel, |c| {
+            audit::inspect(c, &table)
+        })?,
+    };
     match usable {
         Some(problems) if problems.is_empty() => {
             audit::previous_success(session, &table, state.as_str(), cancel)
@@ -501,7 +505,7 @@ fn stages(
         .iter()
         .map(|f| (f.clone(), publish::object_key(&config.storage, state, f)))
         .collect();
-    let manifest_key = manifest::key(&config.storage.prefix, state);
+    let manifest_key = manifest::key(&config.storage, state);
     let (entries, previous) = if opts.dry_run {
         (Vec::new(), None)
     } else {
@@ -520,7 +524,7 @@ fn stages(
     // whoever investigates, the bucket keeps the last good ones.
     if let (Some(c), Some(p)) = (&report.companies, &report.people) {
         let previous = match opts.gates.max_row_delta {
-            Some(_) => previous_success(session, config, state, cancel)?,
+            Some(_) => previous_success(session, config, state, held.tables_ready, cancel)?,
             None => None,
         };
         report.gates = gates::evaluate(&opts.gates, c, p, previous.as_ref());
@@ -549,10 +553,7 @@ fn stages(
     for gone in publish::abort_leftovers(&config.storage, &leftovers) {
         wb.set_unfinished_upload(&gone.key, &gone.upload_id, false)?;
     }
-    let state_prefix = match config.storage.prefix.as_str() {
-        "" => format!("{}/", state.lower()),
-        p => format!("{p}/{}/", state.lower()),
-    };
+    let state_prefix = config.storage.key(&format!("{}/", state.lower()));
     if let Err(e) = publish::sweep_stale(&config.storage, &state_prefix) {
         tracing::warn!(error = %e, "could not look for stale multipart uploads");
     }

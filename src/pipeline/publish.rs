@@ -46,12 +46,11 @@ pub struct PublishedObject {
 }
 
 pub fn object_key(cfg: &StorageConfig, state: &StateCode, file: &ExportedFile) -> String {
-    let rel = ExportedFile::relative_path(state, &file.entity, &file.kind);
-    if cfg.prefix.is_empty() {
-        rel
-    } else {
-        format!("{}/{rel}", cfg.prefix)
-    }
+    cfg.key(&ExportedFile::relative_path(
+        state,
+        &file.entity,
+        &file.kind,
+    ))
 }
 
 pub fn bucket(cfg: &StorageConfig) -> Result<Box<Bucket>, PipelineError> {
@@ -213,10 +212,10 @@ pub fn read_manifest(
     key: &str,
     cancel: &CancellationToken,
 ) -> Result<Option<Manifest>, PipelineError> {
-    let bucket = bucket(cfg)?;
     let rt = runtime(key)?;
     let body = retry(retry_cfg, cancel, &format!("reading {key}"), || {
-        match rt.block_on(bucket.get_object(key)) {
+        // A new client for each try, as in `publish`.
+        match rt.block_on(bucket(cfg)?.get_object(key)) {
             Ok(r) => Ok(Some(r.to_vec())),
             Err(S3Error::HttpFailWithBody(404, _)) => Ok(None),
             Err(e) => Err(s3_error(key, "reading the manifest", e)),
@@ -239,10 +238,10 @@ pub fn write_manifest(
     manifest: &Manifest,
     cancel: &CancellationToken,
 ) -> Result<(), PipelineError> {
-    let bucket = bucket(cfg)?;
     let rt = runtime(key)?;
     let body = serde_json::to_vec_pretty(manifest).expect("plain data");
     retry(retry_cfg, cancel, &format!("writing {key}"), || {
+        let bucket = bucket(cfg)?;
         rt.block_on(async {
             bucket
                 .put_object_with_content_type(key, &body, "application/json")
