@@ -23,6 +23,7 @@ pub mod publish;
 pub mod report;
 pub mod retry;
 pub mod rules;
+pub mod s3_api;
 pub mod source;
 pub mod validate;
 
@@ -76,12 +77,15 @@ pub enum PipelineError {
         target: String,
         message: String,
         transient: bool,
+        retry_after: Option<std::time::Duration>,
     },
     #[error("upload of {key} failed: {message}")]
     Publish {
         key: String,
         message: String,
         transient: bool,
+        /// The server's `Retry-After` (B2's 503 SlowDown).
+        retry_after: Option<std::time::Duration>,
     },
     #[error("audit table {table}: {}", crate::pg::message(.source))]
     Audit {
@@ -120,6 +124,15 @@ impl PipelineError {
                 *transient
             }
             _ => false,
+        }
+    }
+
+    /// How long the server asked us to wait before the next try.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            PipelineError::Bucket { retry_after, .. }
+            | PipelineError::Publish { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 }
@@ -554,8 +567,9 @@ fn stages(
         wb.set_unfinished_upload(&gone.key, &gone.upload_id, false)?;
     }
     let state_prefix = config.storage.key(&format!("{}/", state.lower()));
-    if let Err(e) = publish::sweep_stale(&config.storage, &state_prefix) {
-        tracing::warn!(error = %e, "could not look for stale multipart uploads");
+    match publish::sweep_stale(&config.storage, &state_prefix) {
+        Ok(lines) => report.stale_uploads_aborted = lines,
+        Err(e) => tracing::warn!(error = %e, "could not look for stale multipart uploads"),
     }
     let lease = held.lease.as_ref();
     let fence = |key: &str| lease.map_or(Ok(()), |l| l.fence(&format!("uploading {key}")));

@@ -17,17 +17,14 @@
 //! Retries are ours alone (`[retry]`, with jitter): rust-s3's own retry of
 //! "safe" requests is turned off, so that no retry loop runs inside another.
 
-use std::time::Duration;
-
-use s3::creds::Credentials;
-use s3::error::S3Error;
-use s3::{Bucket, Region};
+use s3::Bucket;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{RetryConfig, StorageConfig};
 use crate::pipeline::export::ExportedFile;
 use crate::pipeline::manifest::Manifest;
 use crate::pipeline::retry::retry;
+use crate::pipeline::s3_api::{self as wire, Failure};
 use crate::pipeline::PipelineError;
 use crate::state::StateCode;
 
@@ -54,25 +51,7 @@ pub fn object_key(cfg: &StorageConfig, state: &StateCode, file: &ExportedFile) -
 }
 
 pub fn bucket(cfg: &StorageConfig) -> Result<Box<Bucket>, PipelineError> {
-    s3::set_retries(0);
-    let (Some(key), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) else {
-        return Err(PipelineError::Config(
-            "storage credentials missing: set B2_KEY_ID and B2_APPLICATION_KEY (or OUTREACH_STORAGE__ACCESS_KEY_ID / OUTREACH_STORAGE__SECRET_ACCESS_KEY)".into(),
-        ));
-    };
-    let creds = Credentials::new(Some(key.expose()), Some(secret.expose()), None, None, None)
-        .map_err(|e| PipelineError::Config(format!("storage credentials: {e}")))?;
-    let region = Region::Custom {
-        region: cfg.region.clone(),
-        endpoint: cfg.endpoint.trim_end_matches('/').to_string(),
-    };
-    let mut bucket = Bucket::new(&cfg.bucket, region, creds)
-        .map_err(|e| PipelineError::Config(format!("storage bucket `{}`: {e}", cfg.bucket)))?;
-    if cfg.path_style {
-        bucket = bucket.with_path_style();
-    }
-    bucket.set_request_timeout(Some(Duration::from_secs(cfg.request_timeout_secs)));
-    Ok(bucket)
+    wire::client(cfg).map_err(PipelineError::Config)
 }
 
 /// Lists at most one key under the prefix: proves the endpoint answers,
@@ -81,12 +60,16 @@ pub fn check_bucket(cfg: &StorageConfig) -> Result<(), PipelineError> {
     let bucket = bucket(cfg)?;
     let where_ = format!("s3://{}/{}", cfg.bucket, cfg.prefix);
     runtime(&where_)?
-        .block_on(bucket.list_page(format!("{}/", cfg.prefix), None, None, None, Some(1)))
-        .map(|_| ())
-        .map_err(|e| PipelineError::Bucket {
+        .block_on(wire::list_one(
+            &bucket,
+            &format!("{}/", cfg.prefix),
+            "listing",
+        ))
+        .map_err(|f| PipelineError::Bucket {
             target: format!("{where_} at {}", cfg.endpoint),
-            transient: is_transient(&e),
-            message: s3_message("listing", e),
+            transient: f.transient,
+            retry_after: f.retry_after,
+            message: f.message,
         })
 }
 
@@ -96,15 +79,13 @@ pub fn probe_write(cfg: &StorageConfig) -> Result<(), PipelineError> {
     let bucket = bucket(cfg)?;
     let key = format!("{}/.outreach-workbench-check", cfg.prefix);
     runtime(&key)?.block_on(async {
-        bucket
-            .put_object(&key, b"outreach-workbench write check\n")
+        let body = b"outreach-workbench write check\n";
+        wire::put(&bucket, &key, body, "text/plain", "writing a check object")
             .await
-            .map_err(|e| s3_error(&key, "writing a check object", e))?;
-        bucket
-            .delete_object(&key)
+            .map_err(|f| failed(&key, f))?;
+        wire::delete(&bucket, &key, "deleting the check object")
             .await
-            .map_err(|e| s3_error(&key, "deleting the check object", e))?;
-        Ok(())
+            .map_err(|f| failed(&key, f))
     })
 }
 
@@ -115,6 +96,7 @@ fn runtime(key: &str) -> Result<tokio::runtime::Runtime, PipelineError> {
         .map_err(|e| PipelineError::Publish {
             key: key.to_string(),
             transient: false,
+            retry_after: None,
             message: format!("starting the upload runtime: {e}"),
         })
 }
@@ -182,18 +164,18 @@ pub fn publish(
 /// Reads the uploaded object's size and `sha256` back: an upload counts only
 /// once the bucket holds what was sent. A mismatch is worth another try.
 async fn verify(bucket: &Bucket, key: &str, file: &ExportedFile) -> Result<(), PipelineError> {
-    let (head, _) = bucket
-        .head_object(key)
+    let head = wire::head(bucket, key, "reading the upload back")
         .await
-        .map_err(|e| s3_error(key, "reading the upload back", e))?;
-    let size = head.content_length.map(|n| n as u64);
-    let sha = head.metadata.as_ref().and_then(|m| m.get("sha256"));
+        .map_err(|f| failed(key, f))?;
+    let size = head.as_ref().and_then(|h| h.bytes);
+    let sha = head.as_ref().and_then(|h| h.sha256.as_ref());
     if size == Some(file.bytes) && sha == Some(&file.sha256) {
         return Ok(());
     }
     Err(PipelineError::Publish {
         key: key.to_string(),
         transient: true,
+        retry_after: None,
         message: format!(
             "the bucket holds {} bytes with sha256 {} after the upload, not {} bytes with sha256 {}",
             size.map_or("?".into(), |s| s.to_string()),
@@ -215,11 +197,8 @@ pub fn read_manifest(
     let rt = runtime(key)?;
     let body = retry(retry_cfg, cancel, &format!("reading {key}"), || {
         // A new client for each try, as in `publish`.
-        match rt.block_on(bucket(cfg)?.get_object(key)) {
-            Ok(r) => Ok(Some(r.to_vec())),
-            Err(S3Error::HttpFailWithBody(404, _)) => Ok(None),
-            Err(e) => Err(s3_error(key, "reading the manifest", e)),
-        }
+        rt.block_on(wire::get(&*bucket(cfg)?, key, "reading the manifest"))
+            .map_err(|f| failed(key, f))
     })?;
     Ok(body.and_then(|b| match serde_json::from_slice(&b) {
         Ok(m) => Some(m),
@@ -243,19 +222,24 @@ pub fn write_manifest(
     retry(retry_cfg, cancel, &format!("writing {key}"), || {
         let bucket = bucket(cfg)?;
         rt.block_on(async {
-            bucket
-                .put_object_with_content_type(key, &body, "application/json")
+            wire::put(
+                &bucket,
+                key,
+                &body,
+                "application/json",
+                "writing the manifest",
+            )
+            .await
+            .map_err(|f| failed(key, f))?;
+            let head = wire::head(&bucket, key, "reading the manifest back")
                 .await
-                .map_err(|e| s3_error(key, "writing the manifest", e))?;
-            let (head, _) = bucket
-                .head_object(key)
-                .await
-                .map_err(|e| s3_error(key, "reading the manifest back", e))?;
-            match head.content_length {
+                .map_err(|f| failed(key, f))?;
+            match head.and_then(|h| h.bytes) {
                 Some(n) if n as usize == body.len() => Ok(()),
                 other => Err(PipelineError::Publish {
                     key: key.to_string(),
                     transient: true,
+                    retry_after: None,
                     message: format!(
                         "the bucket holds {other:?} bytes after writing {} bytes",
                         body.len()
@@ -271,11 +255,10 @@ pub fn write_manifest(
 /// The `sha256` metadata of the object at `key`, `None` when there is no
 /// object (or it has no such metadata).
 async fn remote_sha256(bucket: &Bucket, key: &str) -> Result<Option<String>, PipelineError> {
-    match bucket.head_object(key).await {
-        Ok((head, _)) => Ok(head.metadata.and_then(|m| m.get("sha256").cloned())),
-        Err(S3Error::HttpFailWithBody(404, _)) => Ok(None),
-        Err(e) => Err(s3_error(key, "checking", e)),
-    }
+    let head = wire::head(bucket, key, "checking")
+        .await
+        .map_err(|f| failed(key, f))?;
+    Ok(head.and_then(|h| h.sha256))
 }
 
 /// What publishing did, as it goes: kept when it fails half-way.
@@ -328,27 +311,29 @@ async fn upload(
     }
     let with_meta = bucket
         .with_extra_headers(meta)
-        .map_err(|e| s3_error(key, "uploading", e))?;
+        .map_err(|e| PipelineError::Config(format!("S3 metadata headers: {e}")))?;
     let open_err = |e: std::io::Error| PipelineError::Publish {
         key: key.to_string(),
         transient: false,
+        retry_after: None,
         message: format!("reading {}: {e}", file.path.display()),
     };
     let mut reader = std::fs::File::open(&file.path).map_err(open_err)?;
     if file.bytes < part_size as u64 {
         let mut body = Vec::with_capacity(file.bytes as usize);
         reader.read_to_end(&mut body).map_err(open_err)?;
-        with_meta
-            .put_object_with_content_type(key, &body, CONTENT_TYPE)
+        return wire::put(&with_meta, key, &body, CONTENT_TYPE, "uploading")
             .await
-            .map_err(|e| s3_error(key, "uploading", e))?;
-        return Ok(());
+            .map_err(|f| failed(key, f));
     }
-    let upload_id = with_meta
-        .initiate_multipart_upload(key, CONTENT_TYPE)
-        .await
-        .map_err(|e| s3_error(key, "starting the multipart upload", e))?
-        .upload_id;
+    let upload_id = wire::start_multipart(
+        &with_meta,
+        key,
+        CONTENT_TYPE,
+        "starting the multipart upload",
+    )
+    .await
+    .map_err(|f| failed(key, f))?;
     let sent = async {
         let mut parts = Vec::new();
         loop {
@@ -364,24 +349,36 @@ async fn upload(
                 break;
             }
             let number = parts.len() as u32 + 1;
-            let part = bucket
-                .put_multipart_chunk(chunk, key, number, &upload_id, CONTENT_TYPE)
-                .await
-                .map_err(|e| s3_error(key, &format!("uploading part {number}"), e))?;
+            let doing = format!("uploading part {number}");
+            let part = wire::put_part(
+                bucket,
+                key,
+                &upload_id,
+                number,
+                &chunk,
+                CONTENT_TYPE,
+                &doing,
+            )
+            .await
+            .map_err(|f| failed(key, f))?;
             parts.push(part);
         }
-        bucket
-            .complete_multipart_upload(key, &upload_id, parts)
-            .await
-            .map_err(|e| s3_error(key, "completing the multipart upload", e))
-            .map(|_| ())
+        wire::complete(
+            bucket,
+            key,
+            &upload_id,
+            parts,
+            "completing the multipart upload",
+        )
+        .await
+        .map_err(|f| failed(key, f))
     }
     .await;
     if sent.is_err() {
-        match bucket.abort_upload(key, &upload_id).await {
-            Ok(()) => tracing::info!(key, "aborted the unfinished multipart upload"),
-            Err(e) => {
-                tracing::warn!(key, upload_id, error = %s3_message("aborting", e), "could not abort the unfinished multipart upload; the next run aborts it");
+        match wire::abort(bucket, key, &upload_id, "aborting").await {
+            Ok(_) => tracing::info!(key, "aborted the unfinished multipart upload"),
+            Err(f) => {
+                tracing::warn!(key, upload_id, error = %f.message, "could not abort the unfinished multipart upload; the next run aborts it");
                 unfinished.push(Unfinished {
                     key: key.to_string(),
                     upload_id: upload_id.clone(),
@@ -403,13 +400,13 @@ pub fn abort_leftovers(cfg: &StorageConfig, leftovers: &[Unfinished]) -> Vec<Unf
     };
     let mut gone = Vec::new();
     for u in leftovers {
-        match rt.block_on(bucket.abort_upload(&u.key, &u.upload_id)) {
-            Ok(()) | Err(S3Error::HttpFailWithBody(404, _)) => {
+        match rt.block_on(wire::abort(&bucket, &u.key, &u.upload_id, "aborting")) {
+            Ok(_) => {
                 tracing::info!(key = %u.key, upload_id = %u.upload_id, "aborted a multipart upload an earlier run left unfinished");
                 gone.push(u.clone());
             }
-            Err(e) => {
-                tracing::warn!(key = %u.key, error = %s3_message("aborting", e), "could not abort an earlier unfinished multipart upload; trying again next run")
+            Err(f) => {
+                tracing::warn!(key = %u.key, error = %f.message, "could not abort an earlier unfinished multipart upload; trying again next run")
             }
         }
     }
@@ -422,25 +419,27 @@ pub fn abort_leftovers(cfg: &StorageConfig, leftovers: &[Unfinished]) -> Vec<Unf
 pub fn sweep_stale(cfg: &StorageConfig, prefix: &str) -> Result<Vec<String>, PipelineError> {
     let bucket = bucket(cfg)?;
     let rt = runtime(prefix)?;
-    let listed = match rt.block_on(bucket.list_multiparts_uploads(Some(prefix), None)) {
-        Ok(l) => l,
-        Err(S3Error::HttpFailWithBody(501, _)) => {
-            tracing::debug!("this S3 server cannot list multipart uploads");
-            return Ok(Vec::new());
-        }
-        Err(e) => return Err(s3_error(prefix, "listing unfinished multipart uploads", e)),
+    let listing = wire::unfinished(&bucket, prefix, "listing unfinished multipart uploads");
+    let Some(listed) = rt.block_on(listing).map_err(|f| failed(prefix, f))? else {
+        tracing::debug!("this S3 server cannot list multipart uploads");
+        return Ok(Vec::new());
     };
     let day_ago = chrono::Utc::now() - chrono::Duration::days(1);
     let mut out = Vec::new();
-    for u in listed.iter().flat_map(|page| &page.uploads) {
+    for u in &listed {
         let started = chrono::DateTime::parse_from_rfc3339(&u.initiated)
             .map(|t| t.with_timezone(&chrono::Utc))
             .ok();
         if started.is_none_or(|t| t > day_ago) {
             continue;
         }
-        rt.block_on(bucket.abort_upload(&u.key, &u.id))
-            .map_err(|e| s3_error(&u.key, "aborting a stale multipart upload", e))?;
+        rt.block_on(wire::abort(
+            &bucket,
+            &u.key,
+            &u.upload_id,
+            "aborting a stale multipart upload",
+        ))
+        .map_err(|f| failed(&u.key, f))?;
         let line = format!(
             "aborted the multipart upload of {} started {} and never finished",
             u.key, u.initiated
@@ -451,49 +450,11 @@ pub fn sweep_stale(cfg: &StorageConfig, prefix: &str) -> Result<Vec<String>, Pip
     Ok(out)
 }
 
-fn s3_error(key: &str, doing: &str, e: S3Error) -> PipelineError {
+fn failed(key: &str, f: Failure) -> PipelineError {
     PipelineError::Publish {
         key: key.to_string(),
-        transient: is_transient(&e),
-        message: s3_message(doing, e),
-    }
-}
-
-/// Worth another try: the server's 5xx and 429, timeouts, refused or
-/// broken connections. Not: 4xx (credentials, bucket, signature).
-fn is_transient(e: &S3Error) -> bool {
-    match e {
-        S3Error::HttpFailWithBody(status, _) => *status >= 500 || *status == 429,
-        S3Error::Reqwest(r) => r.is_timeout() || r.is_connect() || r.is_request() || r.is_body(),
-        S3Error::Io(_) => true,
-        _ => false,
-    }
-}
-
-/// Turns an S3 error into one line: HTTP status plus the server's own
-/// `<Code>` and `<Message>`, which say far more than the XML blob.
-fn s3_message(doing: &str, e: S3Error) -> String {
-    match &e {
-        S3Error::HttpFailWithBody(status, body) => {
-            let tag = |t: &str| {
-                let open = format!("<{t}>");
-                let close = format!("</{t}>");
-                body.find(&open).and_then(|i| {
-                    let rest = &body[i + open.len()..];
-                    rest.find(&close).map(|j| rest[..j].to_string())
-                })
-            };
-            match (tag("Code"), tag("Message")) {
-                (Some(c), Some(m)) => format!("{doing}: HTTP {status} {c}: {m}"),
-                (Some(c), None) => format!("{doing}: HTTP {status} {c}"),
-                _ if body.trim().is_empty() => format!("{doing}: HTTP {status}"),
-                _ => format!("{doing}: HTTP {status}: {}", body.trim()),
-            }
-        }
-        other => {
-            // reqwest's Display stops at "error sending request for url";
-            // the cause (refused, reset, TLS, timeout) is further down.
-            crate::pipeline::with_causes(format!("{doing}: {other}"), other)
-        }
+        message: f.message,
+        transient: f.transient,
+        retry_after: f.retry_after,
     }
 }

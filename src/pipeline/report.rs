@@ -102,6 +102,10 @@ pub struct RunReport {
     pub forced: bool,
     /// Columns added, removed or retyped since the bucket's manifest.
     pub schema_changes: Vec<super::manifest::SchemaChange>,
+    /// Multipart uploads under the state's prefix left unfinished for more
+    /// than a day (by a crash, another tool) and aborted by this run.
+    #[serde(default)]
+    pub stale_uploads_aborted: Vec<String>,
     /// `written s3://…/_manifest.json` or `unchanged …`; none when the run
     /// did not get that far.
     pub manifest: Option<String>,
@@ -135,6 +139,7 @@ impl RunReport {
             gates: Vec::new(),
             forced: false,
             schema_changes: Vec::new(),
+            stale_uploads_aborted: Vec::new(),
             manifest: None,
             error: None,
             audit_id: None,
@@ -252,6 +257,9 @@ impl RunReport {
         }
         for c in &self.schema_changes {
             let _ = writeln!(s, "  schema changed: {}", c.describe());
+        }
+        for line in &self.stale_uploads_aborted {
+            let _ = writeln!(s, "  {line}");
         }
         if let Some(m) = &self.manifest {
             let _ = writeln!(s, "  manifest {m}");

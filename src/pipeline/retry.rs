@@ -14,7 +14,8 @@ use crate::pipeline::PipelineError;
 
 /// Runs `f` until it succeeds, fails for good, or `attempts` are used up.
 /// Waits about `initial_backoff`, then twice that, ... up to `max_backoff`
-/// between tries; a cancellation during a wait ends it at once.
+/// between tries, or as long as the server's `Retry-After` asks; a
+/// cancellation during a wait ends it at once.
 ///
 /// Each wait is drawn between half and all of its step ("equal jitter"):
 /// daemons on several hosts that failed together (a compute waking from
@@ -31,7 +32,10 @@ pub fn retry<T>(
     loop {
         match f() {
             Err(e) if e.is_transient() && attempt < cfg.attempts => {
-                let wait = delay * (0.5 + 0.5 * unit_random());
+                // A server's Retry-After (B2's 503 SlowDown) is a floor:
+                // coming back sooner only earns another SlowDown.
+                let asked = e.retry_after().map_or(0.0, |d| d.as_secs_f64());
+                let wait = (delay * (0.5 + 0.5 * unit_random())).max(asked);
                 tracing::warn!(attempt, retry_in_secs = format!("{wait:.2}"), error = %e, "{what} failed; retrying");
                 let until = Instant::now() + Duration::from_secs_f64(wait);
                 while Instant::now() < until {

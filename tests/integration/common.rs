@@ -247,14 +247,14 @@ pub fn config_for(s: &Services, db: &str, bucket: &str, dir: &Path) -> Config {
     c
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
 }
 
-fn s3_bucket(s: &Services, name: &str) -> Box<s3::Bucket> {
+pub fn s3_bucket(s: &Services, name: &str) -> Box<s3::Bucket> {
     let creds =
         s3::creds::Credentials::new(Some(&s.s3_key), Some(&s.s3_secret), None, None, None).unwrap();
     let region = s3::Region::Custom {
@@ -286,9 +286,11 @@ pub fn create_bucket(s: &Services, name: &str) {
 pub fn head(bucket: &str, key: &str) -> Option<std::collections::HashMap<String, String>> {
     let s = services();
     let b = s3_bucket(&s, bucket);
+    // rust-s3 answers every status (its fail-on-err feature is off).
     match rt().block_on(b.head_object(key)) {
-        Ok((h, _)) => Some(h.metadata.unwrap_or_default()),
-        Err(s3::error::S3Error::HttpFailWithBody(404, _)) => None,
+        Ok((_, 404)) => None,
+        Ok((h, 200)) => Some(h.metadata.unwrap_or_default()),
+        Ok((_, status)) => panic!("HEAD {key}: HTTP {status}"),
         Err(e) => panic!("HEAD {key}: {e}"),
     }
 }
@@ -296,7 +298,9 @@ pub fn head(bucket: &str, key: &str) -> Option<std::collections::HashMap<String,
 pub fn get(bucket: &str, key: &str) -> Vec<u8> {
     let s = services();
     let b = s3_bucket(&s, bucket);
-    rt().block_on(b.get_object(key)).unwrap().to_vec()
+    let r = rt().block_on(b.get_object(key)).unwrap();
+    assert_eq!(r.status_code(), 200, "GET {key}");
+    r.to_vec()
 }
 
 /// Reads a Parquet file back with DuckDB: one string per row, columns

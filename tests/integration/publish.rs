@@ -163,6 +163,29 @@ fn transient_500s_are_retried_until_the_upload_goes_through() {
 }
 
 #[test]
+fn a_503_slow_down_waits_as_long_as_retry_after_says() {
+    let (mut w, proxy) = world_behind_proxy("slowdown");
+    // Our own backoff would come back within 0.1 s; the server asks for 2.
+    w.config.retry.attempts = 3;
+    proxy.slow_down("PUT", "people/good", 1, 2);
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    let puts: Vec<_> = proxy
+        .timed_requests()
+        .into_iter()
+        .filter(|(_, (m, t, _))| m == "PUT" && t.contains("people/good"))
+        .collect();
+    let statuses: Vec<u16> = puts.iter().map(|(_, r)| r.2).collect();
+    assert_eq!(statuses, [503, 200], "one SlowDown, then the upload");
+    let waited = puts[1].0 - puts[0].0;
+    assert!(
+        waited >= std::time::Duration::from_secs(2),
+        "the next try came {waited:?} after the SlowDown"
+    );
+    assert!(head(&w.bucket, PEOPLE_GOOD).is_some());
+}
+
+#[test]
 fn a_dropped_column_is_reported_and_gated_with_schema_change() {
     let (mut w, _proxy) = world_behind_proxy("drift");
     let first = w.run("WV");
@@ -296,4 +319,61 @@ fn an_upload_that_could_not_be_aborted_is_aborted_by_the_next_run() {
         got["sha256"],
         manifest(&w)["files"][2]["sha256"].as_str().unwrap()
     );
+}
+
+/// s3s-fs cannot list multipart uploads, so the proxy answers the listing
+/// with two real uploads begun on s3s-fs: one two days old, one an hour old.
+#[test]
+fn a_run_aborts_multipart_uploads_left_unfinished_for_over_a_day_and_says_so() {
+    let (w, proxy) = world_behind_proxy("stale");
+    let s = services();
+    let direct = s3_bucket(&s, &w.bucket);
+    let begin = |key: &str| {
+        rt().block_on(direct.initiate_multipart_upload(key, "application/octet-stream"))
+            .unwrap()
+            .upload_id
+    };
+    let (old_key, new_key) = (
+        "outreach/wv/people/good/old.parquet",
+        "outreach/wv/people/good/new.parquet",
+    );
+    let (old_id, new_id) = (begin(old_key), begin(new_key));
+    assert_eq!(unfinished_uploads(&w.bucket).len(), 2);
+    let at = |hours: i64| {
+        (chrono::Utc::now() - chrono::Duration::hours(hours))
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    let listing = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListMultipartUploadsResult><Bucket>{}</Bucket>\
+         <Upload><Key>{old_key}</Key><UploadId>{old_id}</UploadId><Initiated>{}</Initiated></Upload>\
+         <Upload><Key>{new_key}</Key><UploadId>{new_id}</UploadId><Initiated>{}</Initiated></Upload>\
+         <IsTruncated>false</IsTruncated></ListMultipartUploadsResult>",
+        w.bucket,
+        at(48),
+        at(1)
+    );
+    proxy.answer("GET", "?uploads", 1, 200, &listing);
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    assert!(
+        proxy.requests().iter().any(|(m, t, _)| m == "GET"
+            && t.contains("uploads")
+            && t.contains("prefix=outreach%2Fwv%2F")),
+        "listed under the state's prefix: {:?}",
+        proxy.requests()
+    );
+    assert_eq!(
+        r.stale_uploads_aborted.len(),
+        1,
+        "{:?}",
+        r.stale_uploads_aborted
+    );
+    assert!(
+        r.stale_uploads_aborted[0].contains(old_key),
+        "{:?}",
+        r.stale_uploads_aborted
+    );
+    assert!(r.summary().contains(old_key), "{}", r.summary());
+    let left = unfinished_uploads(&w.bucket);
+    assert_eq!(left.len(), 1, "the hour-old upload is left alone: {left:?}");
 }

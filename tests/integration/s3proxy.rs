@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::common::services;
 
@@ -17,6 +18,10 @@ struct Rule {
     times: usize,
     status: u16,
     code: String,
+    /// Sent as `Retry-After` with the error, when set.
+    retry_after: Option<u32>,
+    /// Sent as the whole body instead of an error document, when set.
+    body: Option<String>,
 }
 
 #[derive(Default)]
@@ -24,6 +29,8 @@ struct State {
     rules: Vec<Rule>,
     /// (method, target, status) of every request, in order.
     log: Vec<(String, String, u16)>,
+    /// When each request of `log` arrived.
+    times: Vec<Instant>,
 }
 
 pub struct FaultProxy {
@@ -57,6 +64,35 @@ impl FaultProxy {
             times,
             status,
             code: code.into(),
+            retry_after: None,
+            body: None,
+        });
+    }
+
+    /// Answers `times` matching requests with `status` and `body` (an S3
+    /// call the server behind has not got, such as ListMultipartUploads).
+    pub fn answer(&self, method: &str, path: &str, times: usize, status: u16, body: &str) {
+        self.state.lock().unwrap().rules.push(Rule {
+            method: method.into(),
+            path: path.into(),
+            times,
+            status,
+            code: String::new(),
+            retry_after: None,
+            body: Some(body.into()),
+        });
+    }
+
+    /// B2 past its rate limit: 503 SlowDown with `Retry-After: secs`.
+    pub fn slow_down(&self, method: &str, path: &str, times: usize, secs: u32) {
+        self.state.lock().unwrap().rules.push(Rule {
+            method: method.into(),
+            path: path.into(),
+            times,
+            status: 503,
+            code: "SlowDown".into(),
+            retry_after: Some(secs),
+            body: None,
         });
     }
 
@@ -64,8 +100,16 @@ impl FaultProxy {
         self.state.lock().unwrap().log.clone()
     }
 
+    /// `requests()` with the time each arrived.
+    pub fn timed_requests(&self) -> Vec<(Instant, (String, String, u16))> {
+        let s = self.state.lock().unwrap();
+        s.times.iter().copied().zip(s.log.iter().cloned()).collect()
+    }
+
     pub fn clear_log(&self) {
-        self.state.lock().unwrap().log.clear();
+        let mut s = self.state.lock().unwrap();
+        s.log.clear();
+        s.times.clear();
     }
 }
 
@@ -96,6 +140,7 @@ fn serve(client: TcpStream, upstream: &str, state: &Mutex<State>) {
     let mut parts = head[0].split_whitespace();
     let method = parts.next().unwrap_or_default().to_string();
     let target = parts.next().unwrap_or_default().to_string();
+    let arrived = Instant::now();
     let fault = {
         let mut s = state.lock().unwrap();
         let hit = s
@@ -104,26 +149,32 @@ fn serve(client: TcpStream, upstream: &str, state: &Mutex<State>) {
             .find(|r| r.times > 0 && r.method == method && target.contains(&r.path));
         hit.map(|r| {
             r.times -= 1;
-            (r.status, r.code.clone())
+            (r.status, r.code.clone(), r.retry_after, r.body.clone())
         })
     };
+    let record = |method: String, target: String, status: u16| {
+        let mut s = state.lock().unwrap();
+        s.log.push((method, target, status));
+        s.times.push(arrived);
+    };
     let mut client = client;
-    if let Some((0, _)) = fault {
-        state.lock().unwrap().log.push((method, target, 0));
+    if let Some((0, ..)) = fault {
+        record(method, target, 0);
         let _ = client.shutdown(std::net::Shutdown::Both);
         return;
     }
-    if let Some((status, code)) = fault {
-        let xml = format!(
+    if let Some((status, code, retry_after, answer)) = fault {
+        let xml = answer.unwrap_or_else(|| format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
-        );
+        ));
         let body = if method == "HEAD" { "" } else { xml.as_str() };
+        let wait = retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
         let _ = write!(
             client,
-            "HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {status} Injected\r\nContent-Type: application/xml\r\n{wait}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
-        state.lock().unwrap().log.push((method, target, status));
+        record(method, target, status);
         return;
     }
     let Ok(mut server) = TcpStream::connect(upstream) else {
@@ -141,6 +192,6 @@ fn serve(client: TcpStream, upstream: &str, state: &Mutex<State>) {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    state.lock().unwrap().log.push((method, target, status));
+    record(method, target, status);
     let _ = client.write_all(&response);
 }
