@@ -12,6 +12,7 @@ source "$(dirname "$0")/lib/services.sh"
 cd "$OW_ROOT"
 
 ow_prepare
+ow_prepare_nspawn
 ow_log "cargo fmt --check"
 cargo fmt --all -- --check
 ow_build

@@ -56,6 +56,43 @@ ow_prepare() {
     ow_ensure_s3s
 }
 
+# A Debian 12 root that boots a real systemd (252) in systemd-nspawn, for
+# the suite's systemd test; built once per machine (~1 min) from the
+# machine's own apt source, and never changed afterwards: each boot runs
+# on a throw-away copy (--ephemeral). Exports OW_NSPAWN_ROOT, or leaves it
+# unset with the reason printed, and the test skips.
+ow_prepare_nspawn() {
+    unset OW_NSPAWN_ROOT
+    if [ "$(id -u)" -ne 0 ]; then
+        ow_log "not root: the systemd test (systemd-nspawn) will skip"
+        return 0
+    fi
+    if ! command -v systemd-nspawn >/dev/null || ! command -v debootstrap >/dev/null; then
+        ow_log "installing systemd-container and debootstrap"
+        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd-container debootstrap >/dev/null; then
+            ow_log "could not install systemd-nspawn: the systemd test will skip"
+            return 0
+        fi
+    fi
+    local root=$OW_CACHE/nspawn/bookworm
+    if [ ! -x "$root/lib/systemd/systemd" ]; then
+        local mirror
+        mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null)
+        [ -n "$mirror" ] || mirror=$(awk '/^deb / {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
+        ow_log "building a Debian 12 root for the systemd test in $root (once per machine)"
+        rm -rf "$root.tmp"
+        mkdir -p "$(dirname "$root")"
+        if ! debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,adduser,libssl3 \
+            bookworm "$root.tmp" "$mirror" >"$OW_CACHE/nspawn/debootstrap.log" 2>&1; then
+            ow_log "debootstrap failed (see $OW_CACHE/nspawn/debootstrap.log): the systemd test will skip"
+            return 0
+        fi
+        echo ow-boot >"$root.tmp/etc/hostname"
+        rm -rf "$root" && mv "$root.tmp" "$root"
+    fi
+    export OW_NSPAWN_ROOT=$root
+}
+
 ow_build() {
     ow_log "building (release; the first build on a machine compiles DuckDB, ~30 min)"
     (cd "$OW_ROOT" && cargo build --release --locked --quiet)

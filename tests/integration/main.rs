@@ -11,4 +11,5 @@ mod pipeline;
 mod pooled;
 mod publish;
 mod s3proxy;
+mod systemd_boot;
 mod types;

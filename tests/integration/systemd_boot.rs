@@ -1,0 +1,315 @@
+//! The package under a real systemd 252: Debian 12 booted in systemd-nspawn
+//! (a throw-away copy of the root `scripts/test.sh` builds once per
+//! machine), the `.deb` installed, the service driven with systemctl
+//! through nsenter. The container shares the host's network, so the
+//! daemon reaches the suite's PostgreSQL and S3 server on loopback.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const BIN: &str = env!("CARGO_BIN_EXE_outreach-workbench");
+const UNIT: &str = "outreach-workbench";
+
+/// A booted container; powered off (and its copy removed) on drop.
+struct Container {
+    nspawn: Child,
+    pid1: u32,
+}
+
+impl Container {
+    fn boot(root: &str, share: &Path) -> Container {
+        let nspawn = Command::new("systemd-nspawn")
+            .args(["--quiet", "--ephemeral", "--keep-unit", "--register=no"])
+            .arg("--directory")
+            .arg(root)
+            .arg(format!("--bind-ro={}:/mnt/ow", share.display()))
+            .args(["--boot", "--console=pipe"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("systemd-nspawn starts");
+        let started = Instant::now();
+        let pid1 = loop {
+            if let Some(pid) = systemd_child(nspawn.id()) {
+                break pid;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no systemd in the container after 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let c = Container { nspawn, pid1 };
+        // `--wait` blocks until start-up is done ("running" or
+        // "degraded"), once systemd's socket is there to ask.
+        loop {
+            let o = c.sh("systemctl is-system-running --wait");
+            let state = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            if state == "running" || state == "degraded" {
+                return c;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the container did not finish booting: {}",
+                text(&o)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `sh -c cmd` inside the container.
+    fn sh(&self, cmd: &str) -> Output {
+        Command::new("nsenter")
+            .args(["-t", &self.pid1.to_string(), "-a", "sh", "-c", cmd])
+            .output()
+            .unwrap()
+    }
+
+    /// Like `sh`, and the command must succeed.
+    fn ok(&self, cmd: &str) -> String {
+        let o = self.sh(cmd);
+        assert!(o.status.success(), "`{cmd}` failed:\n{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    fn show(&self, property: &str) -> String {
+        self.ok(&format!("systemctl show {UNIT} --value -p {property}"))
+    }
+
+    /// Waits up to `secs` for `property` to read `want`.
+    fn wait_for(&self, property: &str, want: &str, secs: u64) {
+        let started = Instant::now();
+        loop {
+            let now = self.show(property);
+            if now == want {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(secs),
+                "{property} is {now}, not {want}, after {secs} s\n{}",
+                self.journal()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn journal(&self) -> String {
+        self.ok(&format!(
+            "journalctl -u {UNIT} --no-pager -o cat | tail -40"
+        ))
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = self.sh("systemctl poweroff");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.nspawn.kill();
+        let _ = self.nspawn.wait();
+    }
+}
+
+/// The container's PID 1 as the host sees it: the child of systemd-nspawn
+/// that runs systemd (a short-lived helper comes first).
+fn systemd_child(nspawn: u32) -> Option<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).ok()?;
+    children.split_whitespace().find_map(|pid| {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "systemd").then(|| pid.parse().ok())?
+    })
+}
+
+/// Successful runs audited so far.
+fn successes(w: &World) -> i64 {
+    w.pg()
+        .query_one(
+            "SELECT count(*) FROM shq.audit_log WHERE details->>'status' = 'success'",
+            &[],
+        )
+        .map(|r| r.get(0))
+        .unwrap_or(0) // before the first run creates the table
+}
+
+fn wait_for_success(w: &World, more_than: i64, c: &Container) {
+    let started = Instant::now();
+    while successes(w) <= more_than {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no successful run within 60 s\n{}",
+            c.journal()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_package_under_systemd_starts_reloads_stops_restarts_and_upgrades() {
+    let Ok(root) = std::env::var("OW_NSPAWN_ROOT") else {
+        eprintln!("skipped: OW_NSPAWN_ROOT is not set (scripts/test.sh builds the Debian root when it can; it says why not)");
+        return;
+    };
+    let s = services();
+    let w = World::new("boot");
+    {
+        let mut pg = w.pg();
+        for i in 0..5 {
+            let id = format!("c{i}");
+            add_company(&mut pg, &id, Some("A"), Some("a.example"), "WV");
+            add_person(
+                &mut pg,
+                &format!("p{i}"),
+                &id,
+                Some("a@b.example"),
+                Some("CEO"),
+            );
+        }
+    }
+
+    // What the container sees at /mnt/ow: the package and the admin's files.
+    let share = tempfile::tempdir().unwrap();
+    let built = Command::new("bash")
+        .arg(Path::new(ROOT).join("packaging/build-deb.sh"))
+        .arg(share.path())
+        .env("OW_BIN", BIN)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", text(&built));
+    let deb = String::from_utf8_lossy(&built.stdout).trim().to_string();
+    std::fs::rename(&deb, share.path().join("ow.deb")).unwrap();
+    let config = toml_for(
+        &s,
+        &w.db,
+        &w.bucket,
+        Path::new("/var/lib/outreach-workbench"),
+    );
+    // Every 5 seconds: runs happen while the service is reloaded and killed.
+    let schedule = "[[schedule]]\nstates = [\"WV\"]\ncron = \"*/5 * * * * *\"\n";
+    let write = |name: &str, body: &str| std::fs::write(share.path().join(name), body).unwrap();
+    write("config.toml", &format!("{config}\n{schedule}"));
+    // A key given twice: not TOML.
+    write(
+        "broken.toml",
+        &format!("{config}\n{schedule}cron = \"again\"\n"),
+    );
+    write(
+        "broken-rule.toml",
+        &format!("{config}\n{schedule}\n[rules]\ncompanies = [{{ code = \"x\", condition = \"no_such_column IS NULL\" }}]\n"),
+    );
+    write(
+        "env",
+        &format!(
+            "NEON_PASSWORD={}\nB2_KEY_ID={}\nB2_APPLICATION_KEY={}\n",
+            s.pg_password, s.s3_key, s.s3_secret
+        ),
+    );
+
+    let c = Container::boot(&root, share.path());
+    assert!(c.ok("systemctl --version").starts_with("systemd 252"));
+
+    // Install: enabled, no warning, one log folder.
+    let installed = c.ok("dpkg -i /mnt/ow/ow.deb 2>&1");
+    assert!(!installed.contains("arning"), "{installed}");
+    assert_eq!(c.ok(&format!("systemctl is-enabled {UNIT}")), "enabled");
+    assert_eq!(
+        c.ok("readlink /var/lib/outreach-workbench/logs"),
+        "/var/log/outreach-workbench"
+    );
+    c.ok("cp /mnt/ow/config.toml /mnt/ow/env /etc/outreach-workbench/");
+
+    // Start returns once the daemon said READY=1 (Type=notify): the
+    // status line it sends with READY is already there.
+    c.ok(&format!("systemctl start {UNIT}"));
+    assert_eq!(c.show("ActiveState"), "active");
+    assert!(
+        c.show("StatusText").starts_with("next WV"),
+        "{}",
+        c.show("StatusText")
+    );
+    let exposure = c.ok(&format!(
+        "systemd-analyze security {UNIT} --no-pager | tail -n 1"
+    ));
+    let score: f64 = exposure
+        .split(':')
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no score in {exposure}"));
+    assert!(score <= 2.0, "{exposure}");
+
+    // A run under the sandbox uploads and is audited.
+    wait_for_success(&w, 0, &c);
+    assert!(head(&w.bucket, "outreach/wv/_manifest.json").is_some());
+    assert!(c.show("StatusText").contains("last WV success"));
+    assert!(
+        !c.ok("ls /var/log/outreach-workbench/").is_empty(),
+        "the daemon's log file is in the one log folder"
+    );
+
+    // Reload: a good config is taken, a broken one fails the reload and the
+    // running daemon goes on with the old one. procps is not installed.
+    assert!(!c
+        .sh("test -x /bin/kill || test -x /usr/bin/kill")
+        .status
+        .success());
+    let pid = c.show("MainPID");
+    c.ok(&format!("systemctl reload {UNIT}"));
+    c.ok("cp /mnt/ow/broken.toml /etc/outreach-workbench/config.toml");
+    let refused = c.sh(&format!("systemctl reload {UNIT}"));
+    assert!(
+        !refused.status.success(),
+        "a broken config reloads: {}",
+        text(&refused)
+    );
+    assert_eq!(c.show("ActiveState"), "active");
+    assert_eq!(c.show("MainPID"), pid);
+    c.ok("cp /mnt/ow/config.toml /etc/outreach-workbench/config.toml");
+
+    // kill -9: systemd starts it again (RestartSec=10s).
+    c.ok(&format!("systemctl kill -s KILL {UNIT}"));
+    c.wait_for("NRestarts", "1", 30);
+    c.wait_for("ActiveState", "active", 30);
+    let before = successes(&w);
+    wait_for_success(&w, before, &c);
+
+    // Stop: SIGTERM, and out well within TimeoutStopSec.
+    let started = Instant::now();
+    c.ok(&format!("systemctl stop {UNIT}"));
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(c.show("Result"), "success");
+    assert_eq!(c.show("ActiveState"), "inactive");
+
+    // A rule naming a missing column: exit 2, failed, no restart loop.
+    c.ok("cp /mnt/ow/broken-rule.toml /etc/outreach-workbench/config.toml");
+    c.ok(&format!("systemctl reset-failed {UNIT} || true"));
+    let start = c.sh(&format!("systemctl start {UNIT}"));
+    assert!(!start.status.success(), "{}", text(&start));
+    c.wait_for("ActiveState", "failed", 30);
+    // `auto-restart` would mean another try is scheduled.
+    assert_eq!(c.show("SubState"), "failed");
+    assert_eq!(c.show("ExecMainStatus"), "2");
+    assert!(c.journal().contains("no_such_column"), "{}", c.journal());
+
+    // An upgrade keeps the admin's "disabled".
+    c.ok(&format!("systemctl disable {UNIT} 2>&1"));
+    c.ok("dpkg -i /mnt/ow/ow.deb");
+    assert_eq!(
+        String::from_utf8_lossy(&c.sh(&format!("systemctl is-enabled {UNIT}")).stdout).trim(),
+        "disabled"
+    );
+}
