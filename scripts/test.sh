@@ -17,10 +17,10 @@ ow_log "cargo fmt --check"
 cargo fmt --all -- --check
 ow_build
 ow_log "cargo clippy"
-cargo clippy --release --locked --all-targets --quiet -- -D warnings
+cargo clippy --release --locked --workspace --all-targets --quiet -- -D warnings
 ow_start_services
 ow_log "cargo test"
-cargo test --release --locked --no-fail-fast -- "$@"
+cargo test --release --locked --workspace --no-fail-fast -- "$@"
 if [ -n "${OW_PGB_PORT:-}" ]; then
     filters=("$@")
     [ ${#filters[@]} -gt 0 ] || filters=(pipeline:: gates:: cli:: types::)

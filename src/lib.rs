@@ -6,6 +6,9 @@
 //! Where to start reading: [`pipeline::run`] is one run from start to end;
 //! [`config`] is everything a user can set.
 
+// Every unsafe block is in the ow-duckdb crate, behind its safe API.
+#![forbid(unsafe_code)]
+
 pub mod check;
 pub mod config;
 pub mod daemon;

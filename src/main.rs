@@ -1,6 +1,9 @@
 //! The command line. Each command loads the config, does one thing, and
 //! turns the outcome into an exit code; the work itself lives in the library.
 
+// Every unsafe block is in the ow-duckdb crate, behind its safe API.
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -10,9 +10,6 @@
 //! process (an analyst's CLI, a manual `run` while the daemon works) waits
 //! up to `lock_timeout`, then gets an error that says who holds it.
 
-mod ingest;
-mod raw;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -22,8 +19,9 @@ use duckdb::Connection;
 
 use crate::config::WorkbenchConfig;
 use crate::pipeline::RunReport;
-pub use ingest::{chunk_rows, Chunk, ChunkConverter, NextChunk, Template};
-pub use raw::{Database, DuckError, RawConnection};
+pub use ow_duckdb::{
+    chunk_rows, Chunk, ChunkConverter, Database, DuckError, NextChunk, RawConnection, Template,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkbenchError {
@@ -303,7 +301,7 @@ impl Workbench {
     /// the returned guard is dropped.
     ///
     /// A pull writes the state's tables into the file as it goes (see
-    /// [`raw::ROW_GROUP_SIZE`]), but only into the page cache; the commit's
+    /// [`ow_duckdb::ROW_GROUP_SIZE`]), but only into the page cache; the commit's
     /// fsync then had to write all of it at once, ~85 MB for the benchmark,
     /// with every core idle. Syncing every 100 ms from a thread of its own
     /// spreads those writes over the pull. It is safe at any moment: DuckDB

@@ -37,7 +37,7 @@ use duckdb::arrow::datatypes::Schema;
 use duckdb::arrow::ffi::{FFI_ArrowArray, FFI_ArrowSchema};
 use duckdb::ffi;
 
-use super::raw::{c_string, take_error, Database, DuckError, RawConnection};
+use crate::raw::{c_string, take_error, Database, DuckError, RawConnection};
 
 /// The table function's name in every workbench instance.
 const FEED_FUNCTION: &str = "ow_feed";
@@ -98,13 +98,14 @@ impl ChunkConverter {
         let mut converted: ffi::duckdb_arrow_converted_schema = ptr::null_mut();
         // SAFETY: `FFI_ArrowSchema` has the Arrow C layout that
         // `ffi::ArrowSchema` declares; DuckDB reads it and does not keep it.
-        take_error(unsafe {
-            ffi::duckdb_schema_from_arrow(
+        // The error data it returns is ours alone.
+        unsafe {
+            take_error(ffi::duckdb_schema_from_arrow(
                 con.handle(),
                 (&mut ffi_schema as *mut FFI_ArrowSchema).cast(),
                 &mut converted,
-            )
-        })?;
+            ))
+        }?;
         Ok(ChunkConverter {
             con,
             converted,
@@ -145,15 +146,16 @@ impl ChunkConverter {
         // SAFETY: `FFI_ArrowArray` has the layout `ffi::ArrowArray` declares.
         // DuckDB takes ownership of the array (it clears its `release`, so
         // Rust's drop of `array` does nothing); the chunk's vectors share it
-        // and release it when the last of them goes.
-        take_error(unsafe {
-            ffi::duckdb_data_chunk_from_arrow(
+        // and release it when the last of them goes. The error data it
+        // returns is ours alone.
+        unsafe {
+            take_error(ffi::duckdb_data_chunk_from_arrow(
                 self.con.handle(),
                 (&mut array as *mut FFI_ArrowArray).cast(),
                 self.converted,
                 &mut chunk,
-            )
-        })?;
+            ))
+        }?;
         Ok(Chunk(chunk))
     }
 }
@@ -235,7 +237,8 @@ impl RawConnection {
 }
 
 /// Registers `ow_feed` in the instance `con` belongs to.
-pub(super) fn register(con: ffi::duckdb_connection) -> Result<(), DuckError> {
+pub(crate) fn register(con: &RawConnection) -> Result<(), DuckError> {
+    let con = con.handle();
     let name = c_string(FEED_FUNCTION)?;
     // SAFETY: a table function object built, registered and destroyed here;
     // the callbacks below match the C API's signatures.
@@ -257,15 +260,44 @@ pub(super) fn register(con: ffi::duckdb_connection) -> Result<(), DuckError> {
     Ok(())
 }
 
+/// Runs a callback's body; a panic in it becomes `on_panic(message)`
+/// instead of unwinding into DuckDB's C++ (which would abort the process).
+fn guarded(body: impl FnOnce(), on_panic: impl FnOnce(&str)) {
+    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        let what = p
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("a panic");
+        on_panic(&format!("{FEED_FUNCTION} panicked: {what}"));
+    }
+}
+
+/// A C string of `m`, NUL bytes replaced.
+fn c_message(m: &str) -> CString {
+    CString::new(m.replace('\0', " ")).unwrap_or_default()
+}
+
 unsafe extern "C" fn feed_bind(info: ffi::duckdb_bind_info) {
-    // SAFETY (whole function): DuckDB calls this with a live bind info whose
-    // one parameter is the UBIGINT declared in `register`.
+    guarded(
+        // SAFETY: as `bind` requires, from DuckDB.
+        || unsafe { bind(info) },
+        // SAFETY: `info` is live for the length of this callback.
+        |m| unsafe { ffi::duckdb_bind_set_error(info, c_message(m).as_ptr()) },
+    )
+}
+
+/// # Safety
+/// `info` is a live bind info whose one parameter is the UBIGINT declared
+/// in `register`.
+unsafe fn bind(info: ffi::duckdb_bind_info) {
+    // SAFETY (whole function): as the caller promised.
     unsafe {
         let mut v = ffi::duckdb_bind_get_parameter(info, 0);
         let id = ffi::duckdb_get_uint64(v);
         ffi::duckdb_destroy_value(&mut v);
         let Some(feed) = feeds().remove(&id) else {
-            let m = CString::new(format!("{FEED_FUNCTION}: no feed {id}")).unwrap_or_default();
+            let m = c_message(&format!("{FEED_FUNCTION}: no feed {id}"));
             ffi::duckdb_bind_set_error(info, m.as_ptr());
             return;
         };
@@ -289,10 +321,21 @@ unsafe extern "C" fn drop_feed(data: *mut c_void) {
 unsafe extern "C" fn feed_init(_: ffi::duckdb_init_info) {}
 
 unsafe extern "C" fn feed_scan(info: ffi::duckdb_function_info, output: ffi::duckdb_data_chunk) {
-    // SAFETY (whole function): the bind data is the `Feed` `feed_bind` set;
-    // `output` has the template's column types, so each vector of a chunk
-    // can stand in for the output's (DuckDB's own scans do the same). The
-    // vectors share their buffers, so the chunk may go right after.
+    guarded(
+        // SAFETY: as `scan` requires, from DuckDB.
+        || unsafe { scan(info, output) },
+        // SAFETY: `info` is live for the length of this callback.
+        |m| unsafe { ffi::duckdb_function_set_error(info, c_message(m).as_ptr()) },
+    )
+}
+
+/// # Safety
+/// `info`'s bind data is the `Feed` `bind` set, and `output` is the chunk
+/// DuckDB hands this scan, in the template's column types.
+unsafe fn scan(info: ffi::duckdb_function_info, output: ffi::duckdb_data_chunk) {
+    // SAFETY (whole function): as the caller promised. Each vector of a
+    // chunk can stand in for the output's (DuckDB's own scans do the same).
+    // The vectors share their buffers, so the chunk may go right after.
     unsafe {
         let feed = &*ffi::duckdb_function_get_bind_data(info).cast::<Feed>();
         let next = match feed.next.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
@@ -310,10 +353,7 @@ unsafe extern "C" fn feed_scan(info: ffi::duckdb_function_info, output: ffi::duc
                 ffi::duckdb_data_chunk_set_size(output, chunk.rows() as u64);
             }
             Ok(None) => ffi::duckdb_data_chunk_set_size(output, 0),
-            Err(m) => {
-                let m = CString::new(m.replace('\0', " ")).unwrap_or_default();
-                ffi::duckdb_function_set_error(info, m.as_ptr());
-            }
+            Err(m) => ffi::duckdb_function_set_error(info, c_message(&m).as_ptr()),
         }
     }
 }
@@ -440,6 +480,17 @@ pub(crate) mod tests {
         c.execute("CREATE TABLE narrow (id INTEGER)").unwrap();
         let e = load(&c, "narrow", vec![batch(0..10)]).unwrap_err();
         assert!(e.to_string().contains("narrow"), "{e}");
+
+        // A panic in the feed fails the statement; the process goes on.
+        let conv = ChunkConverter::new(&db, batch(0..0).schema()).unwrap();
+        let e = c
+            .insert_chunks(
+                "t",
+                conv.template().unwrap(),
+                Box::new(|| panic!("the feed broke")),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("the feed broke"), "{e}");
 
         // A number that names no feed is refused, not followed.
         let e = c.execute("SELECT * FROM ow_feed(123456789)").unwrap_err();

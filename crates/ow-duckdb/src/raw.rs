@@ -1,6 +1,6 @@
-//! DuckDB's C API for what duckdb-rs has no door for: a connection whose
-//! transaction takes rows converted from Arrow by DuckDB's own C++ (see
-//! `ingest`), and a database that attaches the workbench file.
+//! The database and the raw connection: a connection whose transaction
+//! takes rows converted from Arrow by DuckDB's own C++ (see `ingest`), and
+//! a database that attaches the workbench file.
 //!
 //! The run's pull-and-validate transaction has to include the loads.
 //! duckdb-rs does not expose a `Connection`'s C handle, so that whole
@@ -28,20 +28,24 @@ use duckdb::ffi;
 /// What DuckDB said when a call failed.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct DuckError(pub(super) String);
+pub struct DuckError(pub(crate) String);
 
 /// Copies a C string DuckDB owns, or `fallback` when there is none.
-fn message(p: *const std::os::raw::c_char, fallback: &str) -> String {
+///
+/// # Safety
+/// `p` is null or a NUL-terminated string that stays valid for this call
+/// (DuckDB's strings live until the object they belong to is destroyed,
+/// which callers do after).
+unsafe fn message(p: *const std::os::raw::c_char, fallback: &str) -> String {
     if p.is_null() {
         fallback.to_string()
     } else {
-        // SAFETY: DuckDB returns NUL-terminated strings valid until the
-        // object they belong to is destroyed, which the callers do after.
+        // SAFETY: as the caller promised.
         unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
     }
 }
 
-pub(super) fn c_string(s: &str) -> Result<CString, DuckError> {
+pub(crate) fn c_string(s: &str) -> Result<CString, DuckError> {
     CString::new(s).map_err(|_| DuckError(format!("NUL byte in {s:?}")))
 }
 
@@ -52,9 +56,10 @@ const CATALOG: &str = "workbench";
 /// 2048-row vector): tables from this size up are written as they load.
 pub const ROW_GROUP_SIZE: usize = 16_384;
 
-/// An open database file. DuckDB's database object is thread-safe; it is
-/// closed when the last `Arc` goes, and the instance itself lives on until
-/// its last connection is gone.
+/// An open database file. DuckDB's database object is thread-safe. Its
+/// handle is closed when the last `Arc` goes; the instance behind it lives
+/// on until its last connection is gone too (each connection, duckdb-rs's
+/// or ours, holds the instance), so a connection never outlives its data.
 pub struct Database {
     db: ffi::duckdb_database,
 }
@@ -76,7 +81,7 @@ impl Database {
         ))?;
         let db = Arc::new(db);
         RawConnection::connect(&db)
-            .and_then(|c| super::ingest::register(c.handle()))
+            .and_then(|c| crate::ingest::register(&c))
             .map_err(|e| {
                 duckdb::Error::DuckDBFailure(ffi::Error::new(ffi::DuckDBError), Some(e.0))
             })?;
@@ -90,7 +95,8 @@ impl Database {
         // and a null config DuckDB's defaults.
         let r = unsafe { ffi::duckdb_open_ext(ptr::null(), &mut db, ptr::null_mut(), &mut err) };
         if r != ffi::DuckDBSuccess {
-            let msg = message(err, "cannot open the database");
+            // SAFETY: `err` is null or the error string DuckDB just made.
+            let msg = unsafe { message(err, "cannot open the database") };
             // SAFETY: the error string is ours to free; the failed handle
             // is ours to close.
             unsafe {
@@ -104,10 +110,13 @@ impl Database {
         Ok(Database { db })
     }
 
-    /// A duckdb-rs connection to the workbench file. It does not own the
-    /// database: keep this `Database` alive as long as the connection.
+    /// A duckdb-rs connection to the workbench file. It holds the instance
+    /// itself, so it may outlive this `Database`.
     pub fn connection(&self) -> duckdb::Result<duckdb::Connection> {
-        // SAFETY: `db` is open; the connection keeps the instance alive.
+        // SAFETY: `db` is open for the length of this call, which is all
+        // `open_from_raw` needs: it connects at once (duckdb-rs does not
+        // close a database it did not open), and from then on the
+        // connection keeps the instance alive.
         let con = unsafe { duckdb::Connection::open_from_raw(self.db) }?;
         con.execute_batch(&format!("USE {CATALOG}"))?;
         Ok(con)
@@ -177,7 +186,7 @@ impl RawConnection {
         self.query_row_i64(sql).map(|_| ())
     }
 
-    pub(super) fn handle(&self) -> ffi::duckdb_connection {
+    pub(crate) fn handle(&self) -> ffi::duckdb_connection {
         self.con
     }
 
@@ -195,11 +204,15 @@ impl Drop for RawConnection {
 }
 
 /// Turns a `duckdb_error_data` into a result, destroying it.
-pub(super) fn take_error(mut e: ffi::duckdb_error_data) -> Result<(), DuckError> {
+///
+/// # Safety
+/// `e` is null or an error data a DuckDB call just returned, which nothing
+/// else reads or destroys.
+pub(crate) unsafe fn take_error(mut e: ffi::duckdb_error_data) -> Result<(), DuckError> {
     if e.is_null() {
         return Ok(());
     }
-    // SAFETY: a non-null error data is ours to read and destroy.
+    // SAFETY: as the caller promised: ours to read, then to destroy.
     let msg = unsafe {
         let m = message(ffi::duckdb_error_data_message(e), "DuckDB error");
         ffi::duckdb_destroy_error_data(&mut e);
@@ -211,7 +224,7 @@ pub(super) fn take_error(mut e: ffi::duckdb_error_data) -> Result<(), DuckError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workbench::ingest::tests::{batch, load};
+    use crate::ingest::tests::{batch, load};
 
     /// Connections work in the attached file, which analysts then open as
     /// a database of its own; a table loaded with at least
