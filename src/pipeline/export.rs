@@ -121,7 +121,7 @@ pub fn export_all(
         results.extend(
             others
                 .into_iter()
-                .map(|h| h.join().expect("export lane panicked")),
+                .map(|h| super::joined("an export lane", h.join())),
         );
         results
     });

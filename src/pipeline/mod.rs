@@ -335,6 +335,15 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
+/// A worker thread's outcome, its panic turned into the run's error (the
+/// run then fails and is audited like any other failure).
+pub(crate) fn joined<T>(
+    what: &str,
+    outcome: std::thread::Result<Result<T, PipelineError>>,
+) -> Result<T, PipelineError> {
+    outcome.unwrap_or_else(|p| Err(PipelineError::Panicked(format!("{what}: {}", panic_text(&p)))))
+}
+
 /// The state's last successful run, for `max_row_delta`, from the audit
 /// table; none before the table exists (a dry run on a new database).
 /// `tables_ready`: this run has checked the table already (real runs do).

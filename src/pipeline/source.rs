@@ -141,7 +141,7 @@ pub type Tap<'a> = Box<dyn FnMut(TableFeed) -> Result<(), PipelineError> + Send 
 ///
 /// Two threads besides the taps': one reads rows from PostgreSQL, decodes
 /// them into Arrow batches and converts those into DuckDB chunks; this one
-/// inserts the chunks (see `workbench::ingest`). The two sides cost about
+/// inserts the chunks (see `ow_duckdb`'s ingest). The two sides cost about
 /// the same CPU (measured: ~0.45 s each for the benchmark's 200k rows;
 /// inserting is DuckDB's column statistics and row-group writes), so with
 /// the database on another machine they overlap on two cores. At most two
@@ -202,11 +202,11 @@ pub fn pull(
             read_source(client, config, state, cancel, &db, outs)
         });
         let loaded = load(duck, schema, config.workbench.compress_tables, rx);
-        let read = reader.join().expect("source reader panicked");
+        let read = super::joined("the source reader", reader.join());
         drop(finished);
         let tapped: Result<(), PipelineError> = tapping
             .into_iter()
-            .try_for_each(|t| t.join().expect("pull tap panicked"));
+            .try_for_each(|t| super::joined("a pull tap", t.join()));
         (read, loaded, tapped)
     });
     match (read, loaded, tapped) {
