@@ -207,7 +207,13 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
             // before the old schedules are dropped.
             SIGHUP => {
                 crate::systemd::reloading();
-                match Config::load(&config_path) {
+                let loaded = Config::load(&config_path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| match crate::pipeline::rules::check_syntax(&c.rules) {
+                        Ok(()) => Ok(c),
+                        Err(e) => Err(format!("invalid configuration: {e}")),
+                    });
+                match loaded {
                     Ok(new) => {
                         for t in tasks.drain(..) {
                             t.abort();

@@ -13,6 +13,7 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod history;
+pub mod ident;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

@@ -98,7 +98,18 @@ fn main() -> ExitCode {
         outreach_workbench::logging::init_stderr();
     }
     let path = config_path(&cli);
-    let config = match Config::load(&path).with_context(|| format!("config {}", path.display())) {
+    // Commands that run or check rules refuse one DuckDB cannot parse;
+    // `schedule` and `history` start no DuckDB for that.
+    let runs_rules = !matches!(cli.command, Command::History { .. } | Command::Schedule);
+    let loaded = Config::load(&path)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| {
+            if runs_rules {
+                pipeline::rules::check_syntax(&c.rules)?;
+            }
+            Ok(c)
+        });
+    let config = match loaded.with_context(|| format!("config {}", path.display())) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e:#}");

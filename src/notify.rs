@@ -10,50 +10,9 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::pipeline::RunReport;
 
-/// One `[[notify]]` entry.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NotifyConfig {
-    /// The environment variable holding the webhook URL.
-    pub url_env: String,
-    /// Which outcomes: `failed`, `gated`, `abandoned`, `cancelled`,
-    /// `recovered` (a success after a run that was not).
-    #[serde(default = "default_on")]
-    pub on: Vec<String>,
-    /// `json` (the run report, for n8n or any webhook) or `slack`
-    /// (`{"text": …}`).
-    #[serde(default = "default_format")]
-    pub format: String,
-}
-
-fn default_on() -> Vec<String> {
-    EVENTS.iter().map(|s| s.to_string()).collect()
-}
-fn default_format() -> String {
-    "json".into()
-}
-
-pub const EVENTS: &[&str] = &["failed", "gated", "abandoned", "cancelled", "recovered"];
-
-impl NotifyConfig {
-    /// What `Config::validate` refuses, as (key, message).
-    pub fn check(&self) -> Result<(), (&'static str, String)> {
-        if let Some(bad) = self.on.iter().find(|e| !EVENTS.contains(&e.as_str())) {
-            return Err(("on", format!("`{bad}` is not one of {}", EVENTS.join(", "))));
-        }
-        if !matches!(self.format.as_str(), "json" | "slack") {
-            return Err(("format", format!("`{}` is not json or slack", self.format)));
-        }
-        if self.url_env.trim().is_empty() {
-            return Err(("url_env", "names no environment variable".into()));
-        }
-        Ok(())
-    }
-}
+pub use crate::config::NotifyConfig;
 
 /// The event a run is, for notifications: its status, or `recovered` for
 /// a success whose previous run (in this daemon) was not one.

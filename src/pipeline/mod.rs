@@ -341,7 +341,12 @@ pub(crate) fn joined<T>(
     what: &str,
     outcome: std::thread::Result<Result<T, PipelineError>>,
 ) -> Result<T, PipelineError> {
-    outcome.unwrap_or_else(|p| Err(PipelineError::Panicked(format!("{what}: {}", panic_text(&p)))))
+    outcome.unwrap_or_else(|p| {
+        Err(PipelineError::Panicked(format!(
+            "{what}: {}",
+            panic_text(&p)
+        )))
+    })
 }
 
 /// The state's last successful run, for `max_row_delta`, from the audit

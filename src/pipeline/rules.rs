@@ -15,70 +15,24 @@
 use std::sync::Mutex;
 
 use duckdb::Connection;
-use serde::{Deserialize, Serialize};
 
 use crate::config::quote_ident;
 use crate::pipeline::pgtypes::{column_defs, ColType};
 use crate::pipeline::source;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rule {
-    pub code: String,
-    pub condition: String,
-}
+use crate::config::rule;
+pub use crate::config::{
+    default_company_rules, default_people_rules, Rule, RulesConfig, LINK_RULE_CODE,
+};
 
-fn rule(code: &str, condition: &str) -> Rule {
-    Rule {
-        code: code.into(),
-        condition: condition.into(),
-    }
-}
-
-/// `[rules]`: one list per entity. A list left out gets the production
-/// rules; a list given replaces them (an empty list validates nothing).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RulesConfig {
-    pub companies: Vec<Rule>,
-    pub people: Vec<Rule>,
-}
-
-impl Default for RulesConfig {
-    fn default() -> Self {
-        RulesConfig {
-            companies: default_company_rules(),
-            people: default_people_rules(),
-        }
-    }
-}
-
-/// The code the optional link rule reports; not usable by a configured rule.
-pub const LINK_RULE_CODE: &str = "company_not_valid";
-
-/// The production rules for companies (SPEC step 3), in reporting order.
-pub fn default_company_rules() -> Vec<Rule> {
-    vec![
-        rule("company_name_missing", "company_name IS NULL"),
-        rule("website_url_missing", "website_url IS NULL"),
-        rule(
-            "website_url_invalid",
-            "website_url IS NOT NULL AND website_url NOT LIKE '%.%'",
-        ),
-    ]
-}
-
-/// The production rules for people. `regexp_matches` is a partial match, so
-/// `^` anchors it at the start exactly as PostgreSQL's `~` did; DuckDB string
-/// literals do not process backslashes, so `\.` is one backslash.
-pub fn default_people_rules() -> Vec<Rule> {
-    vec![
-        rule(
-            "email_invalid",
-            r"email IS NULL OR NOT regexp_matches(email, '^[^@]+@[^@]+\.[^@]+')",
-        ),
-        rule("title_missing", "title IS NULL"),
-    ]
+/// Refuses `[rules]` DuckDB cannot parse, before anything runs them: the
+/// commands that run or check rules call it when they load the config (and
+/// the daemon on SIGHUP), while `schedule` and `history` start no DuckDB.
+pub fn check_syntax(rules: &RulesConfig) -> Result<(), RuleError> {
+    Checker::with(|checker| {
+        checker.syntax("companies", &rules.companies)?;
+        checker.syntax("people", &rules.people)
+    })
 }
 
 /// The optional link rule: a person whose company is not good is bad.
@@ -269,21 +223,12 @@ pub fn check_against_source(
     config: &crate::config::Config,
 ) -> Result<(), crate::pipeline::PipelineError> {
     let s = &config.source;
-    for (entity, name, table, rules) in [
-        (
-            "companies",
-            config.companies_table(),
-            &s.companies_table,
-            &config.rules.companies,
-        ),
-        (
-            "people",
-            config.people_table(),
-            &s.people_table,
-            &config.rules.people,
-        ),
+    for (entity, name, rules) in [
+        ("companies", &s.companies_table, &config.rules.companies),
+        ("people", &s.people_table, &config.rules.people),
     ] {
-        let columns = source::describe(client, &name)?;
+        let table = &name.to_string();
+        let columns = source::describe(client, name)?;
         if let Some(m) = source::missing_columns(s, entity, table, &columns)
             .into_iter()
             .next()

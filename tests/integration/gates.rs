@@ -193,7 +193,7 @@ fn null_id_gate() {
          VALUES ('c1', 'A', 'a.example', 'WV'), (NULL, 'B', 'b.example', 'WV');",
     )
     .unwrap();
-    w.config.source.companies_table = "fx.companies".into();
+    w.config.source.companies_table = "fx.companies".parse().unwrap();
     let on = gates(GatesConfig {
         no_null_ids: Some(true),
         ..Default::default()

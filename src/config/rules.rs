@@ -1,0 +1,64 @@
+//! `[rules]`: the validation rules a user sets, and the production
+//! defaults. Their SQL is checked by `pipeline::rules`, which has DuckDB.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub code: String,
+    pub condition: String,
+}
+
+pub(crate) fn rule(code: &str, condition: &str) -> Rule {
+    Rule {
+        code: code.into(),
+        condition: condition.into(),
+    }
+}
+
+/// `[rules]`: one list per entity. A list left out gets the production
+/// rules; a list given replaces them (an empty list validates nothing).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    pub companies: Vec<Rule>,
+    pub people: Vec<Rule>,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            companies: default_company_rules(),
+            people: default_people_rules(),
+        }
+    }
+}
+
+/// The code the optional link rule reports; not usable by a configured rule.
+pub const LINK_RULE_CODE: &str = "company_not_valid";
+
+/// The production rules for companies (SPEC step 3), in reporting order.
+pub fn default_company_rules() -> Vec<Rule> {
+    vec![
+        rule("company_name_missing", "company_name IS NULL"),
+        rule("website_url_missing", "website_url IS NULL"),
+        rule(
+            "website_url_invalid",
+            "website_url IS NOT NULL AND website_url NOT LIKE '%.%'",
+        ),
+    ]
+}
+
+/// The production rules for people. `regexp_matches` is a partial match, so
+/// `^` anchors it at the start exactly as PostgreSQL's `~` did; DuckDB string
+/// literals do not process backslashes, so `\.` is one backslash.
+pub fn default_people_rules() -> Vec<Rule> {
+    vec![
+        rule(
+            "email_invalid",
+            r"email IS NULL OR NOT regexp_matches(email, '^[^@]+@[^@]+\.[^@]+')",
+        ),
+        rule("title_missing", "title IS NULL"),
+    ]
+}
