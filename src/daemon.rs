@@ -101,6 +101,19 @@ impl Shared {
 #[error("{0}")]
 pub struct Refused(pub String);
 
+/// glibc malloc arenas the daemon's threads share. Between fires the
+/// daemon holds no more than it needs (see `release_run_memory`); what a
+/// run's threads freed in arenas of their own would stay. Measured with
+/// three states scheduled, after their runs: 11.5 MiB of heap and stacks
+/// with one arena, 21.7 MiB with glibc's default.
+const HEAP_ARENAS: i32 = 1;
+
+/// Process settings the daemon needs before any thread starts (the
+/// logger's included): `main` calls it first.
+pub fn before_threads() {
+    ow_duckdb::limit_heap_arenas(HEAP_ARENAS);
+}
+
 /// Runs until SIGTERM/SIGINT. Errors only for what prevents starting.
 pub fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -157,10 +170,14 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
                     }
                     Err(e) => tracing::warn!(error = %e, "could not read the last runs for the metrics"),
                 }
-                anyhow::Ok(missed_runs(&cfg, &wb))
+                let missed = missed_runs(&cfg, &wb);
+                drop(wb);
+                release_run_memory();
+                anyhow::Ok(missed)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not read the run history (abandoned runs, catch_up)");
+                release_run_memory();
                 Ok(Vec::new())
             }
         }
@@ -261,6 +278,16 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// What a run (or the start-up's checks) held is let go before the daemon
+/// idles: the rules' DuckDB, the heap glibc would keep for reuse, and the
+/// pages of DuckDB's code the run read in (measured, idle between fires:
+/// 59 MiB RSS and 14 threads before, see the README).
+fn release_run_memory() {
+    pipeline::rules::Checker::release();
+    ow_duckdb::trim_heap();
+    ow_duckdb::release_code_pages();
 }
 
 /// Rules naming a column the source does not have would fail every run:
@@ -458,8 +485,12 @@ fn trigger(state: StateCode, opts: &RunOptions, config: &Arc<Config>, shared: &A
         });
         let st = state.clone();
         let config_for_notify = config.clone();
-        let joined =
-            tokio::task::spawn_blocking(move || pipeline::run(&config, &st, &cancel, &opts)).await;
+        let joined = tokio::task::spawn_blocking(move || {
+            let report = pipeline::run(&config, &st, &cancel, &opts);
+            release_run_memory();
+            report
+        })
+        .await;
         if let Some(t) = timer {
             t.abort();
         }

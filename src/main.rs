@@ -94,7 +94,9 @@ fn config_path(cli: &Cli) -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Daemon) {
+    if matches!(cli.command, Command::Daemon) {
+        outreach_workbench::daemon::before_threads();
+    } else {
         outreach_workbench::logging::init_stderr();
     }
     let path = config_path(&cli);

@@ -14,7 +14,7 @@ OW_CACHE=${OW_CACHE:-$HOME/.cache/outreach-workbench}
 # else about the build environment (CC, RUSTFLAGS, profile) may vary between
 # scripts, or it is rebuilt.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$OW_CACHE/target}
-OW_BIN=$CARGO_TARGET_DIR/release/outreach-workbench
+OW_BIN=${OW_BIN:-$CARGO_TARGET_DIR/release/outreach-workbench}
 S3S_VERSION=0.14.1
 S3S_BIN=$OW_CACHE/tools/bin/s3s-fs
 

@@ -107,6 +107,8 @@ fn first_line(e: &duckdb::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
+static SHARED: Mutex<Option<Checker>> = Mutex::new(None);
+
 /// A private in-memory DuckDB that rules are parsed and bound in; one
 /// serves every entity of a check.
 pub struct Checker {
@@ -134,12 +136,18 @@ impl Checker {
     /// DuckDB costs ~40 ms, and a run used to pay it twice before its first
     /// row: at the config load and at the check against the source.
     pub fn with<T>(f: impl FnOnce(&Checker) -> Result<T, RuleError>) -> Result<T, RuleError> {
-        static SHARED: Mutex<Option<Checker>> = Mutex::new(None);
         let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
         if shared.is_none() {
             *shared = Some(Checker::new()?);
         }
         f(shared.as_ref().expect("opened above"))
+    }
+
+    /// Closes this process's checker: the daemon calls it when a run or
+    /// its start-up is over, so that no DuckDB instance (its memory, its
+    /// threads) stays open between fires.
+    pub fn release() {
+        SHARED.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// Checks the shape and parses every condition, without knowing the
