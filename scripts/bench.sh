@@ -7,12 +7,18 @@
 # scale.
 #   RUNS=5 SCALES="200000 2000000" scripts/bench.sh     # the benchmark scale and 10x
 #   COMPANIES=200000 scripts/bench.sh                   # one scale (as before)
+#   LATENCY_MS=0 scripts/bench.sh                       # without the far-database round
+# At the first scale it then puts a proxy adding LATENCY_MS (10) each way in
+# front of PostgreSQL, a database in another region (20 ms round trip), and
+# compares a full run of unchanged data (connections, claims, lease, checks,
+# HEADs, audit) with the dry run, paired the same way.
 set -euo pipefail
 source "$(dirname "$0")/lib/services.sh"
 source "$(dirname "$0")/lib/sample.sh"
 cd "$OW_ROOT"
 RUNS=${RUNS:-5}
 SCALES=${SCALES:-${COMPANIES:-200000}}
+LATENCY_MS=${LATENCY_MS:-10}
 
 ow_prepare
 ow_build
@@ -67,6 +73,32 @@ for scale in $SCALES; do
     printf '%-44s %8.2f x\n' "ratio run / COPY (median of each run's)" "$ratio_paired"
     printf '%-44s %8.0f MiB (max %.0f MiB)\n' "peak RSS of run" "$(echo "$rss_med / 1024" | bc -l)" "$(echo "$rss_max / 1024" | bc -l)"
     summary+=("$(printf '%-10s %8.2f s %8.2f s %7.2fx %7.2fx %7.0f MiB' "$scale" "$copy_med" "$run_med" "$ratio_med" "$ratio_paired" "$(echo "$rss_med / 1024" | bc -l)")")
+    if [ "$LATENCY_MS" != 0 ] && [ "$scale" = "${SCALES%% *}" ]; then
+        far_port=$(ow_free_port)
+        python3 "$OW_ROOT/scripts/lib/latency_proxy.py" "$far_port" "$OW_PG_HOST" "$OW_PG_PORT" "$LATENCY_MS" >"$dir/proxy.txt" &
+        OW_STARTED+=("pid:$!")
+        for _ in $(seq 1 50); do grep -q ready "$dir/proxy.txt" 2>/dev/null && break; sleep 0.1; done
+        far=$dir/far.toml
+        sed "s/^port = $OW_PG_PORT\$/port = $far_port/" "$config" >"$far"
+        "$OW_BIN" run --state WV --config "$far" >"$dir/first.txt" 2>/dev/null   # publishes; later runs change nothing
+        dry_times=() full_times=() far_ratios=()
+        for i in $(seq 1 "$RUNS"); do
+            t0=$(now)
+            "$OW_BIN" run --state WV --dry-run --config "$far" >/dev/null 2>&1
+            t1=$(now)
+            "$OW_BIN" run --state WV --config "$far" >"$dir/full.txt" 2>/dev/null
+            t2=$(now)
+            dry_times+=("$(echo "$t1 - $t0" | bc -l)")
+            full_times+=("$(echo "$t2 - $t1" | bc -l)")
+            far_ratios+=("$(echo "($t2 - $t1) / ($t1 - $t0)" | bc -l)")
+        done
+        grep -q 'uploaded 0' "$dir/full.txt" || grep -E 'uploaded|skipped' "$dir/full.txt" >&2
+        echo
+        echo "with ${LATENCY_MS} ms each way to PostgreSQL (a $((2 * LATENCY_MS)) ms round trip), companies=$scale"
+        printf '%-44s %8.2f s\n' "run --state WV --dry-run" "$(printf '%s\n' "${dry_times[@]}" | median)"
+        printf '%-44s %8.2f s\n' "run --state WV (unchanged data, all skipped)" "$(printf '%s\n' "${full_times[@]}" | median)"
+        printf '%-44s %8.2f x\n' "ratio full / dry (median of each pair's)" "$(printf '%s\n' "${far_ratios[@]}" | median)"
+    fi
     # Each scale's database and workbench go before the next is loaded.
     ow_psql -d postgres -c "DROP DATABASE $db" >/dev/null
     rm -rf "$dir"

@@ -16,6 +16,7 @@ pub mod history;
 pub mod ident;
 pub mod logging;
 pub mod metrics;
+pub mod names;
 pub mod notify;
 pub mod pg;
 pub mod pipeline;

@@ -171,10 +171,10 @@ impl Metrics {
             self.objects
                 .get_or_create(&Action {
                     state: r.state.clone(),
-                    action: o.action.clone(),
+                    action: o.action.to_string(),
                 })
                 .inc();
-            if o.action == "uploaded" {
+            if o.action == crate::names::PublishAction::Uploaded {
                 self.uploaded_bytes.get_or_create(&state()).inc_by(o.bytes);
             }
         }

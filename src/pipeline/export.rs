@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::config::{quote_ident, Compression, ExportConfig};
+use crate::names::{Entity, FileKind};
 use crate::pipeline::PipelineError;
 use crate::state::StateCode;
 use crate::workbench::Workbench;
@@ -32,10 +33,8 @@ pub use streamed::StreamedExport;
 /// One exported Parquet file.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ExportedFile {
-    /// `companies` or `people`.
-    pub entity: String,
-    /// `good` or `bad`.
-    pub kind: String,
+    pub entity: Entity,
+    pub kind: FileKind,
     /// `companies_good`, ...: the workbench table and the file's stem.
     pub table_name: String,
     pub path: PathBuf,
@@ -47,7 +46,7 @@ pub struct ExportedFile {
 impl ExportedFile {
     /// `<state>/<entity>/<kind>/<entity>_<kind>.parquet`, shared by the local
     /// layout and the object key.
-    pub fn relative_path(state: &StateCode, entity: &str, kind: &str) -> String {
+    pub fn relative_path(state: &StateCode, entity: Entity, kind: FileKind) -> String {
         format!("{}/{entity}/{kind}/{entity}_{kind}.parquet", state.lower())
     }
 }
@@ -69,7 +68,7 @@ pub fn export_all(
     wb: &Workbench,
     state: &StateCode,
     cfg: &ExportConfig,
-    entities: &[&str],
+    entities: &[Entity],
     lanes: usize,
 ) -> Result<Vec<ExportedFile>, PipelineError> {
     let schema = state.lower();
@@ -83,12 +82,12 @@ pub fn export_all(
     let last = entities.len().saturating_sub(1);
     for (i, entity) in entities.iter().enumerate().rev() {
         if i == last {
-            jobs.push((2 * i, *entity, "good"));
+            jobs.push((2 * i, *entity, FileKind::Good));
         }
-        jobs.push((2 * i + 1, *entity, "bad"));
+        jobs.push((2 * i + 1, *entity, FileKind::Bad));
     }
     for (i, entity) in entities.iter().enumerate().rev().skip(1) {
-        jobs.push((2 * i, *entity, "good"));
+        jobs.push((2 * i, *entity, FileKind::Good));
     }
     let jobs_len = jobs.len();
     let queue = std::sync::Mutex::new(jobs.into_iter());
@@ -139,8 +138,8 @@ fn export_one(
     schema: &str,
     exports_dir: &Path,
     cfg: &ExportConfig,
-    entity: &str,
-    kind: &str,
+    entity: Entity,
+    kind: FileKind,
 ) -> Result<ExportedFile, PipelineError> {
     let table_name = format!("{entity}_{kind}");
     let path = exports_dir.join(ExportedFile::relative_path(state, entity, kind));
@@ -150,8 +149,8 @@ fn export_one(
         message: e.to_string(),
     })?;
     Ok(ExportedFile {
-        entity: entity.to_string(),
-        kind: kind.to_string(),
+        entity,
+        kind,
         table_name,
         path,
         rows,

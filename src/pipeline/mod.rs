@@ -35,6 +35,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::names::{Entity, PublishAction};
 use crate::pg::Session;
 use crate::state::StateCode;
 use crate::workbench::{Workbench, WorkbenchError};
@@ -446,7 +447,7 @@ fn stages(
         "BEGIN; CREATE SCHEMA IF NOT EXISTS {};",
         crate::config::quote_ident(&schema)
     ))?;
-    let entities = ["companies", "people"];
+    let entities = Entity::ALL;
     // The files are written while the rows load, unless a rule reads more
     // than its own row: the link rule reads the companies' verdicts from the
     // workbench, which the writers' connections see only after the commit.
@@ -456,8 +457,8 @@ fn stages(
             state,
             &config.export,
             vec![
-                ("companies", &config.rules.companies[..]),
-                ("people", &config.rules.people[..]),
+                (Entity::Companies, &config.rules.companies[..]),
+                (Entity::People, &config.rules.people[..]),
             ],
         )
     });
@@ -602,7 +603,11 @@ fn stages(
         wb.set_unfinished_upload(&u.key, &u.upload_id, true)?;
     }
     report.stages.publish = Some(t.elapsed().as_secs_f64());
-    for o in report.objects.iter().filter(|o| o.action == "uploaded") {
+    for o in report
+        .objects
+        .iter()
+        .filter(|o| o.action == PublishAction::Uploaded)
+    {
         wb.record_upload(&o.key, &o.sha256, o.bytes, &report.run_id)?;
     }
     published?;

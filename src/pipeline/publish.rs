@@ -21,6 +21,7 @@ use s3::Bucket;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{RetryConfig, StorageConfig};
+use crate::names::PublishAction;
 use crate::pipeline::export::ExportedFile;
 use crate::pipeline::manifest::Manifest;
 use crate::pipeline::retry::retry;
@@ -38,16 +39,11 @@ pub struct PublishedObject {
     pub url: String,
     pub sha256: String,
     pub bytes: u64,
-    /// `uploaded` or `skipped`.
-    pub action: String,
+    pub action: PublishAction,
 }
 
 pub fn object_key(cfg: &StorageConfig, state: &StateCode, file: &ExportedFile) -> String {
-    cfg.key(&ExportedFile::relative_path(
-        state,
-        &file.entity,
-        &file.kind,
-    ))
+    cfg.key(&ExportedFile::relative_path(state, file.entity, file.kind))
 }
 
 pub fn bucket(cfg: &StorageConfig) -> Result<Box<Bucket>, PipelineError> {
@@ -131,7 +127,7 @@ pub fn publish(
             let remote = rt.block_on(remote_sha256(&bucket, &key))?;
             if remote.as_deref() == Some(file.sha256.as_str()) {
                 tracing::info!(key, "unchanged, not uploading");
-                return Ok("skipped");
+                return Ok(PublishAction::Skipped);
             }
             // Outside the async runtime: the fence talks to PostgreSQL
             // through the blocking client, which has a runtime of its own.
@@ -147,7 +143,7 @@ pub fn publish(
             ))?;
             rt.block_on(verify(&bucket, &key, file))?;
             tracing::info!(key, bytes = file.bytes, "uploaded");
-            Ok("uploaded")
+            Ok(PublishAction::Uploaded)
         })?;
         out.objects.push(PublishedObject {
             table_name: file.table_name.clone(),
@@ -155,7 +151,7 @@ pub fn publish(
             key,
             sha256: file.sha256.clone(),
             bytes: file.bytes,
-            action: action.into(),
+            action,
         });
     }
     Ok(())

@@ -13,6 +13,7 @@ use super::gates::GateResult;
 use super::publish::PublishedObject;
 use super::validate::Validation;
 use super::PipelineError;
+use crate::names::PublishAction;
 use crate::state::StateCode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -154,12 +155,12 @@ impl RunReport {
         self.uploaded = self
             .objects
             .iter()
-            .filter(|o| o.action == "uploaded")
+            .filter(|o| o.action == PublishAction::Uploaded)
             .count();
         self.skipped = self
             .objects
             .iter()
-            .filter(|o| o.action == "skipped")
+            .filter(|o| o.action == PublishAction::Skipped)
             .count();
         self.status = match error {
             None => RunStatus::Success,

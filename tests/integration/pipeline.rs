@@ -217,7 +217,7 @@ fn dedup_skips_unchanged_files_even_without_the_workbench() {
     let uploaded: Vec<&str> = r3
         .objects
         .iter()
-        .filter(|o| o.action == "uploaded")
+        .filter(|o| o.action == outreach_workbench::names::PublishAction::Uploaded)
         .map(|o| o.table_name.as_str())
         .collect();
     assert_eq!(uploaded, vec!["people_good"]);
@@ -256,7 +256,7 @@ fn good_file_bytes_depend_on_good_rows_only() {
     let uploaded: Vec<&str> = r2
         .objects
         .iter()
-        .filter(|o| o.action == "uploaded")
+        .filter(|o| o.action == outreach_workbench::names::PublishAction::Uploaded)
         .map(|o| o.table_name.as_str())
         .collect();
     assert_eq!(uploaded, vec!["companies_bad"]);

@@ -9,6 +9,7 @@ use super::{
     WRITER_SETTINGS,
 };
 use crate::config::{quote_ident, ExportConfig};
+use crate::names::{Entity, FileKind};
 use crate::pipeline::rules::Rule;
 use crate::pipeline::source::{TableFeed, Tap};
 use crate::pipeline::{validate, PipelineError};
@@ -32,15 +33,15 @@ pub struct StreamedExport<'a> {
     state: &'a StateCode,
     exports_dir: PathBuf,
     cfg: &'a ExportConfig,
-    /// Each entity's rules, by the raw table's entity name.
-    rules: Vec<(&'a str, &'a [Rule])>,
+    /// Each entity's rules.
+    rules: Vec<(Entity, &'a [Rule])>,
     written: Mutex<Vec<Written>>,
 }
 
 /// A file being written, or written, under its temporary name.
 struct Written {
-    entity: String,
-    kind: &'static str,
+    entity: Entity,
+    kind: FileKind,
     tmp: PathBuf,
     path: PathBuf,
     /// Set once the file is whole and synced.
@@ -58,7 +59,7 @@ impl<'a> StreamedExport<'a> {
         wb: &Workbench,
         state: &'a StateCode,
         cfg: &'a ExportConfig,
-        rules: Vec<(&'a str, &'a [Rule])>,
+        rules: Vec<(Entity, &'a [Rule])>,
     ) -> StreamedExport<'a> {
         StreamedExport {
             db: wb.database(),
@@ -72,15 +73,23 @@ impl<'a> StreamedExport<'a> {
 
     /// The good files' writer and the bad files'.
     pub fn taps(&self) -> Vec<Tap<'_>> {
-        ["good", "bad"]
+        FileKind::ALL
             .into_iter()
             .map(|kind| -> Tap<'_> { Box::new(move |feed| self.write(kind, feed)) })
             .collect()
     }
 
-    fn write(&self, kind: &'static str, feed: TableFeed) -> Result<(), PipelineError> {
+    fn write(&self, kind: FileKind, feed: TableFeed) -> Result<(), PipelineError> {
         let raw = feed.name;
-        let entity = raw.strip_suffix("_raw").unwrap_or(raw).to_string();
+        let Some(entity) = Entity::ALL
+            .into_iter()
+            .find(|e| raw.strip_suffix("_raw") == Some(e.as_str()))
+        else {
+            return Err(export_err(
+                &self.exports_dir,
+                format!("no entity has the table {raw}"),
+            ));
+        };
         let rules = self
             .rules
             .iter()
@@ -88,14 +97,14 @@ impl<'a> StreamedExport<'a> {
             .map_or(&[][..], |(_, r)| *r);
         let path = self
             .exports_dir
-            .join(ExportedFile::relative_path(self.state, &entity, kind));
+            .join(ExportedFile::relative_path(self.state, entity, kind));
         let tmp = prepare_tmp(&path)?;
         // Known before the first byte is written, so that a failed run
         // removes even a file it did not finish.
         let slot = {
             let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
             written.push(Written {
-                entity: entity.clone(),
+                entity,
                 kind,
                 tmp: tmp.clone(),
                 path: path.clone(),
@@ -124,8 +133,8 @@ impl<'a> StreamedExport<'a> {
                 |rows| {
                     let rows = format!("(SELECT {columns} FROM {rows}) AS {}", quote_ident(raw));
                     let query = match kind {
-                        "good" => validate::good_rows(&rows, rules),
-                        _ => validate::bad_rows(&rows, rules),
+                        FileKind::Good => validate::good_rows(&rows, rules),
+                        FileKind::Bad => validate::bad_rows(&rows, rules),
                     };
                     copy_sql(&query, &tmp, self.cfg)
                 },
@@ -149,12 +158,12 @@ impl<'a> StreamedExport<'a> {
     /// Puts the files in place (after the run's commit), in
     /// the order [`export_all`](super::export_all) returns them: each
     /// entity's good, then bad.
-    pub fn finish(self, entities: &[&str]) -> Result<Vec<ExportedFile>, PipelineError> {
+    pub fn finish(self, entities: &[Entity]) -> Result<Vec<ExportedFile>, PipelineError> {
         let mut written =
             std::mem::take(&mut *self.written.lock().unwrap_or_else(|p| p.into_inner()));
         written.sort_by_key(|w| {
             let e = entities.iter().position(|e| *e == w.entity);
-            (e.unwrap_or(usize::MAX), w.kind != "good")
+            (e.unwrap_or(usize::MAX), w.kind)
         });
         let files = if written.len() == 2 * entities.len() {
             written.iter().map(put).collect()
@@ -184,8 +193,8 @@ fn put(w: &Written) -> Result<ExportedFile, PipelineError> {
     // Synced when it was written.
     rename_synced(&w.tmp, &w.path)?;
     Ok(ExportedFile {
-        entity: w.entity.clone(),
-        kind: w.kind.to_string(),
+        entity: w.entity,
+        kind: w.kind,
         table_name: format!("{}_{}", w.entity, w.kind),
         path: w.path.clone(),
         rows: done.rows,
