@@ -121,8 +121,8 @@ pub fn publish(
         }
         let key = object_key(cfg, state, file);
         let action = retry(retry_cfg, cancel, &format!("publishing {key}"), || {
-            // A client of its own for each try: its connections are new,
-            // not the pooled ones a 500 or a reset came from.
+            // The kept client, or after a failed try a new one: its
+            // connections are new, not the ones a 500 or a reset came from.
             let bucket = bucket(cfg)?;
             let remote = rt.block_on(remote_sha256(&bucket, &key))?;
             if remote.as_deref() == Some(file.sha256.as_str()) {
@@ -168,6 +168,7 @@ async fn verify(bucket: &Bucket, key: &str, file: &ExportedFile) -> Result<(), P
     if size == Some(file.bytes) && sha == Some(&file.sha256) {
         return Ok(());
     }
+    wire::forget_client();
     Err(PipelineError::Publish {
         key: key.to_string(),
         transient: true,
@@ -192,7 +193,7 @@ pub fn read_manifest(
 ) -> Result<Option<Manifest>, PipelineError> {
     let rt = runtime(key)?;
     let body = retry(retry_cfg, cancel, &format!("reading {key}"), || {
-        // A new client for each try, as in `publish`.
+        // A new client after a failed try, as in `publish`.
         rt.block_on(wire::get(&*bucket(cfg)?, key, "reading the manifest"))
             .map_err(|f| failed(key, f))
     })?;
@@ -446,7 +447,10 @@ pub fn sweep_stale(cfg: &StorageConfig, prefix: &str) -> Result<Vec<String>, Pip
     Ok(out)
 }
 
+/// A failed request as the run's error; the kept client goes with it, so
+/// that a retry starts on new connections.
 fn failed(key: &str, f: Failure) -> PipelineError {
+    wire::forget_client();
     PipelineError::Publish {
         key: key.to_string(),
         message: f.message,
