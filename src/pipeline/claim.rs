@@ -190,7 +190,9 @@ impl Lease {
         }
         let held = Arc::new(Mutex::new(Held {
             // Its own connection: the run's is busy with the pull while the
-            // heartbeat renews. Opened at the first renewal.
+            // heartbeat renews. Opened at the first renewal (the fences and
+            // the release use the run's, idle by then: a short run opens
+            // no second connection).
             session: Session::lazy(&config.source, &config.retry),
             renewed: started,
             lost: None,
@@ -224,11 +226,13 @@ impl Lease {
             .spawn(move || {
                 let _entered = span.enter();
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                    let mut h = held.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut guard = held.lock().unwrap_or_else(|p| p.into_inner());
+                    let h = &mut *guard;
                     if h.lost.is_some() {
                         return;
                     }
-                    if let Err(e) = renew(&mut h, &table, &state, &run_id, ttl) {
+                    let (renewal, session) = ((&mut h.renewed, &mut h.lost), &mut h.session);
+                    if let Err(e) = renew(renewal, session, &table, &state, &run_id, ttl) {
                         tracing::warn!(error = %e, "could not renew the state's lease; trying again");
                     }
                 }
@@ -243,12 +247,22 @@ impl Lease {
     }
 
     /// Fails unless this run still holds the lease: called before each
-    /// upload and before the audit. A renewal that cannot reach the
+    /// upload and before the audit, on the run's own connection (idle
+    /// then). A renewal that cannot reach the
     /// database is accepted while the last one is younger than half the
     /// TTL (nobody can have taken it yet); after that the run stops.
-    pub fn fence(&self, before: &str) -> Result<(), PipelineError> {
-        let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        match renew(&mut h, &self.table, &self.state, &self.run_id, self.ttl) {
+    pub fn fence(&self, session: &mut Session, before: &str) -> Result<(), PipelineError> {
+        let mut guard = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let h = &mut *guard;
+        let renewal = (&mut h.renewed, &mut h.lost);
+        match renew(
+            renewal,
+            session,
+            &self.table,
+            &self.state,
+            &self.run_id,
+            self.ttl,
+        ) {
             Ok(()) => Ok(()),
             Err(e) if h.lost.is_none() && h.renewed.elapsed() < self.ttl / 2 => {
                 tracing::warn!(error = %e, "could not renew the state's lease before {before}; it is still valid");
@@ -264,19 +278,22 @@ impl Lease {
         }
     }
 
-    /// Stops the heartbeat and deletes the lease row. A row that cannot be
-    /// deleted now expires after the TTL.
-    pub fn release(mut self) {
+    /// Stops the heartbeat and deletes the lease row, on the run's
+    /// connection when it has one. A row that cannot be deleted now expires
+    /// after the TTL.
+    pub fn release(mut self, run_session: Option<&mut Session>) {
         self.stop();
-        let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let h = &mut *guard;
         if h.lost.is_some() {
             return;
         }
+        let session = run_session.unwrap_or(&mut h.session);
         let sql = format!(
             "DELETE FROM {} WHERE state = $1 AND run_id = $2",
             self.table.quoted()
         );
-        let deleted = h.session.once(|c| {
+        let deleted = session.once(|c| {
             c.execute_typed(
                 &sql,
                 &[(&self.state, Type::TEXT), (&self.run_id, Type::TEXT)],
@@ -308,13 +325,14 @@ impl Drop for Lease {
 /// heartbeat comes back soon enough. Marks the lease lost when the row is
 /// no longer ours.
 fn renew(
-    h: &mut Held,
+    (renewed, lost_as): (&mut Instant, &mut Option<String>),
+    session: &mut Session,
     table: &QualifiedName,
     state: &str,
     run_id: &str,
     ttl: Duration,
 ) -> Result<(), PipelineError> {
-    if let Some(lost) = &h.lost {
+    if let Some(lost) = lost_as {
         return Err(PipelineError::LeaseLost(lost.clone()));
     }
     let sql = format!(
@@ -323,7 +341,7 @@ fn renew(
         table.quoted()
     );
     let sent = Instant::now();
-    let updated = h.session.once(|c| {
+    let updated = session.once(|c| {
         c.execute_typed(
             &sql,
             &[
@@ -335,7 +353,7 @@ fn renew(
         .map_err(sql_err("renewing the lease".into()))
     })?;
     if updated == 1 {
-        h.renewed = sent;
+        *renewed = sent;
         return Ok(());
     }
     let lost = format!(
@@ -343,7 +361,7 @@ fn renew(
         ttl.as_secs()
     );
     tracing::error!(state, "{lost}: this run publishes nothing more");
-    h.lost = Some(lost.clone());
+    *lost_as = Some(lost.clone());
     Err(PipelineError::LeaseLost(lost))
 }
 

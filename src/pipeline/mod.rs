@@ -234,8 +234,11 @@ pub fn run(
     // The fence before the audit: a run that lost its lease on the way
     // does not record itself as a success or a gate.
     let would_record_success = matches!(outcome, Ok(()) | Err(PipelineError::Gated(_)));
-    if let Some(lease) = held.lease.as_ref().filter(|_| would_record_success) {
-        if let Err(e) = lease.fence("writing the audit") {
+    if let (Some(lease), Some(session)) = (
+        held.lease.as_ref().filter(|_| would_record_success),
+        held.session.as_mut(),
+    ) {
+        if let Err(e) = lease.fence(session, "writing the audit") {
             outcome = Err(e);
         }
     }
@@ -282,7 +285,7 @@ pub fn run(
         report.stages.audit = Some(t.elapsed().as_secs_f64());
     }
     if let Some(lease) = held.lease.take() {
-        lease.release();
+        lease.release(held.session.as_mut());
     }
     if !skipped {
         record_in_workbench(config, &report, auditable, &mut held);
@@ -421,6 +424,7 @@ fn stages(
             &report.run_id,
             cancel,
         )?);
+        report.lease_acquired_at = Some(Utc::now());
     }
     check_cancel(cancel)?;
 
@@ -587,7 +591,8 @@ fn stages(
         Err(e) => tracing::warn!(error = %e, "could not look for stale multipart uploads"),
     }
     let lease = held.lease.as_ref();
-    let fence = |key: &str| lease.map_or(Ok(()), |l| l.fence(&format!("uploading {key}")));
+    let mut fence =
+        |key: &str| lease.map_or(Ok(()), |l| l.fence(session, &format!("uploading {key}")));
     let mut progress = publish::Progress::default();
     let published = publish::publish(
         &config.storage,
@@ -595,7 +600,7 @@ fn stages(
         state,
         &report.files,
         cancel,
-        &fence,
+        &mut fence,
         &mut progress,
     );
     report.objects = progress.objects;

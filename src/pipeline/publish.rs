@@ -110,7 +110,7 @@ pub fn publish(
     state: &StateCode,
     files: &[ExportedFile],
     cancel: &CancellationToken,
-    fence: &dyn Fn(&str) -> Result<(), PipelineError>,
+    fence: &mut dyn FnMut(&str) -> Result<(), PipelineError>,
     out: &mut Progress,
 ) -> Result<(), PipelineError> {
     let part_size = (cfg.part_size_mib * 1024 * 1024) as usize;

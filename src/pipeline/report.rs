@@ -87,6 +87,10 @@ pub struct RunReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fire_time: Option<DateTime<Utc>>,
     pub started_at: DateTime<Utc>,
+    /// When the run took the state's lease, after its checks (which take
+    /// none): from here to the audit no other run of the state works.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_acquired_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub duration_secs: Option<f64>,
     pub companies: Option<EntityCounts>,
@@ -127,6 +131,7 @@ impl RunReport {
             dry_run,
             fire_time: None,
             started_at: Utc::now(),
+            lease_acquired_at: None,
             finished_at: None,
             duration_secs: None,
             companies: None,

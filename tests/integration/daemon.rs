@@ -138,6 +138,22 @@ fn audits(w: &World, state: &str) -> Vec<(String, String, String)> {
     }
 }
 
+/// (lease taken, finished) of each audited run of `state`: the stretch in
+/// which no other run of the state may work (its checks before the lease
+/// take none, and may overlap another run's tail).
+fn lease_spans(w: &World, state: &str) -> Vec<(String, String)> {
+    w.pg()
+        .query(
+            "SELECT details->>'lease_acquired_at', details->>'finished_at'
+             FROM shq.audit_log WHERE details->>'state' = $1 ORDER BY id",
+            &[&state],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 /// No two audited runs of WV were for the same fire time.
 fn assert_fires_distinct(w: &World) {
     let fires: Vec<Option<String>> = w
@@ -316,13 +332,17 @@ fn two_daemons_on_one_database_never_run_a_state_at_once() {
     let dir2 = other_dir.to_string_lossy().to_string();
     env2.push(("OUTREACH_WORKBENCH__DIR", &dir2));
     let d2 = Daemon::start(&w, &cfg, "d2", &env2);
-    let a = wait_for_audits(&w, "WV", 4, Duration::from_secs(90));
+    wait_for_audits(&w, "WV", 4, Duration::from_secs(90));
     let out = format!("{}{}", d1.output(), d2.output());
     assert!(out.contains("run skipped"), "one of them skipped: {out}");
     assert_fires_distinct(&w);
-    // No two audited runs overlap in time.
+    // No two audited runs held the lease at once: each took it after the
+    // one before had finished.
     let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
-    let mut spans: Vec<_> = a.iter().map(|r| (t(&r.1), t(&r.2))).collect();
+    let mut spans: Vec<_> = lease_spans(&w, "WV")
+        .iter()
+        .map(|r| (t(&r.0), t(&r.1)))
+        .collect();
     spans.sort();
     for pair in spans.windows(2) {
         assert!(pair[0].1 <= pair[1].0, "overlapping runs: {pair:?}");
@@ -536,9 +556,10 @@ fn two_daemons_through_the_pooler_run_each_fire_once_even_with_a_slow_s3() {
     assert!(a.iter().all(|r| r.0 == "success"), "{a:?}");
     assert_fires_distinct(&w);
     let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
-    let mut spans: Vec<_> = audits(&w, "WV")
+    // Each run took the lease after the one before had finished.
+    let mut spans: Vec<_> = lease_spans(&w, "WV")
         .iter()
-        .map(|r| (t(&r.1), t(&r.2)))
+        .map(|r| (t(&r.0), t(&r.1)))
         .collect();
     spans.sort();
     for pair in spans.windows(2) {
