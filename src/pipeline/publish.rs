@@ -85,8 +85,19 @@ pub fn probe_write(cfg: &StorageConfig) -> Result<(), PipelineError> {
     })
 }
 
-fn runtime(key: &str) -> Result<tokio::runtime::Runtime, PipelineError> {
-    tokio::runtime::Builder::new_current_thread()
+/// The runtime every S3 request runs on, one for the process. The kept
+/// client's pooled connections are tasks of the runtime that opened them:
+/// a runtime of each call's own would leave them undriven between calls,
+/// and a second run at once (another state) reusing one would hang until
+/// it timed out. One worker drives them all the time.
+fn runtime(key: &str) -> Result<&'static tokio::runtime::Runtime, PipelineError> {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if let Some(rt) = RT.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("s3")
         .enable_all()
         .build()
         .map_err(|e| PipelineError::Publish {
@@ -94,7 +105,8 @@ fn runtime(key: &str) -> Result<tokio::runtime::Runtime, PipelineError> {
             transient: false,
             retry_after: None,
             message: format!("starting the upload runtime: {e}"),
-        })
+        })?;
+    Ok(RT.get_or_init(|| rt))
 }
 
 /// Uploads what changed, appending each file's outcome to `out` as it
