@@ -51,6 +51,8 @@ struct Shared {
     metrics: Arc<crate::metrics::Metrics>,
     /// Whether each state's last run here succeeded, for `recovered`.
     last_ok: Mutex<std::collections::HashMap<StateCode, bool>>,
+    /// Every run's task, queued or going: shutdown waits on it.
+    runs: tokio_util::task::TaskTracker,
 }
 
 /// A task that ends when its owner goes: the metrics server.
@@ -133,6 +135,7 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
         board: Mutex::new(crate::systemd::Board::default()),
         metrics: Arc::new(crate::metrics::Metrics::new()),
         last_ok: Mutex::new(std::collections::HashMap::new()),
+        runs: tokio_util::task::TaskTracker::new(),
     });
     // Bound before anything runs: a port in use stops the start, saying so.
     let _metrics_server = match &config.metrics.listen {
@@ -260,6 +263,8 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     }
 
     shared.stopping.cancel();
+    // No run starts after this; the tracker is done once the last ends.
+    shared.runs.close();
     for t in tasks {
         t.abort();
     }
@@ -469,7 +474,8 @@ fn trigger(state: StateCode, opts: &RunOptions, config: &Arc<Config>, shared: &A
         return;
     }
     let (opts, config, shared) = (opts.clone(), config.clone(), shared.clone());
-    tokio::spawn(async move {
+    let tracker = shared.runs.clone();
+    tracker.spawn(async move {
         let permit = shared.permits.clone().acquire_owned().await;
         if shared.stopping.is_cancelled() {
             shared.running.lock().unwrap().remove(&state);
@@ -575,16 +581,9 @@ fn log_report(r: &pipeline::RunReport) {
     }
 }
 
-/// Waits until no run is in progress, at most `limit`. True if idle.
+/// Waits until every run's task has ended, at most `limit`. True if idle.
 async fn wait_idle(shared: &Shared, limit: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if shared.running.lock().unwrap().is_empty() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tokio::time::timeout(limit, shared.runs.wait())
+        .await
+        .is_ok()
 }
