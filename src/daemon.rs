@@ -227,13 +227,7 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
             // before the old schedules are dropped.
             SIGHUP => {
                 crate::systemd::reloading();
-                let loaded = Config::load(&config_path)
-                    .map_err(|e| e.to_string())
-                    .and_then(|c| match crate::pipeline::rules::check_syntax(&c.rules) {
-                        Ok(()) => Ok(c),
-                        Err(e) => Err(format!("invalid configuration: {e}")),
-                    });
-                match loaded {
+                match crate::pipeline::rules::load_config(&config_path) {
                     Ok(new) => {
                         for t in tasks.drain(..) {
                             t.abort();
@@ -249,7 +243,10 @@ async fn serve(config_path: PathBuf, mut config: Config) -> anyhow::Result<()> {
                         tracing::info!(schedules = tasks.len(), "configuration reloaded");
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "new configuration refused; the old one keeps running");
+                        tracing::error!(
+                            error = format!("{e:#}"),
+                            "new configuration refused; the old one keeps running"
+                        );
                     }
                 }
                 crate::systemd::ready(&shared.board_line());

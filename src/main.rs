@@ -103,14 +103,10 @@ fn main() -> ExitCode {
     // Commands that run or check rules refuse one DuckDB cannot parse;
     // `schedule` and `history` start no DuckDB for that.
     let runs_rules = !matches!(cli.command, Command::History { .. } | Command::Schedule);
-    let loaded = Config::load(&path)
-        .map_err(anyhow::Error::from)
-        .and_then(|c| {
-            if runs_rules {
-                pipeline::rules::check_syntax(&c.rules)?;
-            }
-            Ok(c)
-        });
+    let loaded = match runs_rules {
+        true => pipeline::rules::load_config(&path),
+        false => Config::load(&path).map_err(anyhow::Error::from),
+    };
     let config = match loaded.with_context(|| format!("config {}", path.display())) {
         Ok(c) => c,
         Err(e) => {

@@ -25,6 +25,14 @@ pub use crate::config::{
     default_company_rules, default_people_rules, Rule, RulesConfig, LINK_RULE_CODE,
 };
 
+/// [`Config::load`] for the commands that run or check rules (and the
+/// daemon's SIGHUP): a rule DuckDB cannot parse refuses the file too.
+pub fn load_config(path: &std::path::Path) -> anyhow::Result<crate::config::Config> {
+    let config = crate::config::Config::load(path)?;
+    check_syntax(&config.rules).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    Ok(config)
+}
+
 /// Refuses `[rules]` DuckDB cannot parse, before anything runs them: the
 /// commands that run or check rules call it when they load the config (and
 /// the daemon on SIGHUP), while `schedule` and `history` start no DuckDB.

@@ -32,6 +32,8 @@ pub struct Failure {
     pub transient: bool,
     /// The server's `Retry-After`, when it gave one.
     pub retry_after: Option<Duration>,
+    /// The HTTP status, when the server answered.
+    pub status: Option<u16>,
 }
 
 /// The client for the configured bucket. One is kept and shared by every
@@ -125,6 +127,7 @@ async fn send(
         // cause (refused, reset, TLS, timeout) is further down.
         message: crate::pipeline::with_causes(format!("{doing}: {e}"), &e),
         retry_after: None,
+        status: None,
     };
     let request = ReqwestRequest::new(bucket, path, command)
         .await
@@ -157,6 +160,7 @@ async fn send(
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(retry_after),
+        status: Some(status),
     })
 }
 
@@ -296,6 +300,7 @@ pub async fn start_multipart(
         message: format!("{doing}: the answer has no UploadId"),
         transient: true,
         retry_after: None,
+        status: Some(200),
     })
 }
 
@@ -325,6 +330,7 @@ pub async fn put_part(
             message: format!("{doing}: the answer has no ETag"),
             transient: true,
             retry_after: None,
+            status: Some(200),
         })?;
     Ok(Part {
         part_number: number,
@@ -354,6 +360,7 @@ pub async fn complete(
             message: status_message(doing, 200, &body),
             transient: true,
             retry_after: None,
+            status: Some(200),
         });
     }
     Ok(())
@@ -396,7 +403,7 @@ pub async fn unfinished(
         };
         let reply = match send(bucket, "/", command, doing, false).await {
             Ok(reply) => reply.expect("not absent_ok"),
-            Err(f) if f.message.contains("HTTP 501") => return Ok(None),
+            Err(f) if f.status == Some(501) => return Ok(None),
             Err(f) => return Err(f),
         };
         let body = String::from_utf8_lossy(&reply.body);

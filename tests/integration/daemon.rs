@@ -138,20 +138,26 @@ fn audits(w: &World, state: &str) -> Vec<(String, String, String)> {
     }
 }
 
-/// (lease taken, finished) of each audited run of `state`: the stretch in
-/// which no other run of the state may work (its checks before the lease
-/// take none, and may overlap another run's tail).
-fn lease_spans(w: &World, state: &str) -> Vec<(String, String)> {
-    w.pg()
+/// No two audited runs of WV held the lease at once: each took it after the
+/// one before had finished. (A run's checks before the lease take none and
+/// may overlap another run's tail.)
+fn assert_leases_never_overlap(w: &World) {
+    let t = |s: String| chrono::DateTime::parse_from_rfc3339(&s).unwrap();
+    let mut spans: Vec<_> = w
+        .pg()
         .query(
             "SELECT details->>'lease_acquired_at', details->>'finished_at'
-             FROM shq.audit_log WHERE details->>'state' = $1 ORDER BY id",
-            &[&state],
+             FROM shq.audit_log WHERE details->>'state' = 'WV'",
+            &[],
         )
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+        .map(|r| (t(r.get(0)), t(r.get(1))))
+        .collect();
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "overlapping runs: {pair:?}");
+    }
 }
 
 /// No two audited runs of WV were for the same fire time.
@@ -336,17 +342,7 @@ fn two_daemons_on_one_database_never_run_a_state_at_once() {
     let out = format!("{}{}", d1.output(), d2.output());
     assert!(out.contains("run skipped"), "one of them skipped: {out}");
     assert_fires_distinct(&w);
-    // No two audited runs held the lease at once: each took it after the
-    // one before had finished.
-    let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
-    let mut spans: Vec<_> = lease_spans(&w, "WV")
-        .iter()
-        .map(|r| (t(&r.0), t(&r.1)))
-        .collect();
-    spans.sort();
-    for pair in spans.windows(2) {
-        assert!(pair[0].1 <= pair[1].0, "overlapping runs: {pair:?}");
-    }
+    assert_leases_never_overlap(&w);
     d1.stop();
     d2.stop();
 }
@@ -555,16 +551,7 @@ fn two_daemons_through_the_pooler_run_each_fire_once_even_with_a_slow_s3() {
     d2.stop();
     assert!(a.iter().all(|r| r.0 == "success"), "{a:?}");
     assert_fires_distinct(&w);
-    let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
-    // Each run took the lease after the one before had finished.
-    let mut spans: Vec<_> = lease_spans(&w, "WV")
-        .iter()
-        .map(|r| (t(&r.0), t(&r.1)))
-        .collect();
-    spans.sort();
-    for pair in spans.windows(2) {
-        assert!(pair[0].1 <= pair[1].0, "overlapping runs: {pair:?}");
-    }
+    assert_leases_never_overlap(&w);
     assert!(leases(&w).is_empty(), "{:?}", leases(&w));
     assert_eq!(advisory_locks(&w), 0);
 }

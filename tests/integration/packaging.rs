@@ -42,6 +42,20 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     );
 }
 
+/// Builds the package of this build's binary into `dir`; its path.
+pub fn build_deb(dir: &Path) -> String {
+    let o = Command::new("bash")
+        .arg(Path::new(ROOT).join("packaging/build-deb.sh"))
+        .arg(dir)
+        .env("OW_BIN", BIN)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let deb = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(deb.ends_with(".deb"), "{deb}");
+    deb
+}
+
 #[test]
 fn deb_package_holds_every_file_with_the_right_modes() {
     if !have("dpkg-deb") {
@@ -49,15 +63,7 @@ fn deb_package_holds_every_file_with_the_right_modes() {
         return;
     }
     let out = tempfile::tempdir().unwrap();
-    let o = Command::new("bash")
-        .arg(Path::new(ROOT).join("packaging/build-deb.sh"))
-        .arg(out.path())
-        .env("OW_BIN", BIN)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let deb = String::from_utf8_lossy(&o.stdout).trim().to_string();
-    assert!(deb.ends_with(".deb"), "{deb}");
+    let deb = build_deb(out.path());
 
     let listing = Command::new("dpkg-deb")
         .args(["-c", &deb])

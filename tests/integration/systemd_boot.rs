@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-const BIN: &str = env!("CARGO_BIN_EXE_outreach-workbench");
 const UNIT: &str = "outreach-workbench";
 
 /// A booted container; powered off (and its copy removed) on drop.
@@ -179,14 +177,7 @@ fn the_package_under_systemd_starts_reloads_stops_restarts_and_upgrades() {
 
     // What the container sees at /mnt/ow: the package and the admin's files.
     let share = tempfile::tempdir().unwrap();
-    let built = Command::new("bash")
-        .arg(Path::new(ROOT).join("packaging/build-deb.sh"))
-        .arg(share.path())
-        .env("OW_BIN", BIN)
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "{}", text(&built));
-    let deb = String::from_utf8_lossy(&built.stdout).trim().to_string();
+    let deb = crate::packaging::build_deb(share.path());
     std::fs::rename(&deb, share.path().join("ow.deb")).unwrap();
     let config = toml_for(
         &s,
