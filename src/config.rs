@@ -26,11 +26,14 @@ use crate::state::StateCode;
 mod gates;
 mod notify;
 mod rules;
+mod schedule;
 
 pub use gates::GatesConfig;
 pub use notify::NotifyConfig;
 pub(crate) use rules::rule;
 pub use rules::{default_company_rules, default_people_rules, Rule, RulesConfig, LINK_RULE_CODE};
+pub use schedule::Schedule;
+use schedule::ScheduleConfig;
 
 /// Where the packaged service looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/outreach-workbench/config.toml";
@@ -87,8 +90,12 @@ pub struct Config {
     pub rules: RulesConfig,
     #[serde(default)]
     pub gates: GatesConfig,
-    #[serde(default)]
-    pub schedule: Vec<ScheduleConfig>,
+    /// `[[schedule]]` as written; parsed into `schedules` at load.
+    #[serde(default, rename = "schedule")]
+    schedule_entries: Vec<ScheduleConfig>,
+    /// `[[schedule]]`, parsed, gates merged.
+    #[serde(skip)]
+    pub schedules: Vec<Schedule>,
     /// Webhooks told about runs that need a person (see `notify.rs`).
     #[serde(default)]
     pub notify: Vec<NotifyConfig>,
@@ -376,30 +383,6 @@ pub struct MetricsConfig {
     pub listen: Option<String>,
 }
 
-/// One `[[schedule]]` entry; see `schedule.rs` for how it fires.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleConfig {
-    pub states: Vec<String>,
-    /// 5 fields, or 6 with seconds first.
-    pub cron: Option<String>,
-    /// `hourly`, `daily` or `weekly`, instead of `cron`.
-    pub cadence: Option<String>,
-    /// IANA name; UTC when absent.
-    pub timezone: Option<String>,
-    /// Turn on the `company_not_valid` rule for people.
-    #[serde(default)]
-    pub link_rule: bool,
-    /// At start-up, run once if a fire time was missed while the daemon was
-    /// down (judged from the workbench's run history), like systemd's
-    /// `Persistent=`.
-    #[serde(default)]
-    pub catch_up: bool,
-    /// Overrides `[gates]` key by key for these states.
-    #[serde(default)]
-    pub gates: GatesConfig,
-}
-
 /// A secret string: never shown by `Debug` or `Display`, so it cannot end up
 /// in a log line or an error message by accident.
 #[derive(Clone, Deserialize)]
@@ -463,8 +446,17 @@ impl Config {
         }
         // OUTREACH_CONFIG names the file itself, it is not a key.
         figment = figment.merge(Env::prefixed("OUTREACH_").ignore(&["config"]).split("__"));
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let mut config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
+        let gates = config.gates;
+        config.schedules = std::mem::take(&mut config.schedule_entries)
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse(i, gates)
+                    .map_err(|(k, m)| invalid(&format!("schedule[{i}].{k}"), m))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(config)
     }
 
@@ -557,45 +549,17 @@ impl Config {
         self.gates
             .check()
             .map_err(|(k, m)| invalid(&format!("gates.{k}"), m))?;
-        for (i, sched) in self.schedule.iter().enumerate() {
-            if sched.states.is_empty() {
-                return Err(invalid(&format!("schedule[{i}].states"), "lists no state"));
-            }
-            sched
-                .gates
-                .check()
-                .map_err(|(k, m)| invalid(&format!("schedule[{i}].gates.{k}"), m))?;
-        }
         for (i, n) in self.notify.iter().enumerate() {
             n.check()
                 .map_err(|(k, m)| invalid(&format!("notify[{i}].{k}"), m))?;
         }
-        self.schedules()?;
         Ok(())
-    }
-
-    /// The `[[schedule]]` entries, parsed (cron, zone, states).
-    pub fn schedules(&self) -> Result<Vec<crate::schedule::Schedule>, ConfigError> {
-        self.schedule
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                crate::schedule::Schedule::from_config(i, s).map_err(|e| ConfigError::Invalid {
-                    key: format!("schedule[{i}].{}", e.key),
-                    message: e.message,
-                })
-            })
-            .collect()
     }
 
     /// The first `[[schedule]]` that lists `state`, whose gates and link
     /// rule a one-off `run` of that state uses too.
-    pub fn schedule_for(&self, state: &StateCode) -> Option<&ScheduleConfig> {
-        self.schedule.iter().find(|s| {
-            s.states
-                .iter()
-                .any(|x| x.eq_ignore_ascii_case(state.as_str()))
-        })
+    pub fn schedule_for(&self, state: &StateCode) -> Option<&Schedule> {
+        self.schedules.iter().find(|s| s.states.contains(state))
     }
 
     pub fn companies_table(&self) -> QualifiedName {

@@ -28,8 +28,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::config::Schedule;
 use crate::pipeline::{self, RunOptions, RunStatus};
-use crate::schedule::Schedule;
 use crate::state::StateCode;
 
 /// Longest single sleep: wall-clock time is re-read at least this often, so
@@ -361,13 +361,10 @@ fn audit_abandoned_runs(config: &Config, wb: &crate::workbench::Workbench) {
 /// time that has passed: the daemon was down then. A state with no run
 /// history is not caught up (as systemd's `Persistent=` with no stamp).
 fn missed_runs(config: &Config, wb: &crate::workbench::Workbench) -> Vec<(StateCode, RunOptions)> {
-    let Ok(schedules) = config.schedules() else {
-        return Vec::new();
-    };
     let now = Utc::now();
     let mut missed: Vec<(StateCode, RunOptions)> = Vec::new();
-    for (schedule, cfg) in schedules.iter().zip(&config.schedule) {
-        if !cfg.catch_up {
+    for schedule in &config.schedules {
+        if !schedule.catch_up {
             continue;
         }
         for state in &schedule.states {
@@ -376,12 +373,12 @@ fn missed_runs(config: &Config, wb: &crate::workbench::Workbench) -> Vec<(StateC
                 _ => None,
             };
             let due = last
-                .and_then(|t| schedule.next_after(t))
+                .and_then(|t| schedule.timing.next_after(t))
                 .filter(|fire| *fire <= now);
             if let Some(fire) = due.filter(|_| !missed.iter().any(|(s, _)| s == state)) {
                 // The first fire time missed is the one claimed: a host that
                 // was up then has run it, and this one skips it.
-                let mut opts = RunOptions::for_schedule(config, cfg);
+                let mut opts = RunOptions::for_schedule(schedule);
                 opts.fire_time = Some(fire);
                 missed.push((state.clone(), opts));
             }
@@ -411,15 +408,15 @@ fn signal_stream() -> anyhow::Result<mpsc::UnboundedReceiver<i32>> {
 fn start_schedules(config: &Config, shared: &Arc<Shared>) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let config = Arc::new(config.clone());
     let mut tasks = Vec::new();
-    for (schedule, cfg) in config.schedules()?.into_iter().zip(&config.schedule) {
-        let opts = RunOptions::for_schedule(&config, cfg);
-        if let Some(next) = schedule.next_after(Utc::now()) {
-            shared.next_fire(&schedule.states, next, schedule.tz);
+    for schedule in config.schedules.iter().cloned() {
+        let opts = RunOptions::for_schedule(&schedule);
+        if let Some(next) = schedule.timing.next_after(Utc::now()) {
+            shared.next_fire(&schedule.states, next, schedule.timing.tz);
             tracing::info!(
                 schedule = schedule.index,
-                spec = %schedule.spec,
-                timezone = %schedule.tz,
-                next = %next.with_timezone(&schedule.tz),
+                spec = %schedule.timing.spec,
+                timezone = %schedule.timing.tz,
+                next = %next.with_timezone(&schedule.timing.tz),
                 "schedule armed"
             );
         }
@@ -440,7 +437,7 @@ async fn fire_forever(
     shared: Arc<Shared>,
 ) {
     let mut after = Utc::now();
-    while let Some(next) = schedule.next_after(after) {
+    while let Some(next) = schedule.timing.next_after(after) {
         loop {
             let now = Utc::now();
             if now >= next {
@@ -450,8 +447,8 @@ async fn fire_forever(
             tokio::time::sleep(wait).await;
         }
         after = next;
-        if let Some(then) = schedule.next_after(next) {
-            shared.next_fire(&schedule.states, then, schedule.tz);
+        if let Some(then) = schedule.timing.next_after(next) {
+            shared.next_fire(&schedule.states, then, schedule.timing.tz);
         }
         let mut fired = opts.clone();
         fired.fire_time = Some(next);

@@ -222,25 +222,24 @@ fn main() -> ExitCode {
         }
         Command::Schedule => {
             let now = chrono::Utc::now();
-            // Already validated at load: parsing cannot fail here.
-            for s in config.schedules().unwrap_or_default() {
+            for s in &config.schedules {
                 let states: Vec<&str> = s.states.iter().map(|s| s.as_str()).collect();
                 println!(
                     "schedule[{}] {} `{}` ({})",
                     s.index,
                     states.join(","),
-                    s.spec,
-                    s.tz
+                    s.timing.spec,
+                    s.timing.tz
                 );
-                for t in s.upcoming(now, 5) {
+                for t in s.timing.upcoming(now, 5) {
                     println!(
                         "  {}  {}",
                         t.format("%Y-%m-%d %H:%M:%S UTC"),
-                        t.with_timezone(&s.tz).format("%Y-%m-%d %H:%M:%S %Z")
+                        t.with_timezone(&s.timing.tz).format("%Y-%m-%d %H:%M:%S %Z")
                     );
                 }
             }
-            if config.schedule.is_empty() {
+            if config.schedules.is_empty() {
                 println!("no [[schedule]] in {}", path.display());
             }
             ExitCode::SUCCESS

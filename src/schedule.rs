@@ -24,22 +24,18 @@ use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds};
 use croner::Cron;
 
-use crate::config::ScheduleConfig;
-use crate::state::StateCode;
-
+/// A `cron`/`cadence` and `timezone` that do not parse: the key at fault
+/// (within its `[[schedule]]`) and why.
 #[derive(Debug, thiserror::Error)]
-#[error("schedule[{index}].{key}: {message}")]
-pub struct ScheduleError {
-    pub index: usize,
+#[error("{key}: {message}")]
+pub struct TimingError {
     pub key: &'static str,
     pub message: String,
 }
 
-/// One `[[schedule]]` entry, parsed.
+/// When one `[[schedule]]` fires: its expression in its time zone.
 #[derive(Debug, Clone)]
-pub struct Schedule {
-    pub index: usize,
-    pub states: Vec<StateCode>,
+pub struct Timing {
     /// The expression as the user wrote it (or the cadence's name).
     pub spec: String,
     pub tz: Tz,
@@ -52,17 +48,20 @@ pub struct Schedule {
 /// window in which a later wall-clock time can be an earlier instant.
 const DST_WINDOW: Duration = Duration::hours(3);
 
-impl Schedule {
-    pub fn from_config(index: usize, cfg: &ScheduleConfig) -> Result<Schedule, ScheduleError> {
-        let err = |key, message: String| ScheduleError {
-            index,
-            key,
-            message,
-        };
-        let (spec, expr) = match (&cfg.cron, &cfg.cadence) {
-            (Some(c), None) => (c.clone(), c.clone()),
+impl Timing {
+    /// Exactly one of `cron` (5 fields, or 6 with seconds first) and
+    /// `cadence` (`hourly`, `daily`, `weekly`); `timezone` is an IANA name,
+    /// UTC when absent.
+    pub fn parse(
+        cron: Option<&str>,
+        cadence: Option<&str>,
+        timezone: Option<&str>,
+    ) -> Result<Timing, TimingError> {
+        let err = |key, message: String| TimingError { key, message };
+        let (spec, expr) = match (cron, cadence) {
+            (Some(c), None) => (c.to_string(), c.to_string()),
             (None, Some(c)) => {
-                let expr = match c.as_str() {
+                let expr = match c {
                     "hourly" => "0 * * * *",
                     "daily" => "0 0 * * *",
                     "weekly" => "0 0 * * 0",
@@ -73,7 +72,7 @@ impl Schedule {
                         ))
                     }
                 };
-                (c.clone(), expr.to_string())
+                (c.to_string(), expr.to_string())
             }
             _ => return Err(err("cron", "set exactly one of `cron` or `cadence`".into())),
         };
@@ -90,21 +89,14 @@ impl Schedule {
             .build()
             .parse(&expr)
             .map_err(|e| err("cron", format!("`{expr}`: {e}")))?;
-        let tz = match &cfg.timezone {
+        let tz = match timezone {
             None => chrono_tz::UTC,
             Some(name) => name
                 .parse::<Tz>()
                 .map_err(|_| err("timezone", format!("`{name}` is not an IANA time zone")))?,
         };
-        let states = cfg
-            .states
-            .iter()
-            .map(|s| StateCode::parse(s).map_err(|e| err("states", e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
         let hour_wildcard = field_list[if fields == 6 { 2 } else { 1 }].starts_with('*');
-        Ok(Schedule {
-            index,
-            states,
+        Ok(Timing {
             spec,
             tz,
             cron,
@@ -199,24 +191,15 @@ impl Schedule {
 mod tests {
     use super::*;
 
-    fn sched(cron: &str, tz: &str) -> Schedule {
-        Schedule::from_config(
-            0,
-            &ScheduleConfig {
-                states: vec!["WV".into()],
-                cron: Some(cron.into()),
-                timezone: Some(tz.into()),
-                ..Default::default()
-            },
-        )
-        .unwrap()
+    fn sched(cron: &str, tz: &str) -> Timing {
+        Timing::parse(Some(cron), None, Some(tz)).unwrap()
     }
 
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
-    fn fires(s: &Schedule, from: &str, n: usize) -> Vec<String> {
+    fn fires(s: &Timing, from: &str, n: usize) -> Vec<String> {
         s.upcoming(utc(from), n)
             .iter()
             .map(|t| t.to_rfc3339())
@@ -285,16 +268,7 @@ mod tests {
     fn hourly_across_fall_back_fires_in_both_repeated_hours() {
         // As Vixie cron: a wildcard hour runs in the repeated hour too, so
         // there is no two-hour gap; each instant fires once.
-        let s = Schedule::from_config(
-            0,
-            &ScheduleConfig {
-                states: vec!["WV".into()],
-                cadence: Some("hourly".into()),
-                timezone: Some("America/New_York".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let s = Timing::parse(None, Some("hourly"), Some("America/New_York")).unwrap();
         assert_eq!(
             fires(&s, "2026-11-01T04:30:00Z", 4),
             [
@@ -352,16 +326,9 @@ mod tests {
             fires(&s, "2026-01-01T00:00:01Z", 2),
             ["2026-01-01T00:00:05+00:00", "2026-01-01T00:00:10+00:00"]
         );
-        let bad = Schedule::from_config(
-            3,
-            &ScheduleConfig {
-                states: vec!["WV".into()],
-                cron: Some("61 * * * *".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(bad.starts_with("schedule[3].cron"), "{bad}");
+        let bad = Timing::parse(Some("61 * * * *"), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(bad.starts_with("cron: `61 * * * *`"), "{bad}");
     }
 }

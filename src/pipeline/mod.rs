@@ -174,11 +174,11 @@ pub struct RunOptions {
 
 impl RunOptions {
     /// What the runs fired by `schedule` use.
-    pub fn for_schedule(config: &Config, schedule: &crate::config::ScheduleConfig) -> RunOptions {
+    pub fn for_schedule(schedule: &crate::config::Schedule) -> RunOptions {
         RunOptions {
             dry_run: false,
             link_rule: schedule.link_rule,
-            gates: schedule.gates.over(config.gates),
+            gates: schedule.gates,
             force: false,
             fire_time: None,
         }
@@ -188,7 +188,7 @@ impl RunOptions {
     /// `[[schedule]]` listing it, else `[gates]` alone.
     pub fn for_state(config: &Config, state: &StateCode) -> RunOptions {
         match config.schedule_for(state) {
-            Some(s) => Self::for_schedule(config, s),
+            Some(s) => Self::for_schedule(s),
             None => RunOptions {
                 gates: config.gates,
                 ..Default::default()
