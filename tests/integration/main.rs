@@ -11,5 +11,6 @@ mod pipeline;
 mod pooled;
 mod publish;
 mod s3proxy;
+mod serve;
 mod systemd_boot;
 mod types;

@@ -1,0 +1,192 @@
+//! Schedules to runs: one task per schedule sleeps until its next fire
+//! time and triggers a run of each of its states; a run goes on a blocking
+//! thread (the pipeline blocks) and its report to the log, the metrics,
+//! the webhooks and systemd's status line.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::task::JoinHandle;
+
+use super::{release_run_memory, Event, Shared, MAX_SLEEP};
+use crate::config::{Config, Schedule};
+use crate::pipeline::{self, RunOptions, RunStatus};
+use crate::state::StateCode;
+
+/// Arms every schedule of `config`: one task each, aborted on reload.
+pub(super) fn start_schedules(config: &Config, shared: &Arc<Shared>) -> Vec<JoinHandle<()>> {
+    let config = Arc::new(config.clone());
+    let mut tasks = Vec::new();
+    for schedule in config.schedules.iter().cloned() {
+        let opts = RunOptions::for_schedule(&schedule);
+        if let Some(next) = schedule.timing.next_after(shared.clock.now()) {
+            shared.next_fire(&schedule.states, next, schedule.timing.tz);
+            tracing::info!(
+                schedule = schedule.index,
+                spec = %schedule.timing.spec,
+                timezone = %schedule.timing.tz,
+                next = %next.with_timezone(&schedule.timing.tz),
+                "schedule armed"
+            );
+        }
+        tasks.push(tokio::spawn(fire_forever(
+            schedule,
+            opts,
+            config.clone(),
+            shared.clone(),
+        )));
+    }
+    tasks
+}
+
+async fn fire_forever(
+    schedule: Schedule,
+    opts: RunOptions,
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+) {
+    let mut after = shared.clock.now();
+    while let Some(next) = schedule.timing.next_after(after) {
+        loop {
+            let now = shared.clock.now();
+            if now >= next {
+                break;
+            }
+            let wait = (next - now).to_std().unwrap_or_default().min(MAX_SLEEP);
+            tokio::time::sleep(wait).await;
+        }
+        after = next;
+        if let Some(then) = schedule.timing.next_after(next) {
+            shared.next_fire(&schedule.states, then, schedule.timing.tz);
+        }
+        let mut fired = opts.clone();
+        fired.fire_time = Some(next);
+        for state in &schedule.states {
+            trigger(state.clone(), &fired, &config, &shared);
+        }
+    }
+}
+
+/// Starts a run of `state` unless one is already running or queued.
+pub(super) fn trigger(
+    state: StateCode,
+    opts: &RunOptions,
+    config: &Arc<Config>,
+    shared: &Arc<Shared>,
+) {
+    if shared.stopping.is_cancelled() {
+        return;
+    }
+    if !shared.running.lock().unwrap().insert(state.clone()) {
+        tracing::warn!(state = %state, "skipped: the previous run of this state is still going");
+        return;
+    }
+    let (opts, config, shared) = (opts.clone(), config.clone(), shared.clone());
+    let tracker = shared.runs.clone();
+    tracker.spawn(async move {
+        let permit = shared.permits.clone().acquire_owned().await;
+        if shared.stopping.is_cancelled() {
+            shared.running.lock().unwrap().remove(&state);
+            return;
+        }
+        let cancel = shared.cancel_runs.child_token();
+        // The overall timeout cancels the run the way a shutdown does.
+        let timeout = config.daemon.run_timeout_secs;
+        let timer = (timeout > 0).then(|| {
+            let (cancel, state) = (cancel.clone(), state.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(timeout)).await;
+                tracing::error!(state = %state, timeout_secs = timeout, "run timed out; cancelling it");
+                cancel.cancel();
+            })
+        });
+        let st = state.clone();
+        let config_for_notify = config.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let report = pipeline::run(&config, &st, &cancel, &opts);
+            release_run_memory();
+            report
+        })
+        .await;
+        if let Some(t) = timer {
+            t.abort();
+        }
+        drop(permit);
+        match joined {
+            Ok(report) => {
+                log_report(&report);
+                shared.metrics.record(&report);
+                if report.status != RunStatus::Skipped {
+                    let previous = shared
+                        .last_ok
+                        .lock()
+                        .unwrap()
+                        .insert(state.clone(), report.succeeded());
+                    if let Some(event) = crate::notify::event(&report, previous) {
+                        let mut details = report.to_json();
+                        details["audit_id"] = serde_json::json!(report.audit_id);
+                        crate::notify::send(&config_for_notify.notify, event, details);
+                    }
+                }
+                shared.write_metrics(&config_for_notify);
+                if report.status != RunStatus::Skipped {
+                    let result = format!(
+                        "{} {} ({} uploaded)",
+                        if report.succeeded() {
+                            "success"
+                        } else {
+                            report.status.as_str()
+                        },
+                        report
+                            .finished_at
+                            .unwrap_or_else(Utc::now)
+                            .format("%H:%M UTC"),
+                        report.uploaded
+                    );
+                    shared.update_board(|b| b.last_result(state.as_str(), result));
+                }
+                shared.tell(Event::RunFinished(Box::new(report)));
+            }
+            Err(e) => tracing::error!(state = %state, error = %e, "run panicked"),
+        }
+        shared.running.lock().unwrap().remove(&state);
+    });
+}
+
+fn log_report(r: &pipeline::RunReport) {
+    let counts = |c: &Option<pipeline::EntityCounts>| {
+        c.as_ref()
+            .map(|c| format!("{}/{}", c.good, c.bad))
+            .unwrap_or_else(|| "-".into())
+    };
+    let audit_id = r
+        .audit_id
+        .map(|id| id.to_string())
+        .unwrap_or_else(|| "-".into());
+    match (r.status, &r.audit_error) {
+        (RunStatus::Success, None) => tracing::info!(
+            state = %r.state, run_id = %r.run_id,
+            companies_good_bad = %counts(&r.companies), people_good_bad = %counts(&r.people),
+            uploaded = r.uploaded, skipped = r.skipped, audit_id = %audit_id,
+            secs = r.duration_secs.unwrap_or_default(), "run succeeded"
+        ),
+        (RunStatus::Skipped, _) => tracing::info!(
+            state = %r.state, run_id = %r.run_id, reason = r.error.as_deref().unwrap_or(""),
+            "run skipped"
+        ),
+        // A shutdown's (or the run timeout's) doing, not a fault of the run.
+        (RunStatus::Cancelled, None) => tracing::warn!(
+            state = %r.state, run_id = %r.run_id, audit_id = %audit_id,
+            reason = r.error.as_deref().unwrap_or(""), "run cancelled"
+        ),
+        (RunStatus::Success, Some(audit_error)) => tracing::error!(
+            state = %r.state, run_id = %r.run_id, uploaded = r.uploaded, skipped = r.skipped,
+            error = %audit_error, "run published, but its audit record is not written yet"
+        ),
+        _ => tracing::error!(
+            state = %r.state, run_id = %r.run_id, status = r.status.as_str(),
+            error = r.error.as_deref().unwrap_or(""), audit_id = %audit_id, "run did not succeed"
+        ),
+    }
+}
