@@ -4,7 +4,8 @@
 #   scripts/test.sh                 # everything
 #   scripts/test.sh dedup           # only tests whose name contains "dedup"
 #
-# The one-shot tests (pipeline, gates, cli, types) run a second time with
+# The one-shot tests (pipeline, gates, cli, types), the in-process daemon
+# (serve) and the daemon tests that cancel a pull run a second time with
 # every run going through PgBouncer in transaction mode, as production
 # reaches Neon's pooled endpoint.
 set -euo pipefail
@@ -23,7 +24,7 @@ ow_log "cargo test"
 cargo test --release --locked --workspace --no-fail-fast -- "$@"
 if [ -n "${OW_PGB_PORT:-}" ]; then
     filters=("$@")
-    [ ${#filters[@]} -gt 0 ] || filters=(pipeline:: gates:: cli:: types::)
+    [ ${#filters[@]} -gt 0 ] || filters=(pipeline:: gates:: cli:: types:: serve:: sigterm_during_a_run a_run_over_its_timeout)
     ow_log "cargo test, the one-shot tests again through PgBouncer (transaction pooling)"
     OW_TEST_POOLED=1 cargo test --release --locked --no-fail-fast -- "${filters[@]}"
 else

@@ -108,21 +108,58 @@ pub fn connect(cfg: &SourceConfig) -> Result<Client, PipelineError> {
     .map_err(|e| PipelineError::Connect { target, source: e })
 }
 
-/// Asks the server to cancel whatever `token`'s session is running.
-/// PgBouncer forwards the request to the server connection in use.
-pub fn cancel_query(cfg: &SourceConfig, token: &postgres::CancelToken) {
-    let sent = settings(cfg).and_then(|(_, tls, _)| {
-        match tls {
-            Tls::Off => token.cancel_query(postgres::NoTls),
-            Tls::On(t) => token.cancel_query(t),
+/// The server backend running a transaction, named so that another
+/// connection can cancel its statement with `pg_cancel_backend`.
+///
+/// Not the protocol's cancel request: through PgBouncer that names
+/// PgBouncer's client, and PgBouncer 1.18 drops a cancel request whose
+/// sender closes the socket at once, as rust-postgres's does (measured: a
+/// cancelled run went on pulling to the end of its query). SQL goes through
+/// any pooler, TLS or not.
+pub struct Backend {
+    pid: i32,
+    /// The transaction's start: a pid the pool has since given to another
+    /// transaction is not cancelled.
+    xact_start: chrono::DateTime<chrono::Utc>,
+}
+
+impl Backend {
+    /// The backend of the transaction `tx` is in (`None` if the server
+    /// answered no row, which a `SELECT` without `FROM` never does).
+    pub fn of(tx: &mut postgres::Transaction<'_>) -> Result<Option<Backend>, PipelineError> {
+        let rows = tx
+            .query_typed("SELECT pg_backend_pid(), now()", &[])
+            .map_err(|e| PipelineError::Source {
+                what: "naming the pull's server backend".into(),
+                source: e,
+            })?;
+        Ok(rows.first().map(|row| Backend {
+            pid: row.get(0),
+            xact_start: row.get(1),
+        }))
+    }
+
+    /// Cancels the backend's statement if it is still in the same
+    /// transaction, from a connection of its own. Failing, it says so in
+    /// the log: the run stops at its next batch anyway.
+    pub fn cancel(&self, cfg: &SourceConfig) {
+        let sent = connect(cfg).and_then(|mut c| {
+            c.query_typed(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+                 WHERE pid = $1 AND xact_start = $2",
+                &[
+                    (&self.pid, Type::INT4),
+                    (&self.xact_start, Type::TIMESTAMPTZ),
+                ],
+            )
+            .map_err(|e| PipelineError::Source {
+                what: "cancelling the query".into(),
+                source: e,
+            })
+        });
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "could not cancel the running query");
         }
-        .map_err(|e| PipelineError::Source {
-            what: "cancelling the query".into(),
-            source: e,
-        })
-    });
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, "could not cancel the running query");
     }
 }
 

@@ -153,8 +153,9 @@ pub type Tap<'a> = Box<dyn FnMut(TableFeed) -> Result<(), PipelineError> + Send 
 /// ~0.1-0.3 s (medians of 9 and 11 interleaved runs).
 ///
 /// Cancellation is checked between batches, and a watcher thread also asks
-/// the server to cancel the query: the server buffers output, so a slow
-/// query can go a long time without a batch boundary.
+/// the server to cancel the query (see [`crate::pg::Backend`]): the server
+/// buffers output, so a slow query can go a long time without a batch
+/// boundary.
 pub fn pull(
     client: &mut Client,
     config: &Config,
@@ -164,7 +165,9 @@ pub fn pull(
     cancel: &CancellationToken,
     taps: Vec<Tap<'_>>,
 ) -> Result<PullStats, PipelineError> {
-    let token = client.cancel_token();
+    // Named by the reader once its transaction has begun.
+    let backend = std::sync::OnceLock::<crate::pg::Backend>::new();
+    let backend = &backend;
     // Dropped when both sides are done, which wakes the watcher at once: a
     // plain sleep between checks kept the pull waiting up to 50 ms more.
     let (finished, watching) = std::sync::mpsc::channel::<()>();
@@ -175,8 +178,8 @@ pub fn pull(
             while let Err(RecvTimeoutError::Timeout) =
                 watching.recv_timeout(Duration::from_millis(50))
             {
-                if cancel.is_cancelled() {
-                    crate::pg::cancel_query(&config.source, &token);
+                if let (true, Some(backend)) = (cancel.is_cancelled(), backend.get()) {
+                    backend.cancel(&config.source);
                     return;
                 }
             }
@@ -199,7 +202,7 @@ pub fn pull(
         let db = duck.database().clone();
         let reader = scope.spawn(move || {
             let _entered = span.enter();
-            read_source(client, config, state, cancel, &db, outs)
+            read_source(client, config, state, cancel, &db, outs, backend)
         });
         let loaded = load(duck, schema, config.workbench.compress_tables, rx);
         let read = super::joined("the source reader", reader.join());
@@ -251,6 +254,7 @@ fn read_source(
     cancel: &CancellationToken,
     db: &Arc<Database>,
     outs: Vec<SyncSender<TableFeed>>,
+    backend: &std::sync::OnceLock<crate::pg::Backend>,
 ) -> Result<PullStats, PipelineError> {
     let s = &config.source;
     let companies_table = config.companies_table();
@@ -267,6 +271,9 @@ fn read_source(
             what: "starting the read transaction".into(),
             source: e,
         })?;
+    if let Some(b) = crate::pg::Backend::of(&mut pg)? {
+        let _ = backend.set(b);
+    }
 
     let mut stats = PullStats::default();
     let companies_from = format!("FROM {companies} c WHERE c.{state_col} = $1");
