@@ -5,35 +5,25 @@
 //! again. Runs that never finished (abandoned) have no report; their row's
 //! own columns are all there is.
 
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::pipeline::gates::GateResult;
-use crate::pipeline::EntityCounts;
+use crate::pipeline::{EntityCounts, RunReport, RunStatus};
 use crate::state::StateCode;
 use crate::workbench::{self, WorkbenchError};
 
+/// One run as the workbench recorded it: its report, and where its audit
+/// record stands.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
-    pub run_id: String,
-    pub state: String,
-    pub status: String,
-    pub dry_run: bool,
-    pub started_at: DateTime<Utc>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub duration_secs: Option<f64>,
-    pub companies: Option<EntityCounts>,
-    pub people: Option<EntityCounts>,
-    pub uploaded: Option<u64>,
-    pub skipped: Option<u64>,
-    pub gates: Vec<GateResult>,
-    pub forced: bool,
+    #[serde(flatten)]
+    pub report: RunReport,
+    /// The audit row's id (the report was written before the id existed).
     pub audit_id: Option<i64>,
     /// The audit record could not be written yet (PostgreSQL unreachable);
     /// it is sent by the next run that reaches PostgreSQL.
     pub audit_pending: bool,
-    pub error: Option<String>,
 }
 
 /// The newest `limit` runs, of `state` or of every state, newest first.
@@ -62,56 +52,34 @@ pub fn read(
     let state = state.map(|s| s.as_str().to_string());
     let rows = stmt
         .query_map(duckdb::params![state, state, limit as i64], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, bool>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, Option<i64>>(5)?,
-                r.get::<_, Option<i64>>(6)?,
-                r.get::<_, Option<String>>(7)?,
-                r.get::<_, Option<String>>(8)?,
-                r.get::<_, bool>(9)?,
-            ))
+            // The report as the run wrote it; a run that never finished
+            // (abandoned) has none, and its row's columns are all there is.
+            let mut report: RunReport = r
+                .get::<_, Option<String>>(8)?
+                .and_then(|j| serde_json::from_str(&j).ok())
+                .unwrap_or_default();
+            // The row is the newer word on how the run ended.
+            report.run_id = r.get(0)?;
+            report.state = r.get(1)?;
+            let status: String = r.get(2)?;
+            report.status = RunStatus::from_name(&status).unwrap_or(report.status);
+            report.dry_run = r.get(3)?;
+            report.started_at = DateTime::from_timestamp_micros(r.get(4)?).unwrap_or_default();
+            report.finished_at = r
+                .get::<_, Option<i64>>(5)?
+                .and_then(DateTime::from_timestamp_micros);
+            report.duration_secs = report
+                .finished_at
+                .map(|f| (f - report.started_at).num_milliseconds() as f64 / 1000.0);
+            report.error = r.get(7)?;
+            Ok(Entry {
+                report,
+                audit_id: r.get(6)?,
+                audit_pending: r.get(9)?,
+            })
         })
         .map_err(err)?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (run_id, state, status, dry_run, started, finished, audit_id, error, report, pending) =
-            row.map_err(err)?;
-        let json: serde_json::Value = report
-            .as_deref()
-            .and_then(|r| serde_json::from_str(r).ok())
-            .unwrap_or_default();
-        let started_at = DateTime::from_timestamp_micros(started).unwrap_or_default();
-        let finished_at = finished.and_then(DateTime::from_timestamp_micros);
-        out.push(Entry {
-            run_id,
-            state,
-            status,
-            dry_run,
-            started_at,
-            finished_at,
-            duration_secs: finished_at.map(|f| (f - started_at).num_milliseconds() as f64 / 1000.0),
-            companies: field(&json, "companies"),
-            people: field(&json, "people"),
-            uploaded: json["uploaded"].as_u64(),
-            skipped: json["skipped"].as_u64(),
-            gates: field(&json, "gates").unwrap_or_default(),
-            forced: json["forced"].as_bool().unwrap_or(false),
-            audit_id,
-            audit_pending: pending,
-            error,
-        });
-    }
-    Ok(out)
-}
-
-/// A report field, if the report has it in the expected shape (reports of
-/// older versions lack some).
-fn field<T: serde::de::DeserializeOwned>(json: &serde_json::Value, key: &str) -> Option<T> {
-    serde_json::from_value(json[key].clone()).ok()
+    rows.collect::<Result<Vec<_>, _>>().map_err(err)
 }
 
 /// One line per run, plus a line for a run's error.
@@ -132,7 +100,12 @@ pub fn table(entries: &[Entry]) -> String {
             .map(|c| format!("{}/{}", c.good, c.bad))
             .unwrap_or_else(|| "-".into())
     };
-    for e in entries {
+    for Entry {
+        report: e,
+        audit_pending,
+        ..
+    } in entries
+    {
         let tripped: Vec<String> = e
             .gates
             .iter()
@@ -145,14 +118,15 @@ pub fn table(entries: &[Entry]) -> String {
             (false, false) if e.forced => format!("forced past {}", tripped.join("; ")),
             (false, false) => tripped.join("; "),
         };
-        let status = if e.dry_run {
-            format!("{}*", e.status)
-        } else {
-            e.status.clone()
+        let status = match e.dry_run {
+            true => format!("{}*", e.status.as_str()),
+            false => e.status.as_str().to_string(),
         };
-        let up_skip = match (e.uploaded, e.skipped) {
-            (Some(u), Some(k)) if !e.dry_run && e.status != "gated" => format!("{u}/{k}"),
-            _ => "-".into(),
+        // Runs that never finished have no counts of their own.
+        let up_skip = match e.status {
+            RunStatus::Running | RunStatus::Gated | RunStatus::Abandoned => "-".into(),
+            _ if e.dry_run => "-".into(),
+            _ => format!("{}/{}", e.uploaded, e.skipped),
         };
         s.push_str(&format!(
             "{:<19}  {:<5} {:<9} {:>8}  {:>17}  {:>17}  {:>7}  {}\n",
@@ -168,18 +142,18 @@ pub fn table(entries: &[Entry]) -> String {
             gates
         ));
         // A gated run's reason is its GATES column already.
-        let shown = e.status == "success" || e.status == "gated";
+        let shown = matches!(e.status, RunStatus::Success | RunStatus::Gated);
         if let Some(err) = e.error.as_deref().filter(|_| !shown) {
             s.push_str(&format!("    {}: {err}\n", e.run_id));
         }
-        if e.audit_pending {
+        if *audit_pending {
             s.push_str(&format!(
                 "    {}: audit record not written yet; sent when PostgreSQL answers again\n",
                 e.run_id
             ));
         }
     }
-    if entries.iter().any(|e| e.dry_run) {
+    if entries.iter().any(|e| e.report.dry_run) {
         s.push_str("* dry run: nothing published or audited\n");
     }
     s

@@ -26,6 +26,7 @@ pub fn event(report: &RunReport, previous_succeeded: Option<bool>) -> Option<&'s
         Success | Failed => Some("failed"),
         Gated => Some("gated"),
         Cancelled => Some("cancelled"),
+        Abandoned => Some("abandoned"),
         Running | Skipped => None,
     }
 }

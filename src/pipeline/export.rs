@@ -31,7 +31,7 @@ mod streamed;
 pub use streamed::StreamedExport;
 
 /// One exported Parquet file.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ExportedFile {
     pub entity: Entity,
     pub kind: FileKind,

@@ -32,7 +32,7 @@ use crate::state::StateCode;
 pub const PIPELINE_NAME: &str = "outreach-workbench";
 
 /// What happened to one file.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PublishedObject {
     pub table_name: String,
     pub key: String,

@@ -16,9 +16,10 @@ use super::PipelineError;
 use crate::names::PublishAction;
 use crate::state::StateCode;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunStatus {
+    #[default]
     Running,
     Success,
     Failed,
@@ -28,6 +29,9 @@ pub enum RunStatus {
     Skipped,
     /// A quality gate tripped: exported locally, nothing published.
     Gated,
+    /// The process running it died (kill -9, power loss); found at the
+    /// next start, in the workbench.
+    Abandoned,
 }
 
 impl RunStatus {
@@ -39,7 +43,18 @@ impl RunStatus {
             RunStatus::Cancelled => "cancelled",
             RunStatus::Skipped => "skipped",
             RunStatus::Gated => "gated",
+            RunStatus::Abandoned => "abandoned",
         }
+    }
+
+    /// The status named `name` (as `as_str` spells it).
+    pub fn from_name(name: &str) -> Option<RunStatus> {
+        use RunStatus::*;
+        [
+            Running, Success, Failed, Cancelled, Skipped, Gated, Abandoned,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
     }
 }
 
@@ -68,7 +83,7 @@ impl EntityCounts {
 }
 
 /// Seconds spent in each stage; `None` for a stage that did not run.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StageTimes {
     pub pull: Option<f64>,
     pub validate: Option<f64>,
@@ -77,7 +92,11 @@ pub struct StageTimes {
     pub audit: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// One run's record: what `run` prints, the audit `details`, the
+/// workbench's `runs.report` and what `history` shows again. Read back,
+/// keys a report of an older version lacks take their defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RunReport {
     pub run_id: String,
     pub state: String,

@@ -153,9 +153,9 @@ fn a_run_while_postgres_is_down_is_audited_once_when_it_is_back() {
     let history = outreach_workbench::history::read(&w.config, None, 10).unwrap();
     let entry = history
         .iter()
-        .find(|e| e.run_id == down.run_id)
+        .find(|e| e.report.run_id == down.run_id)
         .expect("in history");
-    assert_eq!(entry.status, "failed");
+    assert_eq!(entry.report.status, RunStatus::Failed);
     assert!(entry.audit_pending);
     assert!(outreach_workbench::history::table(&history).contains("audit record not written yet"));
 
@@ -190,7 +190,10 @@ fn a_run_while_postgres_is_down_is_audited_once_when_it_is_back() {
         "{d}"
     );
     let history = outreach_workbench::history::read(&w.config, None, 10).unwrap();
-    let entry = history.iter().find(|e| e.run_id == down.run_id).unwrap();
+    let entry = history
+        .iter()
+        .find(|e| e.report.run_id == down.run_id)
+        .unwrap();
     assert!(!entry.audit_pending);
     assert!(entry.audit_id.is_some());
 }
