@@ -154,6 +154,43 @@ pub struct AbandonedRun {
     pub started_at_us: i64,
 }
 
+/// A transaction on a connection of its own: rolled back when dropped
+/// unless committed, so a stage that fails, is cancelled or panics half-way
+/// leaves the state's previous tables as they were.
+pub struct Transaction {
+    conn: RawConnection,
+    open: bool,
+}
+
+impl Transaction {
+    pub fn begin(conn: RawConnection) -> Result<Transaction, DuckError> {
+        conn.execute("BEGIN")?;
+        Ok(Transaction { conn, open: true })
+    }
+
+    /// A commit that fails is rolled back by DuckDB itself.
+    pub fn commit(mut self) -> Result<(), DuckError> {
+        self.open = false;
+        self.conn.execute("COMMIT")
+    }
+}
+
+impl std::ops::Deref for Transaction {
+    type Target = RawConnection;
+    fn deref(&self) -> &RawConnection {
+        &self.conn
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        if self.open {
+            // The error of the statement that failed is the one to report.
+            let _ = self.conn.execute("ROLLBACK");
+        }
+    }
+}
+
 impl Workbench {
     pub fn db_path(dir: &Path) -> PathBuf {
         dir.join("duck").join("outreach_workbench.duckdb")

@@ -5,13 +5,20 @@
 //! the CLI prints the report, the daemon logs it. It never panics on a
 //! failed stage; the failure is in the report (and in the audit).
 //!
-//! The stages, in the order a run goes through them:
+//! `stages.rs` is the run's path, one function per stage in the order a
+//! run goes through them, each entering its module once:
+//! - connect: the bucket, PostgreSQL ([`crate::pg`]) and the [`rules`]
+//!   against the source's columns
 //! - [`claim`]: the schedule's fire time and the state's lease, in PostgreSQL
-//! - [`source`]: PostgreSQL → `<state>.companies_raw` / `people_raw`
-//! - [`validate`]: raw → `_good` / `_bad` with the rules
+//! - load: [`source`] (PostgreSQL → `<state>.companies_raw` / `people_raw`)
+//!   and [`validate`] (raw → `_good` / `_bad` with the rules), in one
+//!   DuckDB transaction
 //! - [`export`]: good/bad → Parquet files, atomically
+//! - compare with the bucket: its [`manifest`], for schema changes
+//! - [`gates`]: stop before publishing data that looks wrong
 //! - [`publish`]: Parquet → bucket, skipping unchanged content
-//! - [`audit`]: the run's record in PostgreSQL
+//!
+//! Then [`run`] here writes the [`audit`] record, whatever came of them.
 
 pub mod audit;
 pub mod claim;
@@ -25,6 +32,7 @@ pub mod retry;
 pub mod rules;
 pub mod s3_api;
 pub mod source;
+mod stages;
 pub mod validate;
 
 use std::panic::AssertUnwindSafe;
@@ -35,7 +43,6 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::names::{Entity, PublishAction};
 use crate::pg::Session;
 use crate::state::StateCode;
 use crate::workbench::{Workbench, WorkbenchError};
@@ -202,7 +209,7 @@ const PENDING: &str = "; the record is kept in the workbench and written when it
 
 /// What a run holds while it goes, let go of at its end.
 #[derive(Default)]
-struct Held {
+pub(crate) struct Held {
     session: Option<Session>,
     lease: Option<claim::Lease>,
     workbench: Option<Workbench>,
@@ -228,7 +235,7 @@ pub fn run(
     // A panic anywhere in the stages (a worker thread's is passed on to
     // here) is a failed run like any other: reported, recorded, audited.
     let mut outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        stages(config, state, cancel, opts, &mut report, &mut held)
+        stages::all(config, state, cancel, opts, &mut report, &mut held)
     }))
     .unwrap_or_else(|panic| Err(PipelineError::Panicked(panic_text(&panic))));
     // The fence before the audit: a run that lost its lease on the way
@@ -353,290 +360,10 @@ pub(crate) fn joined<T>(
     })
 }
 
-/// The state's last successful run, for `max_row_delta`, from the audit
-/// table; none before the table exists (a dry run on a new database).
-/// `tables_ready`: this run has checked the table already (real runs do).
-fn previous_success(
-    session: &mut Session,
-    config: &Config,
-    state: &StateCode,
-    tables_ready: bool,
-    cancel: &CancellationToken,
-) -> Result<Option<gates::Previous>, PipelineError> {
-    let table = config.audit_table();
-    let usable = match tables_ready {
-        true => Some(Vec::new()),
-        false => session.run("checking the audit table", cancel, |c| {
-            audit::inspect(c, &table)
-        })?,
-    };
-    match usable {
-        Some(problems) if problems.is_empty() => {
-            audit::previous_success(session, &table, state.as_str(), cancel)
-        }
-        _ => Ok(None),
-    }
-}
-
 fn check_cancel(cancel: &CancellationToken) -> Result<(), PipelineError> {
     if cancel.is_cancelled() {
         Err(PipelineError::Cancelled)
     } else {
         Ok(())
     }
-}
-
-fn stages(
-    config: &Config,
-    state: &StateCode,
-    cancel: &CancellationToken,
-    opts: &RunOptions,
-    report: &mut RunReport,
-    held: &mut Held,
-) -> Result<(), PipelineError> {
-    // Everything that can be refused is refused before any work is done.
-    let r = &config.retry;
-    if !opts.dry_run {
-        retry::retry(r, cancel, "checking the bucket", || {
-            publish::check_bucket(&config.storage)
-        })?;
-    }
-    // One connection for the run's own statements and the pull (the
-    // lease's heartbeat has its own).
-    let session = held
-        .session
-        .insert(Session::open(&config.source, r, cancel)?);
-    // A rule naming a column the source does not have fails here, before
-    // any row is pulled, naming the rule.
-    session.run("checking the rules against the source", cancel, |c| {
-        rules::check_against_source(c, config)
-    })?;
-    if !opts.dry_run {
-        audit::ensure_tables(session, config, cancel)?;
-        held.tables_ready = true;
-        if let Some(fire) = opts.fire_time {
-            claim::claim_fire(session, config, state, fire, &report.run_id, cancel)?;
-        }
-        held.lease = Some(claim::Lease::acquire(
-            session,
-            config,
-            state,
-            &report.run_id,
-            cancel,
-        )?);
-        report.lease_acquired_at = Some(Utc::now());
-    }
-    check_cancel(cancel)?;
-
-    let wb = held
-        .workbench
-        .insert(Workbench::open(&config.workbench, config.lock_timeout())?);
-    wb.run_started(
-        &report.run_id,
-        state.as_str(),
-        opts.dry_run,
-        report.started_at,
-    )?;
-    let schema = state.lower();
-
-    // Pull and validate in one DuckDB transaction: a failed or cancelled run
-    // leaves the state's previous tables intact for analysts. It runs on a
-    // connection of its own, the one the pull's inserts need.
-    let txn = wb.raw_connection()?;
-    let txn_exec = |sql: &str| {
-        txn.execute(sql)
-            .map_err(|e| PipelineError::Workbench(format!("{sql}: {e}")))
-    };
-    txn_exec(&format!(
-        "BEGIN; CREATE SCHEMA IF NOT EXISTS {};",
-        crate::config::quote_ident(&schema)
-    ))?;
-    let entities = Entity::ALL;
-    // The files are written while the rows load, unless a rule reads more
-    // than its own row: the link rule reads the companies' verdicts from the
-    // workbench, which the writers' connections see only after the commit.
-    let streamed = (!opts.link_rule).then(|| {
-        export::StreamedExport::new(
-            wb,
-            state,
-            &config.export,
-            vec![
-                (Entity::Companies, &config.rules.companies[..]),
-                (Entity::People, &config.rules.people[..]),
-            ],
-        )
-    });
-    let loaded = (|| {
-        let t = Instant::now();
-        let syncing = wb.background_sync();
-        let taps = streamed.as_ref().map(|s| s.taps()).unwrap_or_default();
-        let client = session.client(cancel)?;
-        let pulled = source::pull(client, config, state, &txn, &schema, cancel, taps);
-        drop(syncing);
-        let pulled = pulled?;
-        report.stages.pull = Some(t.elapsed().as_secs_f64());
-        report.text_fallbacks = pulled.text_fallbacks.clone();
-        tracing::info!(
-            companies = pulled.companies,
-            people = pulled.people,
-            "pulled"
-        );
-        check_cancel(cancel)?;
-
-        let t = Instant::now();
-        let src = &config.source;
-        let companies = validate::split(
-            &txn,
-            &schema,
-            "companies",
-            &src.company_key,
-            &config.rules.companies,
-        )?;
-        let mut people_rules = config.rules.people.clone();
-        if opts.link_rule {
-            people_rules.push(rules::company_not_valid_rule(
-                &schema,
-                &src.people_company_column,
-                &src.company_key,
-            ));
-        }
-        let people = validate::split(&txn, &schema, "people", &src.person_key, &people_rules)?;
-        report.stages.validate = Some(t.elapsed().as_secs_f64());
-        report.companies = Some(EntityCounts::new(pulled.companies, companies));
-        report.people = Some(EntityCounts::new(pulled.people, people));
-        Ok(())
-    })();
-    match loaded {
-        Ok(()) => txn_exec("COMMIT")?,
-        Err(e) => {
-            let _ = txn_exec("ROLLBACK");
-            return Err(e);
-        }
-    }
-    drop(txn);
-    check_cancel(cancel)?;
-
-    let t = Instant::now();
-    report.files = match streamed {
-        Some(files) => files.finish(&entities)?,
-        None => export::export_all(
-            wb,
-            state,
-            &config.export,
-            &entities,
-            config.workbench.export_lanes(),
-        )?,
-    };
-    report.stages.export = Some(t.elapsed().as_secs_f64());
-    check_cancel(cancel)?;
-
-    // What the bucket holds now: the manifest the run compares its schema
-    // with and replaces last. A dry run does not look at the bucket.
-    let keyed: Vec<_> = report
-        .files
-        .iter()
-        .map(|f| (f.clone(), publish::object_key(&config.storage, state, f)))
-        .collect();
-    let manifest_key = manifest::key(&config.storage, state);
-    let (entries, previous) = if opts.dry_run {
-        (Vec::new(), None)
-    } else {
-        let entries = manifest::entries(&wb.conn, &keyed)?;
-        let previous = publish::read_manifest(&config.storage, r, &manifest_key, cancel)?;
-        if let Some(p) = &previous {
-            report.schema_changes = manifest::drift(p, &entries);
-        }
-        for c in &report.schema_changes {
-            tracing::warn!(change = %c.describe(), "schema changed since the manifest in the bucket");
-        }
-        (entries, previous)
-    };
-
-    // The gates sit between export and publish: the files are on disk for
-    // whoever investigates, the bucket keeps the last good ones.
-    if let (Some(c), Some(p)) = (&report.companies, &report.people) {
-        let previous = match opts.gates.max_row_delta {
-            Some(_) => previous_success(session, config, state, held.tables_ready, cancel)?,
-            None => None,
-        };
-        report.gates = gates::evaluate(&opts.gates, c, p, previous.as_ref());
-    }
-    report
-        .gates
-        .extend(gates::schema_gate(&opts.gates, &report.schema_changes));
-    if let Some(reason) = gates::reason(&report.gates) {
-        if !opts.force {
-            return Err(PipelineError::Gated(reason));
-        }
-        tracing::warn!(%reason, "publishing anyway: --force");
-    }
-
-    if opts.dry_run {
-        return Ok(());
-    }
-    let t = Instant::now();
-    // Litter first: uploads an earlier run could not abort, and any under
-    // the state's prefix unfinished for more than a day.
-    let leftovers: Vec<publish::Unfinished> = wb
-        .unfinished_uploads()?
-        .into_iter()
-        .map(|(key, upload_id)| publish::Unfinished { key, upload_id })
-        .collect();
-    for gone in publish::abort_leftovers(&config.storage, &leftovers) {
-        wb.set_unfinished_upload(&gone.key, &gone.upload_id, false)?;
-    }
-    let state_prefix = config.storage.key(&format!("{}/", state.lower()));
-    match publish::sweep_stale(&config.storage, &state_prefix) {
-        Ok(lines) => report.stale_uploads_aborted = lines,
-        Err(e) => tracing::warn!(error = %e, "could not look for stale multipart uploads"),
-    }
-    let lease = held.lease.as_ref();
-    let mut fence =
-        |key: &str| lease.map_or(Ok(()), |l| l.fence(session, &format!("uploading {key}")));
-    let mut progress = publish::Progress::default();
-    let published = publish::publish(
-        &config.storage,
-        &config.retry,
-        state,
-        &report.files,
-        cancel,
-        &mut fence,
-        &mut progress,
-    );
-    report.objects = progress.objects;
-    for u in &progress.unfinished {
-        wb.set_unfinished_upload(&u.key, &u.upload_id, true)?;
-    }
-    report.stages.publish = Some(t.elapsed().as_secs_f64());
-    for o in report
-        .objects
-        .iter()
-        .filter(|o| o.action == PublishAction::Uploaded)
-    {
-        wb.record_upload(&o.key, &o.sha256, o.bytes, &report.run_id)?;
-    }
-    published?;
-    // Last: the manifest that names this run's files. Left alone when it
-    // already names exactly these (nothing changed).
-    if manifest::unchanged(previous.as_ref(), &entries) {
-        report.manifest = Some(format!(
-            "unchanged s3://{}/{manifest_key}",
-            config.storage.bucket
-        ));
-    } else {
-        fence(&manifest_key)?;
-        let m = manifest::Manifest {
-            run_id: report.run_id.clone(),
-            state: state.to_string(),
-            finished_at: chrono::Utc::now(),
-            files: entries,
-        };
-        publish::write_manifest(&config.storage, r, &manifest_key, &m, cancel)?;
-        report.manifest = Some(format!(
-            "written s3://{}/{manifest_key}",
-            config.storage.bucket
-        ));
-    }
-    report.stages.publish = Some(t.elapsed().as_secs_f64());
-    Ok(())
 }

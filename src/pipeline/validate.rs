@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::quote_ident;
+use crate::config::{quote_ident, Config};
 use crate::pipeline::rules::Rule;
 use crate::pipeline::PipelineError;
 use crate::workbench::{DuckError, RawConnection};
@@ -147,4 +147,33 @@ pub fn split(
             .map(|(r, n)| (r.code.clone(), *n as u64))
             .collect(),
     })
+}
+
+/// Both entities' splits, in the run's transaction: companies with their
+/// rules, then people with theirs (and the link rule, reading the
+/// companies' verdicts, when it is on).
+pub fn split_all(
+    duck: &RawConnection,
+    schema: &str,
+    config: &Config,
+    link_rule: bool,
+) -> Result<(Validation, Validation), PipelineError> {
+    let src = &config.source;
+    let companies = split(
+        duck,
+        schema,
+        "companies",
+        &src.company_key,
+        &config.rules.companies,
+    )?;
+    let mut people_rules = config.rules.people.clone();
+    if link_rule {
+        people_rules.push(crate::pipeline::rules::company_not_valid_rule(
+            schema,
+            &src.people_company_column,
+            &src.company_key,
+        ));
+    }
+    let people = split(duck, schema, "people", &src.person_key, &people_rules)?;
+    Ok((companies, people))
 }

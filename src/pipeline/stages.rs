@@ -1,0 +1,398 @@
+//! A run's stages, in the order they happen, one function each: connect,
+//! claim, load (pull and validate), export, compare with the bucket, gate,
+//! publish. [`super::run`] calls [`all`] and then audits whatever came of
+//! it. Each stage enters its own module once; what a later stage needs
+//! from an earlier one is passed on, not looked up again.
+
+use std::time::Instant;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::export::{self, ExportedFile, StreamedExport};
+use super::manifest::{self, Manifest, ManifestFile};
+use super::{
+    audit, check_cancel, claim, gates, publish, retry, rules, source, validate, EntityCounts, Held,
+    PipelineError, RunOptions, RunReport,
+};
+use crate::config::Config;
+use crate::names::{Entity, PublishAction};
+use crate::pg::Session;
+use crate::state::StateCode;
+use crate::workbench::{Transaction, Workbench};
+
+/// Every stage of a real or dry run, up to (not including) the audit.
+pub(super) fn all(
+    config: &Config,
+    state: &StateCode,
+    cancel: &CancellationToken,
+    opts: &RunOptions,
+    report: &mut RunReport,
+    held: &mut Held,
+) -> Result<(), PipelineError> {
+    let session = held.session.insert(connect(config, opts, cancel)?);
+    if !opts.dry_run {
+        let tables_ready = &mut held.tables_ready;
+        held.lease = Some(claim(config, state, session, report, tables_ready, cancel)?);
+    }
+    check_cancel(cancel)?;
+
+    let wb = held
+        .workbench
+        .insert(Workbench::open(&config.workbench, config.lock_timeout())?);
+    wb.run_started(
+        &report.run_id,
+        state.as_str(),
+        opts.dry_run,
+        report.started_at,
+    )?;
+    // The files are written while the rows load, unless a rule reads more
+    // than its own row: the link rule reads the companies' verdicts from the
+    // workbench, which the writers' connections see only after the commit.
+    let streamed = (!opts.link_rule).then(|| {
+        StreamedExport::new(
+            wb,
+            state,
+            &config.export,
+            vec![
+                (Entity::Companies, &config.rules.companies[..]),
+                (Entity::People, &config.rules.people[..]),
+            ],
+        )
+    });
+    load(
+        config,
+        state,
+        opts,
+        session,
+        wb,
+        streamed.as_ref(),
+        report,
+        cancel,
+    )?;
+    check_cancel(cancel)?;
+    report.files = export(config, state, wb, streamed, report)?;
+    check_cancel(cancel)?;
+
+    let bucket = compare_with_bucket(config, state, opts, wb, report, cancel)?;
+    gate(
+        config,
+        state,
+        opts,
+        session,
+        held.tables_ready,
+        report,
+        cancel,
+    )?;
+    if opts.dry_run {
+        return Ok(());
+    }
+    publish(
+        config,
+        state,
+        session,
+        held.lease.as_ref(),
+        wb,
+        bucket,
+        report,
+        cancel,
+    )
+}
+
+/// Everything that can be refused is refused before any work is done: the
+/// bucket (not for a dry run), the connection, and the rules against the
+/// source's columns. The connection is the run's one for its own statements
+/// and the pull (the lease's heartbeat has its own).
+fn connect(
+    config: &Config,
+    opts: &RunOptions,
+    cancel: &CancellationToken,
+) -> Result<Session, PipelineError> {
+    if !opts.dry_run {
+        retry::retry(&config.retry, cancel, "checking the bucket", || {
+            publish::check_bucket(&config.storage)
+        })?;
+    }
+    let mut session = Session::open(&config.source, &config.retry, cancel)?;
+    // A rule naming a column the source does not have fails here, before
+    // any row is pulled, naming the rule.
+    session.run("checking the rules against the source", cancel, |c| {
+        rules::check_against_source(c, config)
+    })?;
+    Ok(session)
+}
+
+/// The audit, lease and fire-claim tables (`tables_ready` once checked, so
+/// that a later failure's audit does not check them again), the schedule's
+/// fire time, then the state's lease (see [`claim`](super::claim)).
+fn claim(
+    config: &Config,
+    state: &StateCode,
+    session: &mut Session,
+    report: &mut RunReport,
+    tables_ready: &mut bool,
+    cancel: &CancellationToken,
+) -> Result<claim::Lease, PipelineError> {
+    audit::ensure_tables(session, config, cancel)?;
+    *tables_ready = true;
+    if let Some(fire) = report.fire_time {
+        claim::claim_fire(session, config, state, fire, &report.run_id, cancel)?;
+    }
+    let lease = claim::Lease::acquire(session, config, state, &report.run_id, cancel)?;
+    report.lease_acquired_at = Some(Utc::now());
+    Ok(lease)
+}
+
+/// Pull and validate in one DuckDB transaction: a failed or cancelled run
+/// leaves the state's previous tables intact for analysts. It runs on a
+/// connection of its own, the one the pull's inserts need.
+#[allow(clippy::too_many_arguments)]
+fn load(
+    config: &Config,
+    state: &StateCode,
+    opts: &RunOptions,
+    session: &mut Session,
+    wb: &Workbench,
+    streamed: Option<&StreamedExport>,
+    report: &mut RunReport,
+    cancel: &CancellationToken,
+) -> Result<(), PipelineError> {
+    let schema = state.lower();
+    let txn = Transaction::begin(wb.raw_connection()?).map_err(|e| workbench_err("BEGIN", e))?;
+    let create = format!(
+        "CREATE SCHEMA IF NOT EXISTS {}",
+        crate::ident::quote_ident(&schema)
+    );
+    txn.execute(&create)
+        .map_err(|e| workbench_err(&create, e))?;
+
+    let t = Instant::now();
+    let syncing = wb.background_sync();
+    let taps = streamed.map(|s| s.taps()).unwrap_or_default();
+    let client = session.client(cancel)?;
+    let pulled = source::pull(client, config, state, &txn, &schema, cancel, taps);
+    drop(syncing);
+    let pulled = pulled?;
+    report.stages.pull = Some(t.elapsed().as_secs_f64());
+    report.text_fallbacks = pulled.text_fallbacks.clone();
+    tracing::info!(
+        companies = pulled.companies,
+        people = pulled.people,
+        "pulled"
+    );
+    check_cancel(cancel)?;
+
+    let t = Instant::now();
+    let (companies, people) = validate::split_all(&txn, &schema, config, opts.link_rule)?;
+    report.stages.validate = Some(t.elapsed().as_secs_f64());
+    report.companies = Some(EntityCounts::new(pulled.companies, companies));
+    report.people = Some(EntityCounts::new(pulled.people, people));
+    txn.commit().map_err(|e| workbench_err("COMMIT", e))
+}
+
+fn workbench_err(sql: &str, e: crate::workbench::DuckError) -> PipelineError {
+    PipelineError::Workbench(format!("{sql}: {e}"))
+}
+
+/// The four files: the streamed ones put in place now that the workbench
+/// has committed, or (link rule) written from the committed views.
+fn export(
+    config: &Config,
+    state: &StateCode,
+    wb: &Workbench,
+    streamed: Option<StreamedExport>,
+    report: &mut RunReport,
+) -> Result<Vec<ExportedFile>, PipelineError> {
+    let t = Instant::now();
+    let files = match streamed {
+        Some(files) => files.finish(&Entity::ALL)?,
+        None => export::export_all(
+            wb,
+            state,
+            &config.export,
+            &Entity::ALL,
+            config.workbench.export_lanes(),
+        )?,
+    };
+    report.stages.export = Some(t.elapsed().as_secs_f64());
+    Ok(files)
+}
+
+/// What the bucket holds now, as far as this run cares: the manifest it
+/// compares its schema with, and replaces last.
+struct BucketView {
+    manifest_key: String,
+    previous: Option<Manifest>,
+    /// The manifest entries of this run's files.
+    entries: Vec<ManifestFile>,
+}
+
+/// Reads the state's manifest and reports columns added, removed or
+/// retyped since. A dry run does not look at the bucket.
+fn compare_with_bucket(
+    config: &Config,
+    state: &StateCode,
+    opts: &RunOptions,
+    wb: &Workbench,
+    report: &mut RunReport,
+    cancel: &CancellationToken,
+) -> Result<BucketView, PipelineError> {
+    let manifest_key = manifest::key(&config.storage, state);
+    if opts.dry_run {
+        return Ok(BucketView {
+            manifest_key,
+            previous: None,
+            entries: Vec::new(),
+        });
+    }
+    let keyed: Vec<_> = report
+        .files
+        .iter()
+        .map(|f| (f.clone(), publish::object_key(&config.storage, state, f)))
+        .collect();
+    let entries = manifest::entries(&wb.conn, &keyed)?;
+    let previous = publish::read_manifest(&config.storage, &config.retry, &manifest_key, cancel)?;
+    if let Some(p) = &previous {
+        report.schema_changes = manifest::drift(p, &entries);
+    }
+    for c in &report.schema_changes {
+        tracing::warn!(change = %c.describe(), "schema changed since the manifest in the bucket");
+    }
+    Ok(BucketView {
+        manifest_key,
+        previous,
+        entries,
+    })
+}
+
+/// The gates sit between export and publish: the files are on disk for
+/// whoever investigates, the bucket keeps the last good ones.
+fn gate(
+    config: &Config,
+    state: &StateCode,
+    opts: &RunOptions,
+    session: &mut Session,
+    tables_ready: bool,
+    report: &mut RunReport,
+    cancel: &CancellationToken,
+) -> Result<(), PipelineError> {
+    if let (Some(c), Some(p)) = (&report.companies, &report.people) {
+        let previous = match opts.gates.max_row_delta {
+            Some(_) => previous_success(session, config, state, tables_ready, cancel)?,
+            None => None,
+        };
+        report.gates = gates::evaluate(&opts.gates, c, p, previous.as_ref());
+    }
+    report
+        .gates
+        .extend(gates::schema_gate(&opts.gates, &report.schema_changes));
+    if let Some(reason) = gates::reason(&report.gates) {
+        if !opts.force {
+            return Err(PipelineError::Gated(reason));
+        }
+        tracing::warn!(%reason, "publishing anyway: --force");
+    }
+    Ok(())
+}
+
+/// The state's last successful run, for `max_row_delta`, from the audit
+/// table; none before the table exists (a dry run on a new database).
+/// `tables_ready`: this run has checked the table already (real runs do).
+fn previous_success(
+    session: &mut Session,
+    config: &Config,
+    state: &StateCode,
+    tables_ready: bool,
+    cancel: &CancellationToken,
+) -> Result<Option<gates::Previous>, PipelineError> {
+    let table = config.audit_table();
+    let usable = match tables_ready {
+        true => Some(Vec::new()),
+        false => session.run("checking the audit table", cancel, |c| {
+            audit::inspect(c, &table)
+        })?,
+    };
+    match usable {
+        Some(problems) if problems.is_empty() => {
+            audit::previous_success(session, &table, state.as_str(), cancel)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Uploads what changed, fenced by the lease, then the manifest that names
+/// this run's files (left alone when it already names exactly these).
+/// First the litter: uploads an earlier run could not abort, and any under
+/// the state's prefix unfinished for more than a day.
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    config: &Config,
+    state: &StateCode,
+    session: &mut Session,
+    lease: Option<&claim::Lease>,
+    wb: &Workbench,
+    bucket: BucketView,
+    report: &mut RunReport,
+    cancel: &CancellationToken,
+) -> Result<(), PipelineError> {
+    let t = Instant::now();
+    let leftovers: Vec<publish::Unfinished> = wb
+        .unfinished_uploads()?
+        .into_iter()
+        .map(|(key, upload_id)| publish::Unfinished { key, upload_id })
+        .collect();
+    for gone in publish::abort_leftovers(&config.storage, &leftovers) {
+        wb.set_unfinished_upload(&gone.key, &gone.upload_id, false)?;
+    }
+    let state_prefix = config.storage.key(&format!("{}/", state.lower()));
+    match publish::sweep_stale(&config.storage, &state_prefix) {
+        Ok(lines) => report.stale_uploads_aborted = lines,
+        Err(e) => tracing::warn!(error = %e, "could not look for stale multipart uploads"),
+    }
+    let mut fence =
+        |key: &str| lease.map_or(Ok(()), |l| l.fence(session, &format!("uploading {key}")));
+    let mut progress = publish::Progress::default();
+    let published = publish::publish(
+        &config.storage,
+        &config.retry,
+        state,
+        &report.files,
+        cancel,
+        &mut fence,
+        &mut progress,
+    );
+    report.objects = progress.objects;
+    for u in &progress.unfinished {
+        wb.set_unfinished_upload(&u.key, &u.upload_id, true)?;
+    }
+    report.stages.publish = Some(t.elapsed().as_secs_f64());
+    for o in report
+        .objects
+        .iter()
+        .filter(|o| o.action == PublishAction::Uploaded)
+    {
+        wb.record_upload(&o.key, &o.sha256, o.bytes, &report.run_id)?;
+    }
+    published?;
+    let BucketView {
+        manifest_key,
+        previous,
+        entries,
+    } = bucket;
+    let url = format!("s3://{}/{manifest_key}", config.storage.bucket);
+    if manifest::unchanged(previous.as_ref(), &entries) {
+        report.manifest = Some(format!("unchanged {url}"));
+    } else {
+        fence(&manifest_key)?;
+        let m = Manifest {
+            run_id: report.run_id.clone(),
+            state: state.to_string(),
+            finished_at: Utc::now(),
+            files: entries,
+        };
+        publish::write_manifest(&config.storage, &config.retry, &manifest_key, &m, cancel)?;
+        report.manifest = Some(format!("written {url}"));
+    }
+    report.stages.publish = Some(t.elapsed().as_secs_f64());
+    Ok(())
+}
