@@ -2,6 +2,7 @@
 //! one line; an empty list means a run can start.
 
 use crate::config::Config;
+use crate::names::Entity;
 use crate::pipeline::{audit, claim, pg_message, publish, rules, source, PipelineError};
 
 /// Config-only checks (the config already loaded and validated, the rules'
@@ -31,16 +32,10 @@ pub fn online(config: &Config) -> Vec<String> {
         Err(e) => problems.push(e.to_string()),
         Ok(mut client) => {
             let s = &config.source;
-            for (entity, table, rules) in [
-                (
-                    "companies",
-                    config.companies_table(),
-                    &config.rules.companies,
-                ),
-                ("people", config.people_table(), &config.rules.people),
-            ] {
+            for entity in Entity::ALL {
+                let (table, rules) = (s.table(entity), config.rules.of(entity));
                 // One description of the table serves both checks.
-                let columns = match source::describe(&mut client, &table) {
+                let columns = match source::describe(&mut client, table) {
                     Ok(columns) => columns,
                     Err(PipelineError::Source { source, .. }) => {
                         problems.push(format!("source table {table}: {}", pg_message(&source)));
@@ -53,7 +48,8 @@ pub fn online(config: &Config) -> Vec<String> {
                 };
                 let name = table.to_string();
                 problems.extend(source::missing_columns(s, entity, &name, &columns));
-                let checked = rules::Checker::with(|c| c.columns(entity, &name, &columns, rules));
+                let checked =
+                    rules::Checker::with(|c| c.columns(entity.as_str(), &name, &columns, rules));
                 if let Err(e) = checked {
                     problems.push(e.to_string());
                 }

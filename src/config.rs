@@ -21,6 +21,7 @@ use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub use crate::ident::{quote_ident, QualifiedName};
+use crate::names::Entity;
 use crate::state::StateCode;
 
 mod gates;
@@ -242,6 +243,24 @@ pub struct SourceConfig {
     pub people_company_column: String,
     /// Rows per Arrow batch handed from the reading to the loading thread.
     pub batch_rows: usize,
+}
+
+impl SourceConfig {
+    /// Where `entity`'s rows come from.
+    pub fn table(&self, entity: Entity) -> &QualifiedName {
+        match entity {
+            Entity::Companies => &self.companies_table,
+            Entity::People => &self.people_table,
+        }
+    }
+
+    /// `entity`'s primary key column.
+    pub fn key(&self, entity: Entity) -> &str {
+        match entity {
+            Entity::Companies => &self.company_key,
+            Entity::People => &self.person_key,
+        }
+    }
 }
 
 impl Default for SourceConfig {

@@ -18,6 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::names::{Entity, FileKind};
 use crate::pipeline::{RunReport, RunStatus};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -155,14 +156,14 @@ impl Metrics {
         if r.succeeded() {
             self.last_success.get_or_create(&state()).set(finished);
         }
-        for (entity, counts) in [("companies", &r.companies), ("people", &r.people)] {
-            let Some(c) = counts else { continue };
-            for (kind, n) in [("good", c.good), ("bad", c.bad)] {
+        for entity in Entity::ALL {
+            let Some(c) = r.counts(entity) else { continue };
+            for (kind, n) in [(FileKind::Good, c.good), (FileKind::Bad, c.bad)] {
                 self.rows
                     .get_or_create(&Rows {
                         state: r.state.clone(),
-                        entity: entity.into(),
-                        kind: kind.into(),
+                        entity: entity.to_string(),
+                        kind: kind.to_string(),
                     })
                     .set(n as i64);
             }

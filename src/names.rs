@@ -24,6 +24,19 @@ impl Entity {
             Entity::People => "people",
         }
     }
+
+    /// Its workbench table of pulled rows.
+    pub fn raw_table(self) -> &'static str {
+        match self {
+            Entity::Companies => "companies_raw",
+            Entity::People => "people_raw",
+        }
+    }
+
+    /// Its workbench table (and file stem) of `kind`, `companies_good`.
+    pub fn table(self, kind: FileKind) -> String {
+        format!("{self}_{kind}")
+    }
 }
 
 /// Rows that passed every rule, or failed at least one.

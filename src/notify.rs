@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use crate::names::Entity;
 use crate::pipeline::RunReport;
 
 pub use crate::config::NotifyConfig;
@@ -51,8 +52,8 @@ pub fn body(format: &str, event: &str, details: &serde_json::Value) -> serde_jso
         s("state"),
         event,
         s("status"),
-        counts("companies"),
-        counts("people"),
+        counts(Entity::Companies.as_str()),
+        counts(Entity::People.as_str()),
     );
     if let Some(e) = details["error"].as_str() {
         text.push_str(&format!("; reason: {e}"));

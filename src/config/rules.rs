@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::names::Entity;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
@@ -24,6 +26,16 @@ pub(crate) fn rule(code: &str, condition: &str) -> Rule {
 pub struct RulesConfig {
     pub companies: Vec<Rule>,
     pub people: Vec<Rule>,
+}
+
+impl RulesConfig {
+    /// `entity`'s rules, in the order they are listed.
+    pub fn of(&self, entity: Entity) -> &[Rule] {
+        match entity {
+            Entity::Companies => &self.companies,
+            Entity::People => &self.people,
+        }
+    }
 }
 
 impl Default for RulesConfig {

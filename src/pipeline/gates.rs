@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::config::GatesConfig;
 
 use super::report::EntityCounts;
+use crate::names::Entity;
 
 /// One gate's verdict, as the summary, the audit and `history` show it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,7 +71,7 @@ pub fn evaluate(
 ) -> Vec<GateResult> {
     let mut out = Vec::new();
     if let Some(limit) = gates.max_bad_ratio {
-        for (name, c) in [("companies", companies), ("people", people)] {
+        for (name, c) in Entity::ALL.into_iter().zip([companies, people]) {
             let ratio = if c.raw == 0 {
                 0.0
             } else {

@@ -13,7 +13,7 @@ use super::gates::GateResult;
 use super::publish::PublishedObject;
 use super::validate::Validation;
 use super::PipelineError;
-use crate::names::PublishAction;
+use crate::names::{Entity, PublishAction};
 use crate::state::StateCode;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +196,14 @@ impl RunReport {
         self.error = error.map(|e| e.to_string());
     }
 
+    /// `entity`'s counts, once validated.
+    pub fn counts(&self, entity: Entity) -> Option<&EntityCounts> {
+        match entity {
+            Entity::Companies => self.companies.as_ref(),
+            Entity::People => self.people.as_ref(),
+        }
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("report is plain data")
     }
@@ -217,8 +225,9 @@ impl RunReport {
             self.status.as_str(),
             if self.dry_run { " (dry run)" } else { "" }
         );
-        for (name, c) in [("companies", &self.companies), ("people", &self.people)] {
-            if let Some(c) = c {
+        for entity in Entity::ALL {
+            if let Some(c) = self.counts(entity) {
+                let name = entity.as_str();
                 let errs: Vec<String> = c
                     .errors
                     .iter()

@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use duckdb::Connection;
 
 use crate::config::quote_ident;
+use crate::names::{Entity, FileKind};
 use crate::pipeline::pgtypes::{column_defs, ColType};
 use crate::pipeline::source;
 
@@ -38,8 +39,9 @@ pub fn load_config(path: &std::path::Path) -> anyhow::Result<crate::config::Conf
 /// the daemon on SIGHUP), while `schedule` and `history` start no DuckDB.
 pub fn check_syntax(rules: &RulesConfig) -> Result<(), RuleError> {
     Checker::with(|checker| {
-        checker.syntax("companies", &rules.companies)?;
-        checker.syntax("people", &rules.people)
+        Entity::ALL
+            .into_iter()
+            .try_for_each(|e| checker.syntax(e.as_str(), rules.of(e)))
     })
 }
 
@@ -48,10 +50,11 @@ pub fn company_not_valid_rule(schema: &str, link_column: &str, company_key: &str
     rule(
         LINK_RULE_CODE,
         &format!(
-            "NOT coalesce({link} IN (SELECT {key} FROM {s}.companies_good), false)",
+            "NOT coalesce({link} IN (SELECT {key} FROM {s}.{good}), false)",
             link = quote_ident(link_column),
             key = quote_ident(company_key),
             s = quote_ident(schema),
+            good = quote_ident(&Entity::Companies.table(FileKind::Good)),
         ),
     )
 }
@@ -239,10 +242,8 @@ pub fn check_against_source(
     config: &crate::config::Config,
 ) -> Result<(), crate::pipeline::PipelineError> {
     let s = &config.source;
-    for (entity, name, rules) in [
-        ("companies", &s.companies_table, &config.rules.companies),
-        ("people", &s.people_table, &config.rules.people),
-    ] {
+    for entity in Entity::ALL {
+        let (name, rules) = (s.table(entity), config.rules.of(entity));
         let table = &name.to_string();
         let columns = source::describe(client, name)?;
         if let Some(m) = source::missing_columns(s, entity, table, &columns)
@@ -251,7 +252,7 @@ pub fn check_against_source(
         {
             return Err(crate::pipeline::PipelineError::Config(m));
         }
-        Checker::with(|c| c.columns(entity, table, &columns, rules))?;
+        Checker::with(|c| c.columns(entity.as_str(), table, &columns, rules))?;
     }
     Ok(())
 }

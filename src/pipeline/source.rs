@@ -23,6 +23,7 @@ use postgres::{Client, IsolationLevel, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{quote_ident, Config, QualifiedName, SourceConfig};
+use crate::names::Entity;
 use crate::pipeline::pgtypes::{column_defs, ColType, ColumnBuilder, DecodeError};
 use crate::pipeline::PipelineError;
 use crate::state::StateCode;
@@ -78,20 +79,19 @@ fn order_by(alias: &str, key: &str, t: &ColType) -> String {
 /// of the companies, the key and company link of the people.
 pub fn missing_columns(
     s: &SourceConfig,
-    entity: &str,
+    entity: Entity,
     table: &str,
     columns: &Columns,
 ) -> Vec<String> {
-    let settings = if entity == "companies" {
-        [
+    let settings = match entity {
+        Entity::Companies => [
             ("source.state_column", &s.state_column),
             ("source.company_key", &s.company_key),
-        ]
-    } else {
-        [
+        ],
+        Entity::People => [
             ("source.person_key", &s.person_key),
             ("source.people_company_column", &s.people_company_column),
-        ]
+        ],
     };
     settings
         .into_iter()
@@ -282,40 +282,27 @@ fn read_source(
         link = quote_ident(&s.people_company_column),
         key = quote_ident(&s.company_key),
     );
-    for (name, source_table, from, alias, key) in [
-        (
-            "companies_raw",
-            &companies_table,
-            &companies_from,
-            "c",
-            &s.company_key,
-        ),
-        (
-            "people_raw",
-            &people_table,
-            &people_from,
-            "p",
-            &s.person_key,
-        ),
+    for (entity, source_table, from, alias) in [
+        (Entity::Companies, &companies_table, &companies_from, "c"),
+        (Entity::People, &people_table, &people_from, "p"),
     ] {
         let rows = stream_query(
             &mut pg,
             source_table,
             from,
             alias,
-            key,
+            s.key(entity),
             state,
-            name,
+            entity.raw_table(),
             s.batch_rows,
             cancel,
             db,
             &outs,
             &mut stats.text_fallbacks,
         )?;
-        if name == "companies_raw" {
-            stats.companies = rows;
-        } else {
-            stats.people = rows;
+        match entity {
+            Entity::Companies => stats.companies = rows,
+            Entity::People => stats.people = rows,
         }
     }
     pg.commit().map_err(|e| PipelineError::Source {

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::{quote_ident, Config};
+use crate::names::{Entity, FileKind};
 use crate::pipeline::rules::Rule;
 use crate::pipeline::PipelineError;
 use crate::workbench::{DuckError, RawConnection};
@@ -83,15 +84,15 @@ pub fn bad_rows(rows: &str, rules: &[Rule]) -> String {
 pub fn split(
     duck: &RawConnection,
     schema: &str,
-    entity: &str,
+    entity: Entity,
     key: &str,
     rules: &[Rule],
 ) -> Result<Validation, PipelineError> {
     let err = |e: DuckError| PipelineError::Validate(format!("{entity}: {e}"));
     let s = quote_ident(schema);
-    let raw = format!("{s}.{}", quote_ident(&format!("{entity}_raw")));
-    let good = format!("{s}.{}", quote_ident(&format!("{entity}_good")));
-    let bad = format!("{s}.{}", quote_ident(&format!("{entity}_bad")));
+    let raw = format!("{s}.{}", quote_ident(entity.raw_table()));
+    let good = format!("{s}.{}", quote_ident(&entity.table(FileKind::Good)));
+    let bad = format!("{s}.{}", quote_ident(&entity.table(FileKind::Bad)));
     duck.execute(&format!(
         "CREATE OR REPLACE VIEW {good} AS {};
          CREATE OR REPLACE VIEW {bad} AS {};",
@@ -159,21 +160,24 @@ pub fn split_all(
     link_rule: bool,
 ) -> Result<(Validation, Validation), PipelineError> {
     let src = &config.source;
-    let companies = split(
-        duck,
-        schema,
-        "companies",
-        &src.company_key,
-        &config.rules.companies,
-    )?;
-    let mut people_rules = config.rules.people.clone();
+    let companies = Entity::Companies;
+    let people = Entity::People;
+    let mut people_rules = config.rules.of(people).to_vec();
     if link_rule {
         people_rules.push(crate::pipeline::rules::company_not_valid_rule(
             schema,
             &src.people_company_column,
-            &src.company_key,
+            src.key(companies),
         ));
     }
-    let people = split(duck, schema, "people", &src.person_key, &people_rules)?;
-    Ok((companies, people))
+    Ok((
+        split(
+            duck,
+            schema,
+            companies,
+            src.key(companies),
+            config.rules.of(companies),
+        )?,
+        split(duck, schema, people, src.key(people), &people_rules)?,
+    ))
 }
