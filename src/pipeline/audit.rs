@@ -52,15 +52,20 @@ pub fn inspect(
             &[(&table.schema, Type::TEXT), (&table.table, Type::TEXT)],
         )
         .map_err(err(table))?;
-    if rows.is_empty() {
-        return Ok(None);
+    let columns: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(layout_problems(&columns))
+}
+
+/// [`inspect`]'s verdict on the table's (column, data type) pairs.
+fn layout_problems(columns: &[(String, String)]) -> Option<Vec<String>> {
+    if columns.is_empty() {
+        return None;
     }
     let mut problems = Vec::new();
     for (name, types) in REQUIRED {
-        match rows.iter().find(|r| r.get::<_, String>(0) == *name) {
+        match columns.iter().find(|(c, _)| c == name) {
             None => problems.push(format!("missing column `{name}`")),
-            Some(r) => {
-                let ty: String = r.get(1);
+            Some((_, ty)) => {
                 if !types.contains(&ty.as_str()) {
                     problems.push(format!(
                         "column `{name}` is {ty}, expected {}",
@@ -70,7 +75,7 @@ pub fn inspect(
             }
         }
     }
-    Ok(Some(problems))
+    Some(problems)
 }
 
 /// Advisory lock key for creating the tables ("OWAU"); transaction-scoped,
@@ -95,23 +100,29 @@ pub fn ensure_tables(
     let leases = config.leases_table();
     let claims = config.fire_claims_table();
     session.run(&format!("checking the audit table {table}"), cancel, |c| {
-        let present: Vec<String> = c
+        // The three tables' columns in one statement (they share a schema):
+        // the audit table's layout, and which of the others exist.
+        let rows = c
             .query_typed(
-                "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE n.nspname = $1 AND c.relname = ANY($2)",
+                "SELECT table_name::text, column_name::text, data_type::text
+                 FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = ANY($2)",
                 &[
                     (&table.schema, Type::TEXT),
                     (
-                        &vec![&leases.table, &claims.table],
+                        &vec![&table.table, &leases.table, &claims.table],
                         Type::TEXT_ARRAY,
                     ),
                 ],
             )
-            .map_err(err(&table))?
+            .map_err(err(&table))?;
+        let present: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let audit_columns: Vec<(String, String)> = rows
             .iter()
-            .map(|r| r.get(0))
+            .filter(|r| r.get::<_, String>(0) == table.table)
+            .map(|r| (r.get(1), r.get(2)))
             .collect();
-        let audit = inspect(c, &table)?;
+        let audit = layout_problems(&audit_columns);
         if let Some(problems) = audit.as_ref().filter(|p| !p.is_empty()) {
             return Err(PipelineError::AuditLayout {
                 table: table.to_string(),
@@ -175,6 +186,36 @@ pub fn ensure_tables(
     })
 }
 
+/// The statement that writes a record unless one with its run id ($4) is
+/// there already, and returns the id either way. `lease_ok` is a condition
+/// the write also needs (`true`, or the lease's row deleted by `fenced`).
+fn record_sql(table: &QualifiedName, fenced: Option<&QualifiedName>) -> String {
+    let (fence, lease_ok) = match fenced {
+        None => (String::new(), ""),
+        Some(leases) => (
+            format!(
+                "fenced AS (
+                     DELETE FROM {} WHERE state = $5 AND run_id = $4 RETURNING 1
+                 ), ",
+                leases.quoted()
+            ),
+            " AND EXISTS (SELECT FROM fenced)",
+        ),
+    };
+    format!(
+        "WITH {fence}existing AS (
+             SELECT id FROM {t} WHERE event_type = $1 AND details->>'run_id' = $4
+             ORDER BY id LIMIT 1
+         ), written AS (
+             INSERT INTO {t} (event_type, event_source, details)
+             SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT FROM existing){lease_ok}
+             RETURNING id
+         )
+         SELECT id::int8 FROM written UNION ALL SELECT id::int8 FROM existing",
+        t = table.quoted()
+    )
+}
+
 /// Writes the run's record unless one with its run id is there already,
 /// and returns the record's `id`. One statement, so a retry on a new
 /// connection is safe.
@@ -189,18 +230,7 @@ pub fn record(
     cancel: &CancellationToken,
 ) -> Result<i64, PipelineError> {
     let run_id = details["run_id"].as_str().unwrap_or_default().to_string();
-    let sql = format!(
-        "WITH existing AS (
-             SELECT id FROM {t} WHERE event_type = $1 AND details->>'run_id' = $4
-             ORDER BY id LIMIT 1
-         ), written AS (
-             INSERT INTO {t} (event_type, event_source, details)
-             SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT FROM existing)
-             RETURNING id
-         )
-         SELECT id::int8 FROM written UNION ALL SELECT id::int8 FROM existing",
-        t = table.quoted()
-    );
+    let sql = record_sql(table, None);
     session.run(
         &format!("writing the audit record to {table}"),
         cancel,
@@ -218,6 +248,42 @@ pub fn record(
             .map_err(err(table))
         },
     )
+}
+
+/// The fence, the record and the lease's release in one statement, one
+/// round trip instead of three (on a far database, each is one): the record
+/// is written only while the lease row is still the run's, and the row goes
+/// in the same transaction. `None` when the lease is no longer the run's or
+/// the statement failed; the caller then goes step by step, whose fence
+/// says why. One try: the step-by-step path retries.
+pub fn record_releasing(
+    session: &mut Session,
+    table: &QualifiedName,
+    lease: &crate::pipeline::claim::Lease,
+    details: &serde_json::Value,
+) -> Option<i64> {
+    let (leases, state, run_id) = lease.row();
+    let sql = record_sql(table, Some(leases));
+    let written = session.once(|c| {
+        c.query_typed(
+            &sql,
+            &[
+                (&EVENT_TYPE, Type::TEXT),
+                (&EVENT_SOURCE, Type::TEXT),
+                (details, Type::JSONB),
+                (&run_id, Type::TEXT),
+                (&state, Type::TEXT),
+            ],
+        )
+        .map_err(err(table))
+    });
+    match written {
+        Ok(rows) => rows.first().map(|r| r.get(0)),
+        Err(e) => {
+            tracing::debug!(error = %e, "the one-statement audit failed; writing it step by step");
+            None
+        }
+    }
 }
 
 /// Writes the records the workbench holds as pending (runs that could not

@@ -305,6 +305,24 @@ impl Lease {
         }
     }
 
+    /// The lease's row: its table, state and run id.
+    pub fn row(&self) -> (&QualifiedName, &str, &str) {
+        (&self.table, &self.state, &self.run_id)
+    }
+
+    /// Stops renewing, for a statement that is about to delete the row
+    /// itself (`audit::record_releasing`): no renewal races the delete. The
+    /// fence and the release still work after it.
+    pub fn stop_heartbeat(&mut self) {
+        self.stop();
+    }
+
+    /// The row was deleted by another statement (the audit's): nothing is
+    /// left to do.
+    pub fn released(mut self) {
+        self.stop();
+    }
+
     fn stop(&mut self) {
         self.stop_heartbeat.take();
         if let Some(t) = self.heartbeat.take() {

@@ -234,13 +234,59 @@ pub fn run(
     let mut held = Held::default();
     // A panic anywhere in the stages (a worker thread's is passed on to
     // here) is a failed run like any other: reported, recorded, audited.
-    let mut outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
         stages::all(config, state, cancel, opts, &mut report, &mut held)
     }))
     .unwrap_or_else(|panic| Err(PipelineError::Panicked(panic_text(&panic))));
+    let (skipped, auditable) = audit_and_release(config, opts, outcome, &mut report, &mut held);
+    if !skipped {
+        record_in_workbench(config, &report, auditable, &mut held);
+    }
+    match &report.error {
+        None if report.audit_error.is_none() => {
+            tracing::info!(status = report.status.as_str(), "run finished")
+        }
+        None => tracing::error!(
+            status = report.status.as_str(),
+            "run finished, but its audit record is not written yet"
+        ),
+        Some(e) => tracing::error!(status = report.status.as_str(), error = %e, "run finished"),
+    }
+    report
+}
+
+/// The run's ending in PostgreSQL: the fence, the audit record, the lease
+/// released. A run to be recorded as a success or a gate does the three in
+/// one statement (`audit::record_releasing`); any other ending, or that
+/// statement failing, goes step by step. Returns whether the run was
+/// skipped (it did nothing, and is neither audited nor in the history) and
+/// whether it is one to audit.
+fn audit_and_release(
+    config: &Config,
+    opts: &RunOptions,
+    mut outcome: Result<(), PipelineError>,
+    report: &mut RunReport,
+    held: &mut Held,
+) -> (bool, bool) {
+    let t = Instant::now();
     // The fence before the audit: a run that lost its lease on the way
     // does not record itself as a success or a gate.
     let would_record_success = matches!(outcome, Ok(()) | Err(PipelineError::Gated(_)));
+    if would_record_success {
+        if let (Some(lease), Some(session)) = (held.lease.as_mut(), held.session.as_mut()) {
+            report.finish(outcome.as_ref().err());
+            lease.stop_heartbeat();
+            let table = config.audit_table();
+            if let Some(id) = audit::record_releasing(session, &table, lease, &report.to_json()) {
+                report.audit_id = Some(id);
+                if let Some(lease) = held.lease.take() {
+                    lease.released();
+                }
+                report.stages.audit = Some(t.elapsed().as_secs_f64());
+                return (false, true);
+            }
+        }
+    }
     if let (Some(lease), Some(session)) = (
         held.lease.as_ref().filter(|_| would_record_success),
         held.session.as_mut(),
@@ -260,7 +306,6 @@ pub fn run(
     let auditable =
         !opts.dry_run && !skipped && !matches!(outcome, Err(PipelineError::AuditLayout { .. }));
     if auditable {
-        let t = Instant::now();
         // The connect itself failed, after its retries: PostgreSQL is not
         // there now, and the record waits in the workbench.
         let unreachable =
@@ -294,20 +339,7 @@ pub fn run(
     if let Some(lease) = held.lease.take() {
         lease.release(held.session.as_mut());
     }
-    if !skipped {
-        record_in_workbench(config, &report, auditable, &mut held);
-    }
-    match &report.error {
-        None if report.audit_error.is_none() => {
-            tracing::info!(status = report.status.as_str(), "run finished")
-        }
-        None => tracing::error!(
-            status = report.status.as_str(),
-            "run finished, but its audit record is not written yet"
-        ),
-        Some(e) => tracing::error!(status = report.status.as_str(), error = %e, "run finished"),
-    }
-    report
+    (skipped, auditable)
 }
 
 /// The run's row in the workbench history, with its audit still pending

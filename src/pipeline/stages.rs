@@ -30,7 +30,7 @@ pub(super) fn all(
     report: &mut RunReport,
     held: &mut Held,
 ) -> Result<(), PipelineError> {
-    let session = held.session.insert(connect(config, opts, cancel)?);
+    let session = connect(config, opts, cancel, &mut held.session)?;
     if !opts.dry_run {
         let tables_ready = &mut held.tables_ready;
         held.lease = Some(claim(config, state, session, report, tables_ready, cancel)?);
@@ -103,22 +103,49 @@ pub(super) fn all(
 /// bucket (not for a dry run), the connection, and the rules against the
 /// source's columns. The connection is the run's one for its own statements
 /// and the pull (the lease's heartbeat has its own).
-fn connect(
+///
+/// The bucket is checked while PostgreSQL is reached, on a thread of its
+/// own: a new S3 client (its TLS roots) and a far database each take tens
+/// of milliseconds. The bucket's verdict comes first, as when they ran one
+/// after the other.
+fn connect<'h>(
     config: &Config,
     opts: &RunOptions,
     cancel: &CancellationToken,
-) -> Result<Session, PipelineError> {
-    if !opts.dry_run {
-        retry::retry(&config.retry, cancel, "checking the bucket", || {
-            publish::check_bucket(&config.storage)
-        })?;
-    }
-    let mut session = Session::open(&config.source, &config.retry, cancel)?;
-    // A rule naming a column the source does not have fails here, before
-    // any row is pulled, naming the rule.
-    session.run("checking the rules against the source", cancel, |c| {
-        rules::check_against_source(c, config)
-    })?;
+    slot: &'h mut Option<Session>,
+) -> Result<&'h mut Session, PipelineError> {
+    let (bucket, opened, checked) = std::thread::scope(|scope| {
+        let span = tracing::Span::current();
+        let bucket = (!opts.dry_run).then(|| {
+            scope.spawn(move || {
+                let _entered = span.enter();
+                retry::retry(&config.retry, cancel, "checking the bucket", || {
+                    publish::check_bucket(&config.storage)
+                })
+            })
+        });
+        let mut opened = Session::open(&config.source, &config.retry, cancel);
+        // A rule naming a column the source does not have fails here,
+        // before any row is pulled, naming the rule.
+        let checked = match &mut opened {
+            Ok(s) => s.run("checking the rules against the source", cancel, |c| {
+                rules::check_against_source(c, config)
+            }),
+            Err(_) => Ok(()),
+        };
+        let bucket = bucket.map(|b| super::joined("the bucket check", b.join()));
+        (bucket.transpose(), opened, checked)
+    });
+    // Kept even when something else failed: the audit writes on it.
+    let session = match opened {
+        Ok(s) => slot.insert(s),
+        Err(e) => {
+            bucket?;
+            return Err(e);
+        }
+    };
+    bucket?;
+    checked?;
     Ok(session)
 }
 

@@ -417,3 +417,65 @@ fn history_without_a_workbench() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("no runs recorded"));
 }
+
+#[test]
+fn a_run_that_lost_its_lease_before_the_audit_records_no_gate() {
+    // A gated run uploads nothing, so the fence before its audit is the one
+    // that finds the lease gone: another host took the state meanwhile.
+    let mut w = World::new("gatelease");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "c2", None, Some("b.example"), "WV");
+    pg.batch_execute(
+        "CREATE VIEW marketing.slow_companies AS
+         SELECT c.* FROM marketing.company_master c, LATERAL (SELECT pg_sleep(0.5)) s",
+    )
+    .unwrap();
+    w.config.source.companies_table =
+        outreach_workbench::config::QualifiedName::new("marketing", "slow_companies");
+    let run = {
+        let config = w.config.clone();
+        std::thread::spawn(move || {
+            outreach_workbench::pipeline::run(
+                &config,
+                &outreach_workbench::state::StateCode::parse("WV").unwrap(),
+                &tokio_util::sync::CancellationToken::new(),
+                &gates(bad_ratio(0.1)),
+            )
+        })
+    };
+    // Once the run holds the lease, it passes to another host's run.
+    let start = std::time::Instant::now();
+    loop {
+        let taken = pg
+            .execute(
+                "UPDATE shq.outreach_leases SET run_id = 'other-host-run', host = 'other'
+                 WHERE state = 'WV'",
+                &[],
+            )
+            .unwrap_or(0);
+        if taken == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "no lease taken"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = run.join().unwrap();
+    assert_eq!(r.status, RunStatus::Failed, "{:?}", r.error);
+    let error = r.error.clone().unwrap();
+    assert!(
+        error.contains("no longer holds the lease of state WV")
+            && error.contains("writing the audit"),
+        "{error}"
+    );
+    let d = audit_details(&w, r.audit_id.expect("audited"));
+    assert_eq!(d["status"], "failed");
+    assert_eq!(
+        leases(&w),
+        [("WV".to_string(), "other-host-run".to_string())],
+        "the other host's lease is left alone"
+    );
+}
