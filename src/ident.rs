@@ -9,6 +9,11 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// `s` as an SQL string literal: a file path, a rule code.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 /// A `schema.table` name, split and checked so it can be quoted safely.
 /// Parsed once, where the config is read (`"a.b"` in TOML or the
 /// environment); a value that is not one is refused with the config key.

@@ -175,6 +175,35 @@ impl Transaction {
     }
 }
 
+/// Makes room for a view (`view`) or a table named `schema.name` by
+/// dropping a relation of the other kind: the link rule's runs keep their
+/// raw rows in a table, the others' are a view over their files, and a
+/// workbench of an earlier version has tables.
+pub fn drop_other_kind(
+    conn: &RawConnection,
+    schema: &str,
+    name: &str,
+    view: bool,
+) -> Result<(), DuckError> {
+    let (catalog, column, other) = match view {
+        true => ("duckdb_tables()", "table_name", "TABLE"),
+        false => ("duckdb_views()", "view_name", "VIEW"),
+    };
+    let found = conn.query_row_i64(&format!(
+        "SELECT count(*) FROM {catalog} WHERE schema_name = {} AND {column} = {}",
+        crate::ident::quote_literal(schema),
+        crate::ident::quote_literal(name)
+    ))?;
+    if found.first().copied().unwrap_or(0) > 0 {
+        conn.execute(&format!(
+            "DROP {other} {}.{}",
+            crate::ident::quote_ident(schema),
+            crate::ident::quote_ident(name)
+        ))?;
+    }
+    Ok(())
+}
+
 impl std::ops::Deref for Transaction {
     type Target = RawConnection;
     fn deref(&self) -> &RawConnection {

@@ -109,6 +109,13 @@ pub struct PullStats {
     pub text_fallbacks: Vec<String>,
 }
 
+/// Where the pull inserts the rows as well, besides its taps: the
+/// workbench's raw tables of `schema`, in `duck`'s open transaction.
+pub struct LoadInto<'a> {
+    pub duck: &'a RawConnection,
+    pub schema: &'a str,
+}
+
 /// A table as one consumer of the pull receives it: the loading thread
 /// creates the raw table with these columns, a [`Tap`] does what it likes
 /// with the rows. The chunks arrive until the reader drops its end, at the
@@ -135,13 +142,15 @@ impl TableFeed {
 /// sets the pace and memory stays bounded.
 pub type Tap<'a> = Box<dyn FnMut(TableFeed) -> Result<(), PipelineError> + Send + 'a>;
 
-/// Pulls both entities into `<schema>.companies_raw` and `<schema>.people_raw`,
-/// handing the same rows to each of `taps`. The caller owns the DuckDB
-/// connection's transaction state.
+/// Pulls both entities, handing the same rows to each of `taps` (the
+/// export's file writers) and, with `into`, inserting them into
+/// `<schema>.companies_raw` and `<schema>.people_raw` as well (the link
+/// rule's runs; the others' raw tables are views over their files). The
+/// caller owns the DuckDB connection's transaction state.
 ///
-/// Two threads besides the taps': one reads rows from PostgreSQL, decodes
-/// them into Arrow batches and converts those into DuckDB chunks; this one
-/// inserts the chunks (see `ow_duckdb`'s ingest). The two sides cost about
+/// A thread besides the taps' reads rows from PostgreSQL, decodes them
+/// into Arrow batches and converts those into DuckDB chunks; with `into`,
+/// this one inserts the chunks (see `ow_duckdb`'s ingest). The two sides cost about
 /// the same CPU (measured: ~0.45 s each for the benchmark's 200k rows;
 /// inserting is DuckDB's column statistics and row-group writes), so with
 /// the database on another machine they overlap on two cores. At most two
@@ -160,8 +169,8 @@ pub fn pull(
     client: &mut Client,
     config: &Config,
     state: &StateCode,
-    duck: &RawConnection,
-    schema: &str,
+    db: &Arc<Database>,
+    into: Option<LoadInto<'_>>,
     cancel: &CancellationToken,
     taps: Vec<Tap<'_>>,
 ) -> Result<PullStats, PipelineError> {
@@ -171,8 +180,12 @@ pub fn pull(
     // Dropped when both sides are done, which wakes the watcher at once: a
     // plain sleep between checks kept the pull waiting up to 50 ms more.
     let (finished, watching) = std::sync::mpsc::channel::<()>();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<TableFeed>(1);
-    let mut outs = vec![tx];
+    let mut outs = Vec::new();
+    let loading = into.map(|into| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<TableFeed>(1);
+        outs.push(tx);
+        (into, rx)
+    });
     let (read, loaded, tapped) = std::thread::scope(|scope| {
         scope.spawn(move || {
             while let Err(RecvTimeoutError::Timeout) =
@@ -199,12 +212,14 @@ pub fn pull(
                 })
             })
             .collect();
-        let db = duck.database().clone();
         let reader = scope.spawn(move || {
             let _entered = span.enter();
-            read_source(client, config, state, cancel, &db, outs, backend)
+            read_source(client, config, state, cancel, db, outs, backend)
         });
-        let loaded = load(duck, schema, config.workbench.compress_tables, rx);
+        let loaded = match loading {
+            Some((into, rx)) => load(into.duck, into.schema, config.workbench.compress_tables, rx),
+            None => Ok(()),
+        };
         let read = super::joined("the source reader", reader.join());
         drop(finished);
         let tapped: Result<(), PipelineError> = tapping
@@ -234,6 +249,8 @@ fn load(
     for table in tables {
         let name = table.name;
         let target = format!("{}.{}", quote_ident(schema), quote_ident(name));
+        crate::workbench::drop_other_kind(duck, schema, name, false)
+            .map_err(wb(format!("replacing the view {schema}.{name}")))?;
         duck.execute(&format!(
             "CREATE OR REPLACE TABLE {target} ({})",
             column_defs(&table.columns, compress)

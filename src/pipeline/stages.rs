@@ -16,7 +16,7 @@ use super::{
     PipelineError, RunOptions, RunReport,
 };
 use crate::config::Config;
-use crate::names::{Entity, PublishAction};
+use crate::names::{Entity, FileKind, PublishAction};
 use crate::pg::Session;
 use crate::state::StateCode;
 use crate::workbench::{Transaction, Workbench};
@@ -48,30 +48,14 @@ pub(super) fn all(
     )?;
     // The files are written while the rows load, unless a rule reads more
     // than its own row: the link rule reads the companies' verdicts from the
-    // workbench, which the writers' connections see only after the commit.
-    let streamed = (!opts.link_rule).then(|| {
-        StreamedExport::new(
-            wb,
-            state,
-            &config.export,
-            vec![
-                (Entity::Companies, &config.rules.companies[..]),
-                (Entity::People, &config.rules.people[..]),
-            ],
-        )
-    });
-    load(
-        config,
-        state,
-        opts,
-        session,
-        wb,
-        streamed.as_ref(),
-        report,
-        cancel,
-    )?;
-    check_cancel(cancel)?;
-    report.files = export(config, state, wb, streamed, report)?;
+    // workbench, so its runs load the rows there first.
+    if opts.link_rule {
+        load(config, state, opts, session, wb, report, cancel)?;
+        check_cancel(cancel)?;
+        report.files = export(config, state, wb, report)?;
+    } else {
+        pull_to_files(config, state, session, wb, report, cancel)?;
+    }
     check_cancel(cancel)?;
 
     let bucket = compare_with_bucket(config, state, opts, wb, report, cancel)?;
@@ -170,34 +154,118 @@ fn claim(
     Ok(lease)
 }
 
-/// Pull and validate in one DuckDB transaction: a failed or cancelled run
-/// leaves the state's previous tables intact for analysts. It runs on a
-/// connection of its own, the one the pull's inserts need.
-#[allow(clippy::too_many_arguments)]
+/// Pull straight into the four files: the export's writers take the rows
+/// as they arrive (see [`StreamedExport`]), the files are put in place once
+/// whole, and the workbench's views of the state then read them, made in
+/// one DuckDB transaction with the counts. A failed or cancelled run leaves
+/// the previous files, and so what the views show, as they were.
+fn pull_to_files(
+    config: &Config,
+    state: &StateCode,
+    session: &mut Session,
+    wb: &Workbench,
+    report: &mut RunReport,
+    cancel: &CancellationToken,
+) -> Result<(), PipelineError> {
+    let streamed = StreamedExport::new(
+        wb,
+        state,
+        &config.export,
+        Entity::ALL.map(|e| (e, config.rules.of(e))).to_vec(),
+    );
+    let t = Instant::now();
+    let client = session.client(cancel)?;
+    let db = wb.database();
+    let pulled = source::pull(client, config, state, &db, None, cancel, streamed.taps())?;
+    report.stages.pull = Some(t.elapsed().as_secs_f64());
+    report.text_fallbacks = pulled.text_fallbacks.clone();
+    tracing::info!(
+        companies = pulled.companies,
+        people = pulled.people,
+        "pulled"
+    );
+    check_cancel(cancel)?;
+
+    let t = Instant::now();
+    report.files = streamed.finish(&Entity::ALL)?;
+    report.stages.export = Some(t.elapsed().as_secs_f64());
+
+    let t = Instant::now();
+    let schema = state.lower();
+    let txn = begin_with_schema(wb, &schema)?;
+    for (entity, pulled) in Entity::ALL
+        .into_iter()
+        .zip([pulled.companies, pulled.people])
+    {
+        let file = |kind| {
+            report
+                .files
+                .iter()
+                .find(|f| f.entity == entity && f.kind == kind)
+        };
+        let (Some(good), Some(bad)) = (file(FileKind::Good), file(FileKind::Bad)) else {
+            return Err(PipelineError::Validate(format!(
+                "{entity}: its files are missing"
+            )));
+        };
+        let key = config.source.key(entity);
+        let rules = config.rules.of(entity);
+        let counts = validate::over_files(&txn, &schema, entity, key, rules, good, bad)?;
+        // Every pulled row is in exactly one of the two files.
+        if counts.good + counts.bad != pulled {
+            return Err(PipelineError::Validate(format!(
+                "{entity}: {pulled} rows pulled, but {} good and {} bad written",
+                counts.good, counts.bad
+            )));
+        }
+        let counts = Some(EntityCounts::new(pulled, counts));
+        match entity {
+            Entity::Companies => report.companies = counts,
+            Entity::People => report.people = counts,
+        }
+    }
+    txn.commit().map_err(|e| workbench_err("COMMIT", e))?;
+    report.stages.validate = Some(t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// A transaction on a workbench connection of its own, the state's schema
+/// made if it is new.
+fn begin_with_schema(wb: &Workbench, schema: &str) -> Result<Transaction, PipelineError> {
+    let txn = Transaction::begin(wb.raw_connection()?).map_err(|e| workbench_err("BEGIN", e))?;
+    let create = format!(
+        "CREATE SCHEMA IF NOT EXISTS {}",
+        crate::ident::quote_ident(schema)
+    );
+    txn.execute(&create)
+        .map_err(|e| workbench_err(&create, e))?;
+    Ok(txn)
+}
+
+/// The link rule's runs: pull and validate in one DuckDB transaction, so
+/// that a failed or cancelled run leaves the state's previous tables
+/// intact for analysts. It runs on a connection of its own, the one the
+/// pull's inserts need.
 fn load(
     config: &Config,
     state: &StateCode,
     opts: &RunOptions,
     session: &mut Session,
     wb: &Workbench,
-    streamed: Option<&StreamedExport>,
     report: &mut RunReport,
     cancel: &CancellationToken,
 ) -> Result<(), PipelineError> {
     let schema = state.lower();
-    let txn = Transaction::begin(wb.raw_connection()?).map_err(|e| workbench_err("BEGIN", e))?;
-    let create = format!(
-        "CREATE SCHEMA IF NOT EXISTS {}",
-        crate::ident::quote_ident(&schema)
-    );
-    txn.execute(&create)
-        .map_err(|e| workbench_err(&create, e))?;
-
+    let txn = begin_with_schema(wb, &schema)?;
     let t = Instant::now();
     let syncing = wb.background_sync();
-    let taps = streamed.map(|s| s.taps()).unwrap_or_default();
     let client = session.client(cancel)?;
-    let pulled = source::pull(client, config, state, &txn, &schema, cancel, taps);
+    let into = source::LoadInto {
+        duck: &txn,
+        schema: &schema,
+    };
+    let db = wb.database();
+    let pulled = source::pull(client, config, state, &db, Some(into), cancel, Vec::new());
     drop(syncing);
     let pulled = pulled?;
     report.stages.pull = Some(t.elapsed().as_secs_f64());
@@ -221,26 +289,21 @@ fn workbench_err(sql: &str, e: crate::workbench::DuckError) -> PipelineError {
     PipelineError::Workbench(format!("{sql}: {e}"))
 }
 
-/// The four files: the streamed ones put in place now that the workbench
-/// has committed, or (link rule) written from the committed views.
+/// The link rule's four files, written from the committed views.
 fn export(
     config: &Config,
     state: &StateCode,
     wb: &Workbench,
-    streamed: Option<StreamedExport>,
     report: &mut RunReport,
 ) -> Result<Vec<ExportedFile>, PipelineError> {
     let t = Instant::now();
-    let files = match streamed {
-        Some(files) => files.finish(&Entity::ALL)?,
-        None => export::export_all(
-            wb,
-            state,
-            &config.export,
-            &Entity::ALL,
-            config.workbench.export_lanes(),
-        )?,
-    };
+    let files = export::export_all(
+        wb,
+        state,
+        &config.export,
+        &Entity::ALL,
+        config.workbench.export_lanes(),
+    )?;
     report.stages.export = Some(t.elapsed().as_secs_f64());
     Ok(files)
 }

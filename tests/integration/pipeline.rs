@@ -644,3 +644,93 @@ fn a_database_back_within_the_retries_does_not_fail_the_run() {
         "no retry for a bad password"
     );
 }
+
+/// What an analyst sees in the workbench: (relation kind of `_raw`, rows
+/// of raw/good/bad, the bad rows' codes, raw's columns).
+fn workbench_view(w: &World, entity: &str) -> (String, [i64; 3], Vec<String>, Vec<String>) {
+    let duck =
+        duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
+    let kind: String = duck
+        .query_row(
+            &format!(
+                "SELECT 'view' FROM duckdb_views() WHERE schema_name = 'wv' AND view_name = '{entity}_raw'
+                 UNION ALL
+                 SELECT 'table' FROM duckdb_tables() WHERE schema_name = 'wv' AND table_name = '{entity}_raw'"
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let count = |t: &str| -> i64 {
+        duck.query_row(&format!("SELECT count(*) FROM wv.{entity}_{t}"), [], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    let mut codes = duck
+        .prepare(&format!(
+            "SELECT array_to_string(validation_errors, ',') FROM wv.{entity}_bad ORDER BY 1"
+        ))
+        .unwrap();
+    let codes = codes
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut cols = duck
+        .prepare(&format!(
+            "SELECT column_name FROM (DESCRIBE SELECT * FROM wv.{entity}_raw)"
+        ))
+        .unwrap();
+    let cols = cols
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    (
+        kind,
+        [count("raw"), count("good"), count("bad")],
+        codes,
+        cols,
+    )
+}
+
+#[test]
+fn the_workbench_reads_the_files_and_keeps_the_link_rules_rows_in_tables() {
+    let w = World::new("views");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "c2", None, Some("b.example"), "WV");
+    add_person(&mut pg, "p1", "c1", Some("x@a.example"), Some("CEO"));
+    add_person(&mut pg, "p2", "c2", Some("y@b.example"), Some("CEO"));
+    let link = RunOptions {
+        dry_run: true,
+        link_rule: true,
+        ..Default::default()
+    };
+    // A link-rule run first, as a workbench of an earlier version has: raw
+    // rows in tables. Then the views over the files replace them, and back.
+    for (opts, kind, people_bad) in [
+        (&link, "table", vec!["company_not_valid"]),
+        (&dry(), "view", vec![]),
+        (&link, "table", vec!["company_not_valid"]),
+        (&dry(), "view", vec![]),
+    ] {
+        let r = w.run_with("WV", opts);
+        assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+        let (k, counts, codes, cols) = workbench_view(&w, "companies");
+        assert_eq!((k.as_str(), counts), (kind, [2, 1, 1]));
+        assert_eq!(codes, ["company_name_missing"]);
+        assert!(cols.contains(&"company_name".to_string()), "{cols:?}");
+        assert!(!cols.contains(&"validation_errors".to_string()), "{cols:?}");
+        let (k, counts, codes, _) = workbench_view(&w, "people");
+        let bad = people_bad.len() as i64;
+        assert_eq!((k.as_str(), counts), (kind, [2, 2 - bad, bad]));
+        assert_eq!(codes, people_bad);
+        let people = r.people.as_ref().unwrap();
+        assert_eq!(
+            (people.raw, people.good, people.bad),
+            (2, 2 - bad as u64, bad as u64)
+        );
+    }
+}

@@ -16,18 +16,17 @@ use crate::pipeline::{validate, PipelineError};
 use crate::state::StateCode;
 use crate::workbench::{Database, DuckError, RawConnection, Workbench};
 
-/// The four files written while the pull loads the rows, for rules that
+/// The four files written while the pull reads the rows, for rules that
 /// read nothing but the row they judge (all but the link rule, which reads
 /// the companies' verdicts from the workbench).
 ///
 /// Two [`Tap`]s, one writing the good files and one the bad, each a
-/// `COPY` of the same query as the view over the raw table, reading the
-/// chunks the raw table's insert reads. Written after the commit instead,
-/// the biggest file took one core for ~0.4 s after everything else was
-/// done; written here its work lands while the cores wait on PostgreSQL
-/// or share the pull. The files keep their temporary names until
-/// [`finish`](Self::finish), after the commit: a failed run leaves the
-/// previous files in place, as before.
+/// `COPY` of the same query as the link rule's views over the raw tables,
+/// so the bytes are the same either way. The rows go nowhere else: the
+/// workbench's views of the state read these files afterwards (see
+/// `validate::over_files`). The files keep their temporary names until
+/// [`finish`](Self::finish), once the pull is whole: a failed run leaves
+/// the previous files in place.
 pub struct StreamedExport<'a> {
     db: Arc<Database>,
     state: &'a StateCode,
