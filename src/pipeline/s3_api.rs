@@ -39,9 +39,10 @@ pub struct Failure {
 /// The client for the configured bucket. One is kept and shared by every
 /// request while they succeed: making one loads the system's CA
 /// certificates, ~0.1 s each time (measured: a run of unchanged data spent
-/// 0.8 s on seven of them). Any failure drops it ([`forget_client`]), so
-/// the next try gets a new client on new connections, never the one a
-/// 500 or a reset came from.
+/// 0.8 s on seven of them). A failure that may be the connection's (a
+/// reset, a timeout, a 5xx) drops it ([`forget_client`]), so the next try
+/// gets a new client on new connections, never the one a 500 or a reset
+/// came from.
 pub fn client(cfg: &StorageConfig) -> Result<Box<Bucket>, String> {
     let id = client_id(cfg);
     let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
@@ -152,10 +153,18 @@ async fn send(
     if status == 404 && absent_ok {
         return Ok(None);
     }
-    forget_client();
+    // A server error or SlowDown may come from a bad connection or server:
+    // the next try goes on new ones. Any other answer (403, 501 for an
+    // operation the server does not have) came over a sound connection,
+    // and a new client would only cost its CA certificates again (measured:
+    // s3s-fs's 501 to the stale-upload listing cost a run 75 ms).
+    let transient = ((500..600).contains(&status) && status != 501) || status == 429;
+    if transient {
+        forget_client();
+    }
     Err(Failure {
         message: status_message(doing, status, &String::from_utf8_lossy(&body)),
-        transient: status >= 500 || status == 429,
+        transient,
         retry_after: headers
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())

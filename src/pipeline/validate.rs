@@ -202,8 +202,12 @@ pub fn over_files(
 ) -> Result<Validation, PipelineError> {
     let err = |e: DuckError| PipelineError::Validate(format!("{entity}: {e}"));
     let s = quote_ident(schema);
-    let file =
-        |f: &ExportedFile| format!("read_parquet({})", quote_literal(&f.path.to_string_lossy()));
+    // Absolute: DuckDB resolves a relative path against the reader's own
+    // working directory, not the workbench's.
+    let file = |f: &ExportedFile| {
+        let path = std::path::absolute(&f.path).unwrap_or_else(|_| f.path.clone());
+        format!("read_parquet({})", quote_literal(&path.to_string_lossy()))
+    };
     let (good_file, bad_file) = (file(good), file(bad));
     let views = [
         (entity.table(FileKind::Good), format!("SELECT * FROM {good_file}")),
