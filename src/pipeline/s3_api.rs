@@ -158,7 +158,7 @@ async fn send(
     // operation the server does not have) came over a sound connection,
     // and a new client would only cost its CA certificates again (measured:
     // s3s-fs's 501 to the stale-upload listing cost a run 75 ms).
-    let transient = ((500..600).contains(&status) && status != 501) || status == 429;
+    let transient = worth_a_new_try(status);
     if transient {
         forget_client();
     }
@@ -171,6 +171,12 @@ async fn send(
             .and_then(retry_after),
         status: Some(status),
     })
+}
+
+/// An answer worth retrying, on new connections: a server error but 501
+/// (the server does not have the operation), or 429 / SlowDown.
+fn worth_a_new_try(status: u16) -> bool {
+    ((500..600).contains(&status) && status != 501) || status == 429
 }
 
 /// `Retry-After` as seconds or as an HTTP date.
@@ -439,6 +445,16 @@ pub async fn unfinished(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_server_errors_and_slow_down_are_tried_again_on_new_connections() {
+        for status in [500, 502, 503, 504, 429] {
+            assert!(worth_a_new_try(status), "{status}");
+        }
+        for status in [400, 403, 404, 409, 501] {
+            assert!(!worth_a_new_try(status), "{status}");
+        }
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_dates_and_is_capped() {
