@@ -177,13 +177,7 @@ fn pull_to_files(
     let client = session.client(cancel)?;
     let db = wb.database();
     let pulled = source::pull(client, config, state, &db, None, cancel, streamed.taps())?;
-    report.stages.pull = Some(t.elapsed().as_secs_f64());
-    report.text_fallbacks = pulled.text_fallbacks.clone();
-    tracing::info!(
-        companies = pulled.companies,
-        people = pulled.people,
-        "pulled"
-    );
+    note_pull(report, &pulled, t);
     check_cancel(cancel)?;
 
     let t = Instant::now();
@@ -268,13 +262,7 @@ fn load(
     let pulled = source::pull(client, config, state, &db, Some(into), cancel, Vec::new());
     drop(syncing);
     let pulled = pulled?;
-    report.stages.pull = Some(t.elapsed().as_secs_f64());
-    report.text_fallbacks = pulled.text_fallbacks.clone();
-    tracing::info!(
-        companies = pulled.companies,
-        people = pulled.people,
-        "pulled"
-    );
+    note_pull(report, &pulled, t);
     check_cancel(cancel)?;
 
     let t = Instant::now();
@@ -283,6 +271,17 @@ fn load(
     report.companies = Some(EntityCounts::new(pulled.companies, companies));
     report.people = Some(EntityCounts::new(pulled.people, people));
     txn.commit().map_err(|e| workbench_err("COMMIT", e))
+}
+
+/// The pull's figures, in the report and the log.
+fn note_pull(report: &mut RunReport, pulled: &source::PullStats, started: Instant) {
+    report.stages.pull = Some(started.elapsed().as_secs_f64());
+    report.text_fallbacks = pulled.text_fallbacks.clone();
+    tracing::info!(
+        companies = pulled.companies,
+        people = pulled.people,
+        "pulled"
+    );
 }
 
 fn workbench_err(sql: &str, e: crate::workbench::DuckError) -> PipelineError {

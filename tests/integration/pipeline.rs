@@ -667,26 +667,17 @@ fn workbench_view(w: &World, entity: &str) -> (String, [i64; 3], Vec<String>, Ve
         })
         .unwrap()
     };
-    let mut codes = duck
-        .prepare(&format!(
-            "SELECT array_to_string(validation_errors, ',') FROM wv.{entity}_bad ORDER BY 1"
-        ))
-        .unwrap();
-    let codes = codes
-        .query_map([], |r| r.get::<_, String>(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let mut cols = duck
-        .prepare(&format!(
-            "SELECT column_name FROM (DESCRIBE SELECT * FROM wv.{entity}_raw)"
-        ))
-        .unwrap();
-    let cols = cols
-        .query_map([], |r| r.get::<_, String>(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let strings = |sql: &str| -> Vec<String> {
+        let mut stmt = duck.prepare(sql).unwrap();
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    let codes = strings(&format!(
+        "SELECT array_to_string(validation_errors, ',') FROM wv.{entity}_bad ORDER BY 1"
+    ));
+    let cols = strings(&format!(
+        "SELECT column_name FROM (DESCRIBE SELECT * FROM wv.{entity}_raw)"
+    ));
     (
         kind,
         [count("raw"), count("good"), count("bad")],
