@@ -28,6 +28,7 @@ mod gates;
 mod notify;
 mod rules;
 mod schedule;
+mod secs;
 
 pub use gates::GatesConfig;
 pub use notify::NotifyConfig;
@@ -109,8 +110,13 @@ pub struct Config {
 pub struct RetryConfig {
     /// Tries in all, the first included; 1 = no retry.
     pub attempts: u32,
-    pub initial_backoff_secs: f64,
-    pub max_backoff_secs: f64,
+    #[serde(
+        rename = "initial_backoff_secs",
+        deserialize_with = "secs::deserialize"
+    )]
+    pub initial_backoff: Duration,
+    #[serde(rename = "max_backoff_secs", deserialize_with = "secs::deserialize")]
+    pub max_backoff: Duration,
 }
 
 impl RetryConfig {
@@ -129,8 +135,8 @@ impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
             attempts: 4,
-            initial_backoff_secs: 2.0,
-            max_backoff_secs: 60.0,
+            initial_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(60),
         }
     }
 }
@@ -141,23 +147,25 @@ pub struct DaemonConfig {
     /// Runs of different states at the same time (one state never overlaps).
     pub max_concurrent_runs: usize,
     /// On SIGTERM, how long a running run may take before it is cancelled.
-    pub shutdown_grace_secs: u64,
+    #[serde(rename = "shutdown_grace_secs", deserialize_with = "secs::deserialize")]
+    pub shutdown_grace: Duration,
     /// Daily log files kept.
     pub log_retention_days: usize,
     /// Where the daily log files go; `<workbench>/logs` when unset.
     pub log_dir: Option<PathBuf>,
     /// A run still going after this long is cancelled; 0 = no limit.
-    pub run_timeout_secs: u64,
+    #[serde(rename = "run_timeout_secs", deserialize_with = "secs::deserialize")]
+    pub run_timeout: Duration,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             max_concurrent_runs: 1,
-            shutdown_grace_secs: 60,
+            shutdown_grace: Duration::from_secs(60),
             log_retention_days: 14,
             log_dir: None,
-            run_timeout_secs: 4 * 3600,
+            run_timeout: Duration::from_secs(4 * 3600),
         }
     }
 }
@@ -168,7 +176,8 @@ pub struct WorkbenchConfig {
     /// Holds `duck/`, `exports/` and `logs/`.
     pub dir: PathBuf,
     /// How long a run waits for another process to release the DuckDB file.
-    pub lock_timeout_secs: u64,
+    #[serde(rename = "lock_timeout_secs", deserialize_with = "secs::deserialize")]
+    pub lock_timeout: Duration,
     /// DuckDB's `memory_limit`; above it DuckDB spills to `duck/tmp`. Most
     /// of what DuckDB holds during a run is a cache of blocks already
     /// written to the file, which it evicts without spilling: measured on
@@ -201,7 +210,7 @@ impl Default for WorkbenchConfig {
     fn default() -> Self {
         WorkbenchConfig {
             dir: PathBuf::from("/var/lib/outreach-workbench"),
-            lock_timeout_secs: 30,
+            lock_timeout: Duration::from_secs(30),
             memory_limit: "128MB".into(),
             threads: 0,
             compress_tables: false,
@@ -230,7 +239,11 @@ pub struct SourceConfig {
     pub user: String,
     pub password: Option<Secret>,
     pub sslmode: SslMode,
-    pub connect_timeout_secs: u64,
+    #[serde(
+        rename = "connect_timeout_secs",
+        deserialize_with = "secs::deserialize"
+    )]
+    pub connect_timeout: Duration,
     /// `schema.table` of the companies; `state_column` filters it.
     pub companies_table: QualifiedName,
     pub people_table: QualifiedName,
@@ -272,7 +285,7 @@ impl Default for SourceConfig {
             user: "outreach".into(),
             password: None,
             sslmode: SslMode::Prefer,
-            connect_timeout_secs: 15,
+            connect_timeout: Duration::from_secs(15),
             companies_table: QualifiedName::new("marketing", "company_master"),
             people_table: QualifiedName::new("marketing", "people_master"),
             state_column: "address_state".into(),
@@ -301,8 +314,12 @@ pub struct StorageConfig {
     pub access_key_id: Option<Secret>,
     #[serde(default)]
     pub secret_access_key: Option<Secret>,
-    #[serde(default = "default_request_timeout")]
-    pub request_timeout_secs: u64,
+    #[serde(
+        default = "default_request_timeout",
+        rename = "request_timeout_secs",
+        deserialize_with = "secs::deserialize"
+    )]
+    pub request_timeout: Duration,
     /// Files this size or larger go up in parts of this size (MiB); one
     /// part is held in memory at a time. B2 takes parts of 5 MB to 5 GB.
     #[serde(default = "default_part_size")]
@@ -327,8 +344,8 @@ fn default_region() -> String {
 fn default_prefix() -> String {
     "outreach".into()
 }
-fn default_request_timeout() -> u64 {
-    300
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_part_size() -> u64 {
     16
@@ -382,12 +399,15 @@ pub struct LeaseConfig {
     /// A lease not renewed for this long is taken over: how long a crashed
     /// run (kill -9, power loss) keeps its state from running elsewhere.
     /// The heartbeat renews it every third of this.
-    pub ttl_secs: u64,
+    #[serde(rename = "ttl_secs", deserialize_with = "secs::deserialize")]
+    pub ttl: Duration,
 }
 
 impl Default for LeaseConfig {
     fn default() -> Self {
-        LeaseConfig { ttl_secs: 60 }
+        LeaseConfig {
+            ttl: Duration::from_secs(60),
+        }
     }
 }
 
@@ -537,9 +557,7 @@ impl Config {
         if self.retry.attempts == 0 {
             return Err(invalid("retry.attempts", "must be at least 1"));
         }
-        if !(self.retry.initial_backoff_secs >= 0.0
-            && self.retry.max_backoff_secs >= self.retry.initial_backoff_secs)
-        {
+        if self.retry.max_backoff < self.retry.initial_backoff {
             return Err(invalid(
                 "retry",
                 "needs 0 <= initial_backoff_secs <= max_backoff_secs",
@@ -553,7 +571,7 @@ impl Config {
                 ));
             }
         }
-        if self.lease.ttl_secs < 3 {
+        if self.lease.ttl < Duration::from_secs(3) {
             return Err(invalid(
                 "lease.ttl_secs",
                 "must be at least 3 (the heartbeat renews it every third of it)",
@@ -612,7 +630,7 @@ impl Config {
     }
 
     pub fn lock_timeout(&self) -> Duration {
-        Duration::from_secs(self.workbench.lock_timeout_secs)
+        self.workbench.lock_timeout
     }
 }
 
@@ -667,6 +685,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("storage.endpoint"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_seconds_whole_or_not() {
+        let c = Config::from_toml_str(&format!(
+            "{MINIMAL}\n[workbench]\nlock_timeout_secs = 0.5\n[lease]\nttl_secs = 90\n"
+        ))
+        .unwrap();
+        assert_eq!(c.lock_timeout(), Duration::from_millis(500));
+        assert_eq!(c.lease.ttl, Duration::from_secs(90));
+        assert_eq!(c.retry.initial_backoff, Duration::from_secs(2));
+        let err = Config::from_toml_str(&format!("{MINIMAL}\n[lease]\nttl_secs = -1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ttl_secs") && err.contains("0 or more"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -22,8 +22,6 @@
 //! with `terminating connection due to administrator command`; both are
 //! transient here and retried on a new connection.
 
-use std::time::Duration;
-
 use postgres::types::Type;
 use postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -50,7 +48,7 @@ fn settings(cfg: &SourceConfig) -> Result<(postgres::Config, Tls, String), Pipel
         .dbname(&cfg.database)
         .user(&cfg.user)
         .application_name("outreach-workbench")
-        .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
+        .connect_timeout(cfg.connect_timeout)
         .keepalives(true);
     if let Some(p) = &cfg.password {
         pg.password(p.expose());

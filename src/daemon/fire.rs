@@ -4,7 +4,6 @@
 //! the webhooks and systemd's status line.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::Utc;
 use tokio::task::JoinHandle;
@@ -92,12 +91,13 @@ pub(super) fn trigger(
         }
         let cancel = shared.cancel_runs.child_token();
         // The overall timeout cancels the run the way a shutdown does.
-        let timeout = config.daemon.run_timeout_secs;
-        let timer = (timeout > 0).then(|| {
+        let timeout = config.daemon.run_timeout;
+        let timer = (!timeout.is_zero()).then(|| {
             let (cancel, state) = (cancel.clone(), state.clone());
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(timeout)).await;
-                tracing::error!(state = %state, timeout_secs = timeout, "run timed out; cancelling it");
+                tokio::time::sleep(timeout).await;
+                let timeout_secs = timeout.as_secs();
+                tracing::error!(state = %state, timeout_secs, "run timed out; cancelling it");
                 cancel.cancel();
             })
         });

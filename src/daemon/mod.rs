@@ -340,7 +340,7 @@ pub async fn serve(
     for t in tasks {
         t.abort();
     }
-    let grace = Duration::from_secs(config.daemon.shutdown_grace_secs);
+    let grace = config.daemon.shutdown_grace;
     if !wait_idle(&shared, grace).await {
         tracing::warn!(
             grace_secs = grace.as_secs(),

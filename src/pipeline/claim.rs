@@ -133,7 +133,7 @@ impl Lease {
         cancel: &CancellationToken,
     ) -> Result<Lease, PipelineError> {
         let table = config.leases_table();
-        let ttl = Duration::from_secs(config.lease.ttl_secs);
+        let ttl = config.lease.ttl;
         let (host, pid) = holder();
         // The outer SELECT sees the row as it was before this statement:
         // the holder that refused us, or the one whose lapsed lease we took.

@@ -27,24 +27,25 @@ pub fn retry<T>(
     what: &str,
     mut f: impl FnMut() -> Result<T, PipelineError>,
 ) -> Result<T, PipelineError> {
-    let mut delay = cfg.initial_backoff_secs;
+    let mut delay = cfg.initial_backoff;
     let mut attempt = 1;
     loop {
         match f() {
             Err(e) if e.is_transient() && attempt < cfg.attempts => {
                 // A server's Retry-After (B2's 503 SlowDown) is a floor:
                 // coming back sooner only earns another SlowDown.
-                let asked = e.retry_after().map_or(0.0, |d| d.as_secs_f64());
-                let wait = (delay * (0.5 + 0.5 * unit_random())).max(asked);
-                tracing::warn!(attempt, retry_in_secs = format!("{wait:.2}"), error = %e, "{what} failed; retrying");
-                let until = Instant::now() + Duration::from_secs_f64(wait);
+                let asked = e.retry_after().unwrap_or_default();
+                let wait = delay.mul_f64(0.5 + 0.5 * unit_random()).max(asked);
+                let secs = wait.as_secs_f64();
+                tracing::warn!(attempt, retry_in_secs = format!("{secs:.2}"), error = %e, "{what} failed; retrying");
+                let until = Instant::now() + wait;
                 while Instant::now() < until {
                     if cancel.is_cancelled() {
                         return Err(PipelineError::Cancelled);
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                delay = (delay * 2.0).min(cfg.max_backoff_secs);
+                delay = (delay * 2).min(cfg.max_backoff);
                 attempt += 1;
             }
             other => return other,

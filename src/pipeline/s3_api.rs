@@ -74,7 +74,7 @@ fn client_id(cfg: &StorageConfig) -> String {
             &cfg.region,
             &cfg.bucket,
             cfg.path_style,
-            cfg.request_timeout_secs,
+            cfg.request_timeout.as_millis(),
             secret(&cfg.access_key_id),
             secret(&cfg.secret_access_key),
         )
@@ -97,7 +97,7 @@ fn new_client(cfg: &StorageConfig) -> Result<Box<Bucket>, String> {
     if cfg.path_style {
         bucket = bucket.with_path_style();
     }
-    bucket.set_request_timeout(Some(Duration::from_secs(cfg.request_timeout_secs)));
+    bucket.set_request_timeout(Some(cfg.request_timeout));
     Ok(bucket)
 }
 

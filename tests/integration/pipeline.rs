@@ -621,8 +621,8 @@ fn a_database_back_within_the_retries_does_not_fail_the_run() {
     w.config.source.port = port;
     w.config.retry = outreach_workbench::config::RetryConfig {
         attempts: 6,
-        initial_backoff_secs: 0.5,
-        max_backoff_secs: 1.0,
+        initial_backoff: std::time::Duration::from_millis(500),
+        max_backoff: std::time::Duration::from_secs(1),
     };
     pg_comes_back_on(port, std::time::Duration::from_millis(1500));
     let started = std::time::Instant::now();

@@ -14,8 +14,8 @@ fn world_behind_proxy(name: &str) -> (World, FaultProxy) {
     let mut w = World::new(name);
     let proxy = FaultProxy::start();
     w.config.storage.endpoint = proxy.endpoint.clone();
-    w.config.retry.initial_backoff_secs = 0.05;
-    w.config.retry.max_backoff_secs = 0.1;
+    w.config.retry.initial_backoff = std::time::Duration::from_millis(50);
+    w.config.retry.max_backoff = std::time::Duration::from_millis(100);
     let mut pg = w.pg();
     for i in 0..5 {
         add_company(
