@@ -178,18 +178,20 @@ pub struct WorkbenchConfig {
     /// How long a run waits for another process to release the DuckDB file.
     #[serde(rename = "lock_timeout_secs", deserialize_with = "secs::deserialize")]
     pub lock_timeout: Duration,
-    /// DuckDB's `memory_limit`; above it DuckDB spills to `duck/tmp`. Most
-    /// of what DuckDB holds during a run is a cache of blocks already
-    /// written to the file, which it evicts without spilling: measured on
-    /// the benchmark, 128MB peaked at ~235 MiB of RSS and 192MB at ~280 MiB,
-    /// in the same time.
+    /// DuckDB's `memory_limit`; above it DuckDB spills to `duck/tmp`. It
+    /// matters for the link rule's runs, which load the rows into the
+    /// workbench file: most of what DuckDB holds then is a cache of blocks
+    /// already written, which it evicts without spilling (measured on the
+    /// benchmark: 128MB peaked at ~235 MiB of RSS and 192MB at ~280 MiB, in
+    /// the same time). Other runs write only Parquet (~157 MiB there).
     pub memory_limit: String,
     /// How many Parquet files are written at once after the commit, each on
     /// a core of its own; 0 means one per core. Only runs with the link rule
     /// write their files then; the others write them while the rows load.
     /// (DuckDB itself runs on one thread, see `Workbench::open`.)
     pub threads: u32,
-    /// Let DuckDB compress the state tables. Off by default: compressing
+    /// Let DuckDB compress the raw tables of the link rule's runs (the
+    /// others' are views over their files). Off by default: compressing
     /// took more CPU than anything else while loading (measured on the
     /// benchmark: ~0.6 s of ~4 s, and ~0.35 s of wall time), in exchange for
     /// a workbench file about 4x smaller.
