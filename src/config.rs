@@ -601,12 +601,6 @@ impl Config {
         self.schedules.iter().find(|s| s.states.contains(state))
     }
 
-    pub fn companies_table(&self) -> QualifiedName {
-        self.source.companies_table.clone()
-    }
-    pub fn people_table(&self) -> QualifiedName {
-        self.source.people_table.clone()
-    }
     pub fn audit_table(&self) -> QualifiedName {
         self.audit.table.clone()
     }
@@ -629,10 +623,6 @@ impl Config {
             .log_dir
             .clone()
             .unwrap_or_else(|| self.workbench.dir.join("logs"))
-    }
-
-    pub fn lock_timeout(&self) -> Duration {
-        self.workbench.lock_timeout
     }
 }
 
@@ -695,7 +685,7 @@ mod tests {
             "{MINIMAL}\n[workbench]\nlock_timeout_secs = 0.5\n[lease]\nttl_secs = 90\n"
         ))
         .unwrap();
-        assert_eq!(c.lock_timeout(), Duration::from_millis(500));
+        assert_eq!(c.workbench.lock_timeout, Duration::from_millis(500));
         assert_eq!(c.lease.ttl, Duration::from_secs(90));
         assert_eq!(c.retry.initial_backoff, Duration::from_secs(2));
         let err = Config::from_toml_str(&format!("{MINIMAL}\n[lease]\nttl_secs = -1\n"))

@@ -34,7 +34,7 @@ pub fn read(
     limit: usize,
 ) -> Result<Vec<Entry>, WorkbenchError> {
     let path = workbench::Workbench::db_path(&config.workbench.dir);
-    let Some(conn) = workbench::open_read_only(&config.workbench, config.lock_timeout())? else {
+    let Some(conn) = workbench::open_read_only(&config.workbench)? else {
         return Ok(Vec::new());
     };
     let err = |e: duckdb::Error| WorkbenchError::Sql {

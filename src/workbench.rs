@@ -119,15 +119,12 @@ fn wait_for_lock<T>(
 /// Opens the workbench read-only for `history`, without creating anything:
 /// `None` when no run has created it yet. Readers in several processes may
 /// share the file; a run in progress elsewhere makes this wait.
-pub fn open_read_only(
-    cfg: &WorkbenchConfig,
-    lock_timeout: Duration,
-) -> Result<Option<Connection>, WorkbenchError> {
+pub fn open_read_only(cfg: &WorkbenchConfig) -> Result<Option<Connection>, WorkbenchError> {
     let path = Workbench::db_path(&cfg.dir);
     if !path.exists() {
         return Ok(None);
     }
-    wait_for_lock(&path, lock_timeout, || {
+    wait_for_lock(&path, cfg.lock_timeout, || {
         let flags = duckdb::Config::default().access_mode(duckdb::AccessMode::ReadOnly)?;
         Connection::open_with_flags(&path, flags)
     })
@@ -175,6 +172,22 @@ impl Transaction {
     }
 }
 
+impl std::ops::Deref for Transaction {
+    type Target = RawConnection;
+    fn deref(&self) -> &RawConnection {
+        &self.conn
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        if self.open {
+            // The error of the statement that failed is the one to report.
+            let _ = self.conn.execute("ROLLBACK");
+        }
+    }
+}
+
 /// Makes room for a view (`view`) or a table named `schema.name` by
 /// dropping a relation of the other kind: the link rule's runs keep their
 /// raw rows in a table, the others' are a view over their files, and a
@@ -204,22 +217,6 @@ pub fn drop_other_kind(
     Ok(())
 }
 
-impl std::ops::Deref for Transaction {
-    type Target = RawConnection;
-    fn deref(&self) -> &RawConnection {
-        &self.conn
-    }
-}
-
-impl Drop for Transaction {
-    fn drop(&mut self) {
-        if self.open {
-            // The error of the statement that failed is the one to report.
-            let _ = self.conn.execute("ROLLBACK");
-        }
-    }
-}
-
 impl Workbench {
     pub fn db_path(dir: &Path) -> PathBuf {
         dir.join("duck").join("outreach_workbench.duckdb")
@@ -230,10 +227,7 @@ impl Workbench {
     }
 
     /// Opens (creating if needed) the workbench, waiting for a busy file.
-    pub fn open(
-        cfg: &WorkbenchConfig,
-        lock_timeout: Duration,
-    ) -> Result<Workbench, WorkbenchError> {
+    pub fn open(cfg: &WorkbenchConfig) -> Result<Workbench, WorkbenchError> {
         let dir = cfg.dir.clone();
         let path = Self::db_path(&dir);
         for sub in ["duck", "exports", "logs"] {
@@ -243,7 +237,7 @@ impl Workbench {
                 detail: format!("creating {}: {e}", d.display()),
             })?;
         }
-        let (db, conn) = Self::connect(cfg, &path, lock_timeout)?;
+        let (db, conn) = Self::connect(cfg, &path, cfg.lock_timeout)?;
         Ok(Workbench {
             conn,
             db,

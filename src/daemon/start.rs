@@ -24,7 +24,7 @@ pub(super) async fn before_first_fire(
         check_rules_at_start(&cfg)?;
         // One opening of the workbench for every look at the run history;
         // closed again before the first run so analysts can open it.
-        let wb = crate::workbench::Workbench::open(&cfg.workbench, cfg.lock_timeout());
+        let wb = crate::workbench::Workbench::open(&cfg.workbench);
         let missed = match wb {
             Ok(wb) => {
                 audit_abandoned_runs(&cfg, &wb);

@@ -187,8 +187,9 @@ pub fn ensure_tables(
 }
 
 /// The statement that writes a record unless one with its run id ($4) is
-/// there already, and returns the id either way. `lease_ok` is a condition
-/// the write also needs (`true`, or the lease's row deleted by `fenced`).
+/// there already, and returns the id either way. With `fenced` (the leases
+/// table), the same statement deletes the run's lease row of state $5, and
+/// the record is written only if that row was still the run's.
 fn record_sql(table: &QualifiedName, fenced: Option<&QualifiedName>) -> String {
     let (fence, lease_ok) = match fenced {
         None => (String::new(), ""),

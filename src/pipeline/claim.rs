@@ -282,7 +282,7 @@ impl Lease {
     /// connection when it has one. A row that cannot be deleted now expires
     /// after the TTL.
     pub fn release(mut self, run_session: Option<&mut Session>) {
-        self.stop();
+        self.stop_heartbeat();
         let mut guard = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let h = &mut *guard;
         if h.lost.is_some() {
@@ -310,20 +310,11 @@ impl Lease {
         (&self.table, &self.state, &self.run_id)
     }
 
-    /// Stops renewing, for a statement that is about to delete the row
-    /// itself (`audit::record_releasing`): no renewal races the delete. The
-    /// fence and the release still work after it.
+    /// Stops renewing: at the release, when dropped, and before a statement
+    /// that deletes the row itself (`audit::record_releasing`), so that no
+    /// renewal races the delete. The fence and the release still work
+    /// after it.
     pub fn stop_heartbeat(&mut self) {
-        self.stop();
-    }
-
-    /// The row was deleted by another statement (the audit's): nothing is
-    /// left to do.
-    pub fn released(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
         self.stop_heartbeat.take();
         if let Some(t) = self.heartbeat.take() {
             let _ = t.join();
@@ -335,7 +326,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         // `release` has run when the heartbeat is gone; otherwise (a panic
         // unwinding past the run) the heartbeat stops and the row expires.
-        self.stop();
+        self.stop_heartbeat();
     }
 }
 

@@ -47,7 +47,11 @@ impl ExportedFile {
     /// `<state>/<entity>/<kind>/<entity>_<kind>.parquet`, shared by the local
     /// layout and the object key.
     pub fn relative_path(state: &StateCode, entity: Entity, kind: FileKind) -> String {
-        format!("{}/{entity}/{kind}/{entity}_{kind}.parquet", state.lower())
+        format!(
+            "{}/{entity}/{kind}/{}.parquet",
+            state.lower(),
+            entity.table(kind)
+        )
     }
 }
 
@@ -141,7 +145,7 @@ fn export_one(
     entity: Entity,
     kind: FileKind,
 ) -> Result<ExportedFile, PipelineError> {
-    let table_name = format!("{entity}_{kind}");
+    let table_name = entity.table(kind);
     let path = exports_dir.join(ExportedFile::relative_path(state, entity, kind));
     let rows = write_parquet(duck, schema, &table_name, &path, cfg)?;
     let (bytes, sha256) = hash_file(&path).map_err(|e| PipelineError::Export {

@@ -10,10 +10,12 @@
 //! - connect: the bucket, PostgreSQL ([`crate::pg`]) and the [`rules`]
 //!   against the source's columns
 //! - [`claim`]: the schedule's fire time and the state's lease, in PostgreSQL
-//! - load: [`source`] (PostgreSQL → `<state>.companies_raw` / `people_raw`)
-//!   and [`validate`] (raw → `_good` / `_bad` with the rules), in one
-//!   DuckDB transaction
-//! - [`export`]: good/bad → Parquet files, atomically
+//! - pull: [`source`] streams PostgreSQL's rows to [`export`]'s writers,
+//!   which split them with the rules into good/bad Parquet files, put in
+//!   place atomically; [`validate`] then makes the workbench's views over
+//!   them (`<state>.companies_raw`, `_good`, `_bad`) and counts. With the
+//!   link rule: the rows are loaded into raw tables first, validated there
+//!   in one DuckDB transaction, and exported from its views
 //! - compare with the bucket: its [`manifest`], for schema changes
 //! - [`gates`]: stop before publishing data that looks wrong
 //! - [`publish`]: Parquet → bucket, skipping unchanged content
@@ -279,9 +281,8 @@ fn audit_and_release(
             let table = config.audit_table();
             if let Some(id) = audit::record_releasing(session, &table, lease, &report.to_json()) {
                 report.audit_id = Some(id);
-                if let Some(lease) = held.lease.take() {
-                    lease.released();
-                }
+                // Its row went with the audit statement.
+                held.lease = None;
                 report.stages.audit = Some(t.elapsed().as_secs_f64());
                 return (false, true);
             }
@@ -349,7 +350,7 @@ fn audit_and_release(
 fn record_in_workbench(config: &Config, report: &RunReport, auditable: bool, held: &mut Held) {
     let wb = match held.workbench.take() {
         Some(wb) => wb,
-        None => match Workbench::open(&config.workbench, config.lock_timeout()) {
+        None => match Workbench::open(&config.workbench) {
             Ok(wb) => wb,
             Err(e) => {
                 tracing::error!(error = %e, "could not record the run in the workbench history");

@@ -121,14 +121,18 @@ pub struct LoadInto<'a> {
 /// with the rows. The chunks arrive until the reader drops its end, at the
 /// table's last row or on failure (the pull's result says which).
 pub struct TableFeed {
-    /// `companies_raw` or `people_raw`.
-    pub name: &'static str,
+    pub entity: Entity,
     pub columns: Vec<(String, ColType)>,
     pub template: Template,
     chunks: Receiver<Arc<Chunk>>,
 }
 
 impl TableFeed {
+    /// Its workbench table, `companies_raw` or `people_raw`.
+    pub fn name(&self) -> &'static str {
+        self.entity.raw_table()
+    }
+
     /// The rows, as `RawConnection::run_with_feed` reads them.
     pub fn into_feed(self) -> (Template, NextChunk) {
         let chunks = self.chunks;
@@ -247,7 +251,7 @@ fn load(
 ) -> Result<(), PipelineError> {
     let wb = |what: String| move |e: DuckError| PipelineError::Workbench(format!("{what}: {e}"));
     for table in tables {
-        let name = table.name;
+        let name = table.name();
         let target = format!("{}.{}", quote_ident(schema), quote_ident(name));
         crate::workbench::drop_other_kind(duck, schema, name, false)
             .map_err(wb(format!("replacing the view {schema}.{name}")))?;
@@ -274,8 +278,8 @@ fn read_source(
     backend: &std::sync::OnceLock<crate::pg::Backend>,
 ) -> Result<PullStats, PipelineError> {
     let s = &config.source;
-    let companies_table = config.companies_table();
-    let people_table = config.people_table();
+    let companies_table = s.table(Entity::Companies);
+    let people_table = s.table(Entity::People);
     let companies = companies_table.quoted();
     let people = people_table.quoted();
     let state_col = quote_ident(&s.state_column);
@@ -300,8 +304,8 @@ fn read_source(
         key = quote_ident(&s.company_key),
     );
     for (entity, source_table, from, alias) in [
-        (Entity::Companies, &companies_table, &companies_from, "c"),
-        (Entity::People, &people_table, &people_from, "p"),
+        (Entity::Companies, companies_table, &companies_from, "c"),
+        (Entity::People, people_table, &people_from, "p"),
     ] {
         let rows = stream_query(
             &mut pg,
@@ -310,7 +314,7 @@ fn read_source(
             alias,
             s.key(entity),
             state,
-            entity.raw_table(),
+            entity,
             s.batch_rows,
             cancel,
             db,
@@ -347,13 +351,14 @@ fn stream_query(
     alias: &str,
     key: &str,
     state: &StateCode,
-    table: &'static str,
+    entity: Entity,
     batch_rows: usize,
     cancel: &CancellationToken,
     db: &Arc<Database>,
     outs: &[SyncSender<TableFeed>],
     fallbacks: &mut Vec<String>,
 ) -> Result<u64, PipelineError> {
+    let table = entity.raw_table();
     let src_err =
         |what: String| move |e: postgres::Error| PipelineError::Source { what, source: e };
     let loader_gone = || PipelineError::Workbench("the workbench stopped taking rows".into());
@@ -420,7 +425,7 @@ fn stream_query(
         let (to_consumer, chunks) =
             std::sync::mpsc::sync_channel(2 * batch_rows.div_ceil(chunk_rows()));
         out.send(TableFeed {
-            name: table,
+            entity,
             columns: types.clone(),
             template: converter.template().map_err(wb("converting rows"))?,
             chunks,

@@ -1,6 +1,6 @@
 //! A run's stages, in the order they happen, one function each: connect,
-//! claim, load (pull and validate), export, compare with the bucket, gate,
-//! publish. [`super::run`] calls [`all`] and then audits whatever came of
+//! claim, pull to files (or, with the link rule, load then export),
+//! compare with the bucket, gate, publish. [`super::run`] calls [`all`] and then audits whatever came of
 //! it. Each stage enters its own module once; what a later stage needs
 //! from an earlier one is passed on, not looked up again.
 
@@ -37,9 +37,7 @@ pub(super) fn all(
     }
     check_cancel(cancel)?;
 
-    let wb = held
-        .workbench
-        .insert(Workbench::open(&config.workbench, config.lock_timeout())?);
+    let wb = held.workbench.insert(Workbench::open(&config.workbench)?);
     wb.run_started(
         &report.run_id,
         state.as_str(),

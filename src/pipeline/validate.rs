@@ -144,11 +144,7 @@ pub fn split(
         good: total - bad_rows,
         bad: bad_rows,
         null_keys: per_rule[1] as u64,
-        errors: rules
-            .iter()
-            .zip(&per_rule[2..])
-            .map(|(r, n)| (r.code.clone(), *n as u64))
-            .collect(),
+        errors: by_code(rules, &per_rule[2..]),
     })
 }
 
@@ -251,10 +247,15 @@ pub fn over_files(
         good: good.rows,
         bad: bad.rows,
         null_keys: row[1] as u64,
-        errors: rules
-            .iter()
-            .zip(&row[2..])
-            .map(|(r, n)| (r.code.clone(), *n as u64))
-            .collect(),
+        errors: by_code(rules, &row[2..]),
     })
+}
+
+/// Each rule's count of failing rows, by its code: `counts` in rule order.
+fn by_code(rules: &[Rule], counts: &[i64]) -> BTreeMap<String, u64> {
+    rules
+        .iter()
+        .zip(counts)
+        .map(|(r, n)| (r.code.clone(), *n as u64))
+        .collect()
 }

@@ -489,3 +489,13 @@ pub fn advisory_locks(w: &World) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// A companies view that takes `secs` per row, to make runs slow on purpose.
+pub fn add_slow_view(w: &World, secs: f64) {
+    w.pg()
+        .batch_execute(&format!(
+            "CREATE VIEW marketing.slow_companies AS
+             SELECT c.* FROM marketing.company_master c, LATERAL (SELECT pg_sleep({secs})) s"
+        ))
+        .unwrap();
+}

@@ -31,16 +31,6 @@ fn slow_wv_companies(w: &World, n: usize, secs: f64) {
     }
 }
 
-/// A companies view that takes `secs` per row, to make runs slow on purpose.
-fn add_slow_view(w: &World, secs: f64) {
-    w.pg()
-        .batch_execute(&format!(
-            "CREATE VIEW marketing.slow_companies AS
-             SELECT c.* FROM marketing.company_master c, LATERAL (SELECT pg_sleep({secs})) s"
-        ))
-        .unwrap();
-}
-
 struct Daemon {
     child: Child,
     log: PathBuf,

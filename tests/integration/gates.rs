@@ -426,11 +426,7 @@ fn a_run_that_lost_its_lease_before_the_audit_records_no_gate() {
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
     add_company(&mut pg, "c2", None, Some("b.example"), "WV");
-    pg.batch_execute(
-        "CREATE VIEW marketing.slow_companies AS
-         SELECT c.* FROM marketing.company_master c, LATERAL (SELECT pg_sleep(0.5)) s",
-    )
-    .unwrap();
+    add_slow_view(&w, 0.5);
     w.config.source.companies_table =
         outreach_workbench::config::QualifiedName::new("marketing", "slow_companies");
     let run = {

@@ -108,6 +108,13 @@ impl InProcess {
     }
 }
 
+/// One good company in WV and one in PA.
+fn good_company_in_wv_and_pa(w: &World) {
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "c2", Some("B"), Some("b.example"), "PA");
+}
+
 fn paused_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -132,9 +139,7 @@ fn fired(reports: &[RunReport]) -> Vec<(String, String, RunStatus)> {
 #[test]
 fn a_daily_schedule_fires_at_local_midnight_each_day_across_a_dst_change() {
     let w = World::new("sdaily");
-    let mut pg = w.pg();
-    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
-    add_company(&mut pg, "c2", Some("B"), Some("b.example"), "PA");
+    good_company_in_wv_and_pa(&w);
     let path = config_file(
         &w,
         "[daemon]\nmax_concurrent_runs = 2\n\n[[schedule]]\nstates = [\"WV\", \"PA\"]\ncadence = \"daily\"\ntimezone = \"America/New_York\"\n",
@@ -172,9 +177,7 @@ fn a_daily_schedule_fires_at_local_midnight_each_day_across_a_dst_change() {
 #[test]
 fn a_reload_takes_a_good_config_and_refuses_a_broken_one() {
     let w = World::new("sreload");
-    let mut pg = w.pg();
-    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
-    add_company(&mut pg, "c2", Some("B"), Some("b.example"), "PA");
+    good_company_in_wv_and_pa(&w);
     let yearly = "[[schedule]]\nstates = [\"WV\"]\ncron = \"0 0 1 1 *\"\n";
     let path = config_file(&w, yearly);
     paused_runtime().block_on(async {
@@ -212,9 +215,7 @@ fn a_reload_takes_a_good_config_and_refuses_a_broken_one() {
 #[test]
 fn catch_up_runs_the_first_missed_fire_time_once_and_only_where_asked() {
     let w = World::new("scatch");
-    let mut pg = w.pg();
-    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
-    add_company(&mut pg, "c2", Some("B"), Some("b.example"), "PA");
+    good_company_in_wv_and_pa(&w);
     // History: both states last ran at noon on 2026-05-29; the daily 00:00
     // UTC fire times since were missed. Only the catch_up schedule runs at
     // start, for the first fire time it missed.

@@ -79,16 +79,7 @@ impl<'a> StreamedExport<'a> {
     }
 
     fn write(&self, kind: FileKind, feed: TableFeed) -> Result<(), PipelineError> {
-        let raw = feed.name;
-        let Some(entity) = Entity::ALL
-            .into_iter()
-            .find(|e| raw.strip_suffix("_raw") == Some(e.as_str()))
-        else {
-            return Err(export_err(
-                &self.exports_dir,
-                format!("no entity has the table {raw}"),
-            ));
-        };
+        let (entity, raw) = (feed.entity, feed.name());
         let rules = self
             .rules
             .iter()
@@ -111,7 +102,7 @@ impl<'a> StreamedExport<'a> {
             });
             written.len() - 1
         };
-        let err = |e: DuckError| export_err(&path, format!("writing {entity}_{kind}: {e}"));
+        let err = |e: DuckError| export_err(&path, format!("writing {}: {e}", entity.table(kind)));
         // Columns in the raw table's types, under its name, so that the
         // rules read exactly what they read in the views (UUIDs arrive as
         // text and the insert casts them).
@@ -194,7 +185,7 @@ fn put(w: &Written) -> Result<ExportedFile, PipelineError> {
     Ok(ExportedFile {
         entity: w.entity,
         kind: w.kind,
-        table_name: format!("{}_{}", w.entity, w.kind),
+        table_name: w.entity.table(w.kind),
         path: w.path.clone(),
         rows: done.rows,
         bytes: done.bytes,
