@@ -13,20 +13,22 @@ source "$(dirname "$0")/lib/services.sh"
 cd "$OW_ROOT"
 
 ow_prepare
+ow_ensure_test_packages
 ow_prepare_nspawn
+ow_prepare_old_duckdb
 ow_log "cargo fmt --check"
 cargo fmt --all -- --check
 ow_build
 ow_log "cargo clippy"
-cargo clippy --release --locked --workspace --all-targets --quiet -- -D warnings
+cargo clippy --release --locked --workspace --all-targets --quiet "${OW_FEATURES[@]}" -- -D warnings
 ow_start_services
 ow_log "cargo test"
-cargo test --release --locked --workspace --no-fail-fast -- "$@"
+cargo test --release --locked --workspace --no-fail-fast "${OW_FEATURES[@]}" -- "$@"
 if [ -n "${OW_PGB_PORT:-}" ]; then
     filters=("$@")
     [ ${#filters[@]} -gt 0 ] || filters=(pipeline:: gates:: cli:: types:: serve:: sigterm_during_a_run a_run_over_its_timeout)
     ow_log "cargo test, the one-shot tests again through PgBouncer (transaction pooling)"
-    OW_TEST_POOLED=1 cargo test --release --locked --no-fail-fast -- "${filters[@]}"
+    OW_TEST_POOLED=1 cargo test --release --locked --no-fail-fast "${OW_FEATURES[@]}" -- "${filters[@]}"
 else
     ow_log "PgBouncer is not running: the pooled pass is skipped"
 fi

@@ -83,6 +83,28 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Write the man page and the bash, zsh and fish completions into a
+    /// folder (the package's build does).
+    #[command(hide = true)]
+    Docs {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// outreach-workbench.1 and the completions, from the definitions above.
+fn write_docs(out: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    std::fs::create_dir_all(out)?;
+    let cmd = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    std::fs::write(out.join("outreach-workbench.1"), page)?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "outreach-workbench", out)?;
+    }
+    Ok(())
 }
 
 fn config_path(cli: &Cli) -> PathBuf {
@@ -94,6 +116,15 @@ fn config_path(cli: &Cli) -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Docs { out } = &cli.command {
+        return match write_docs(out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: writing the docs into {}: {e}", out.display());
+                ExitCode::from(EXIT_FAILED)
+            }
+        };
+    }
     if matches!(cli.command, Command::Daemon) {
         outreach_workbench::daemon::before_threads();
     } else {
@@ -244,6 +275,7 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Docs { .. } => unreachable!("handled before the config is loaded"),
         Command::Check { offline } => {
             let problems = if offline {
                 outreach_workbench::check::offline(&config)

@@ -228,11 +228,19 @@ impl Metrics {
         now() - self.alive.load(Ordering::Relaxed) <= limit.as_secs() as i64
     }
 
-    pub fn render(&self) -> String {
+    /// The metrics in OpenMetrics text (what prometheus-client writes), for
+    /// a scraper that asks for it.
+    pub fn render_openmetrics(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
         out
+    }
+
+    /// The metrics in Prometheus' text format 0.0.4: what node_exporter's
+    /// textfile collector reads, and what `/metrics` serves by default.
+    pub fn render(&self) -> String {
+        to_prometheus_text(&self.render_openmetrics())
     }
 
     /// Replaces `path` with the metrics as a whole: written beside it, synced,
@@ -245,6 +253,53 @@ impl Metrics {
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     }
+}
+
+/// OpenMetrics text to Prometheus text 0.0.4. The two differ, for what we
+/// write, in three places: a counter's family is named without `_total` in
+/// OpenMetrics and with it in Prometheus (whose parsers otherwise see the
+/// `_total` samples as a metric without a type), `# UNIT` lines do not exist
+/// in Prometheus, and neither does the closing `# EOF`.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // prometheus-client writes a family's HELP (and UNIT) before its TYPE, so
+    // they are held until the TYPE says whether the name changes.
+    let mut held: Vec<&str> = Vec::new();
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            held.push(line);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let rename = kind == "counter" && !name.ends_with("_total");
+            for h in held.drain(..) {
+                match h.strip_prefix("# HELP ").and_then(|r| r.split_once(' ')) {
+                    Some((n, help)) if rename && n == name => {
+                        out.push_str(&format!("# HELP {name}_total {help}\n"))
+                    }
+                    _ => {
+                        out.push_str(h);
+                        out.push('\n');
+                    }
+                }
+            }
+            if rename {
+                out.push_str(&format!("# TYPE {name}_total counter\n"));
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    for h in held {
+        out.push_str(h);
+        out.push('\n');
+    }
+    out
 }
 
 fn now() -> i64 {
@@ -279,6 +334,11 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
             let head = String::from_utf8_lossy(&buf[..len]);
             let path = head.split_whitespace().nth(1).unwrap_or("");
             let (status, kind, body) = match path {
+                "/metrics" if accepts_openmetrics(&head) => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.render_openmetrics(),
+                ),
                 "/metrics" => (
                     "200 OK",
                     "text/plain; version=0.0.4; charset=utf-8",
@@ -303,6 +363,22 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
+/// Whether the request's Accept header names OpenMetrics (Prometheus asks
+/// for it first and takes text/plain as its fallback); text/plain otherwise.
+fn accepts_openmetrics(head: &str) -> bool {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| name.trim().eq_ignore_ascii_case("accept"))
+        .any(|(_, value)| {
+            value.split(',').any(|media| {
+                let mut parts = media.split(';').map(str::trim);
+                let is_om = parts.next() == Some("application/openmetrics-text");
+                // `q=0` means "not this one".
+                is_om && !parts.any(|p| p.replace(' ', "") == "q=0")
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,5 +397,34 @@ mod tests {
         );
         assert!(text.contains("outreach_workbench_last_success_timestamp_seconds{state=\"WV\"}"));
         assert!(text.contains("outreach_workbench_next_fire_timestamp_seconds{state=\"WV\"}"));
+        assert!(
+            text.contains("# TYPE outreach_workbench_runs_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP outreach_workbench_runs_total Runs by outcome"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        let om = m.render_openmetrics();
+        assert!(
+            om.contains("# TYPE outreach_workbench_runs counter\n"),
+            "{om}"
+        );
+        assert!(om.ends_with("# EOF\n"), "{om}");
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        let req =
+            |accept: &str| format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n");
+        assert!(accepts_openmetrics(&req(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        )));
+        assert!(!accepts_openmetrics(&req("text/plain;version=0.0.4")));
+        assert!(!accepts_openmetrics(&req(
+            "application/openmetrics-text;q=0, text/plain"
+        )));
+        assert!(!accepts_openmetrics("GET /metrics HTTP/1.1\r\n\r\n"));
     }
 }

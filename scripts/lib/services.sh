@@ -9,16 +9,21 @@
 
 OW_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 OW_CACHE=${OW_CACHE:-$HOME/.cache/outreach-workbench}
-# One target dir outside the checkout, shared by every clone: DuckDB's C++
-# takes half an hour to build and must be built once per machine. Nothing
-# else about the build environment (CC, RUSTFLAGS, profile) may vary between
-# scripts, or it is rebuilt.
+# One target dir outside the checkout, shared by every clone. Nothing about
+# the build environment (CC, RUSTFLAGS, profile, features) may vary between
+# scripts, or it is rebuilt (with OW_BUNDLED_DUCKDB=1, DuckDB's C++ too:
+# half an hour).
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$OW_CACHE/target}
+# The features every cargo command of the scripts builds with.
+OW_FEATURES=()
+[ "${OW_BUNDLED_DUCKDB:-0}" != 1 ] || OW_FEATURES=(--features bundled-duckdb)
 OW_BIN=${OW_BIN:-$CARGO_TARGET_DIR/release/outreach-workbench}
 S3S_VERSION=0.14.1
 S3S_BIN=$OW_CACHE/tools/bin/s3s-fs
 
 ow_log() { printf '==> %s\n' "$*" >&2; }
+
+source "$OW_ROOT/scripts/lib/duckdb.sh"
 
 ow_free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -33,13 +38,37 @@ ow_ensure_packages() {
     [ -x /usr/bin/time ] || missing+=(time)
     command -v python3 >/dev/null || missing+=(python3)
     command -v bc >/dev/null || missing+=(bc)
+    # The prebuilt DuckDB comes from a package of the npm registry.
+    command -v npm >/dev/null || missing+=(npm)
     [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
-    if [ ${#missing[@]} -gt 0 ]; then
-        ow_log "installing ${missing[*]}"
+    ow_install "${missing[@]}"
+}
+
+# The tools the suite checks our output with: the package (dpkg-buildpackage,
+# debhelper, patchelf, lintian), the metrics (promtool, node_exporter), the
+# workbench upgrade (a Python venv). A test whose tool is still missing
+# skips and says so. (Debian's prometheus package brings promtool with the
+# server; on a machine running systemd, the server starts on :9090.)
+ow_ensure_test_packages() {
+    local missing=()
+    command -v dpkg-buildpackage >/dev/null || missing+=(dpkg-dev)
+    command -v dh >/dev/null || missing+=(debhelper)
+    command -v patchelf >/dev/null || missing+=(patchelf)
+    command -v lintian >/dev/null || missing+=(lintian)
+    command -v promtool >/dev/null || missing+=(prometheus)
+    command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
+    python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    [ ${#missing[@]} -eq 0 ] || ow_install --no-install-recommends "${missing[@]}" ||
+        ow_log "could not install ${missing[*]}: the tests that need them skip"
+}
+
+ow_install() {
+    if [ $# -gt 0 ]; then
+        ow_log "installing $*"
         local sudo=""
         [ "$(id -u)" -eq 0 ] || sudo=sudo
         $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
     fi
 }
 
@@ -53,6 +82,7 @@ ow_ensure_s3s() {
 
 ow_prepare() {
     ow_ensure_packages
+    ow_ensure_duckdb
     ow_ensure_s3s
 }
 
@@ -94,8 +124,12 @@ ow_prepare_nspawn() {
 }
 
 ow_build() {
-    ow_log "building (release; the first build on a machine compiles DuckDB, ~30 min)"
-    (cd "$OW_ROOT" && cargo build --release --locked --quiet)
+    if [ "${OW_BUNDLED_DUCKDB:-0}" = 1 ]; then
+        ow_log "building (release; the first build with OW_BUNDLED_DUCKDB=1 compiles DuckDB, ~35 min)"
+    else
+        ow_log "building (release, linking the prebuilt DuckDB $OW_DUCKDB_VERSION)"
+    fi
+    (cd "$OW_ROOT" && cargo build --release --locked --quiet "${OW_FEATURES[@]}")
 }
 
 OW_STARTED=()

@@ -668,13 +668,125 @@ fn the_daemon_tells_systemd_ready_status_reloading_watchdog_and_stopping() {
 
 /// `GET path` on loopback: (status line, body).
 fn http_get(port: u16, path: &str) -> (String, String) {
+    let (head, body) = http_get_accept(port, path, "*/*");
+    (head.lines().next().unwrap().to_string(), body)
+}
+
+/// `GET path` with an Accept header: (the head in lower case, body).
+fn http_get_accept(port: u16, path: &str, accept: &str) -> (String, String) {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(c, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     c.read_to_string(&mut out).unwrap();
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_string(), body.to_string())
+    (head.to_ascii_lowercase(), body.to_string())
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Prometheus' own linter accepts `text` (it reads the text format).
+fn promtool_check(text: &str, what: &str) {
+    use std::io::Write;
+    if !have("promtool") {
+        eprintln!(
+            "skipped promtool check of {what}: promtool is not installed (Debian: prometheus)"
+        );
+        return;
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && said.trim().is_empty(),
+        "promtool on {what}: {said}\n{text}"
+    );
+}
+
+/// node_exporter's textfile collector, pointed at the textfile's folder,
+/// serves our runs counter as a counter with our help text.
+fn node_exporter_reads_counter(textfile: &std::path::Path) {
+    let Some(exe) = ["prometheus-node-exporter", "node_exporter"]
+        .into_iter()
+        .find(|t| have(t))
+    else {
+        eprintln!(
+            "skipped the node_exporter check: not installed (Debian: prometheus-node-exporter)"
+        );
+        return;
+    };
+    let port = free_port();
+    let mut child = Command::new(exe)
+        .arg("--collector.disable-defaults")
+        .arg("--collector.textfile")
+        .arg(format!(
+            "--collector.textfile.directory={}",
+            textfile.parent().unwrap().display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            write!(
+                c,
+                "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node_exporter did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        body.contains("# TYPE outreach_workbench_runs_total counter"),
+        "{body}"
+    );
+    assert!(
+        body.contains("# HELP outreach_workbench_runs_total Runs by outcome"),
+        "{body}"
+    );
+    assert!(
+        body.contains("node_textfile_scrape_error 0"),
+        "node_exporter could not read the textfile:\n{body}"
+    );
 }
 
 #[test]
@@ -727,7 +839,30 @@ fn metrics_are_served_and_written_after_runs_that_succeed_and_gate() {
         file.contains("outreach_workbench_runs_total{state=\"PA\",status=\"gated\"}"),
         "{file}"
     );
-    assert!(file.trim_end().ends_with("# EOF"), "written whole: {file}");
+    // Prometheus text: no OpenMetrics `# EOF`; written whole, its last
+    // family complete.
+    assert!(!file.contains("# EOF") && file.ends_with('\n'), "{file}");
+    assert!(
+        file.contains("# TYPE outreach_workbench_runs_total counter"),
+        "{file}"
+    );
+    promtool_check(&body, "/metrics");
+    promtool_check(&file, "the textfile");
+    node_exporter_reads_counter(&textfile);
+    // A scraper that asks for OpenMetrics gets it.
+    let (head, om) = http_get_accept(
+        port,
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0",
+    );
+    assert!(
+        head.contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(
+        om.ends_with("# EOF\n") && om.contains("# TYPE outreach_workbench_runs counter"),
+        "{om}"
+    );
     d.stop();
 
     // Restarted, before any run: the last success comes from the history.

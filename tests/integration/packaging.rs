@@ -79,6 +79,12 @@ fn deb_package_holds_every_file_with_the_right_modes() {
         ("-rw-r-----", "./etc/outreach-workbench/config.toml"),
         ("-rw-------", "./etc/outreach-workbench/env"),
         ("-rw-r--r--", "./usr/share/doc/outreach-workbench/README.md"),
+        ("-rw-r--r--", "./usr/lib/outreach-workbench/libduckdb.so"),
+        ("-rw-r--r--", "./usr/share/man/man1/outreach-workbench.1.gz"),
+        (
+            "-rw-r--r--",
+            "./usr/share/bash-completion/completions/outreach-workbench",
+        ),
     ] {
         assert!(
             listing
@@ -117,7 +123,8 @@ fn deb_package_holds_every_file_with_the_right_modes() {
     let postrm = std::fs::read_to_string(ctrl.path().join("postrm")).unwrap();
     assert!(postrm.contains("purge") && postrm.contains("/var/lib/outreach-workbench"));
 
-    // Unpacked into a scratch root, the shipped config is accepted as it is.
+    // Unpacked into a scratch root, the binary finds the package's
+    // libduckdb.so ($ORIGIN) and accepts the shipped config as it is.
     let root = tempfile::tempdir().unwrap();
     assert!(Command::new("dpkg-deb")
         .args(["-x", &deb])
@@ -136,5 +143,34 @@ fn deb_package_holds_every_file_with_the_right_modes() {
         check.status.success(),
         "{}",
         String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+#[test]
+fn lintian_finds_no_error_and_no_warning_in_the_package() {
+    if !have("lintian") || !have("dpkg-buildpackage") {
+        eprintln!("skipped: lintian or dpkg-buildpackage is not installed on this machine");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let deb = build_deb(out.path());
+    // Overrides (packaging/debian/*.lintian-overrides) say which findings
+    // are our choice and why; anything else at warning or above fails.
+    let o = Command::new("lintian")
+        .args(["--fail-on", "error,warning", "--no-tag-display-limit"])
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "lintian:\n{said}");
+    assert!(
+        !said
+            .lines()
+            .any(|l| l.starts_with("E:") || l.starts_with("W:")),
+        "lintian:\n{said}"
     );
 }

@@ -1,5 +1,7 @@
 //! End-to-end runs of the pipeline against real PostgreSQL and S3 servers.
 
+use std::process::Command;
+
 use crate::common::*;
 use outreach_workbench::pipeline::{RunOptions, RunStatus};
 
@@ -724,4 +726,52 @@ fn the_workbench_reads_the_files_and_keeps_the_link_rules_rows_in_tables() {
             (2, 2 - bad as u64, bad as u64)
         );
     }
+}
+
+/// The previous release linked DuckDB 1.2: its workbench file opens with
+/// the DuckDB we link now, keeps its history, and a run goes on in it.
+#[test]
+fn a_workbench_written_by_duckdb_1_2_opens_and_keeps_its_history() {
+    let Ok(python) = std::env::var("OW_DUCKDB_1_2_PYTHON") else {
+        eprintln!("skipped: OW_DUCKDB_1_2_PYTHON is not set (scripts/test.sh installs Python's duckdb 1.2.2 when it can; it says why not)");
+        return;
+    };
+    let w = World::new("wbold");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    let duck = w.dir.path().join("duck");
+    std::fs::create_dir_all(&duck).unwrap();
+    // The tables the previous release made, one run in its history and a
+    // state table of the kind it kept (now a view).
+    let script = r#"
+import sys, duckdb
+assert duckdb.__version__.startswith("1.2."), duckdb.__version__
+c = duckdb.connect(sys.argv[1])
+c.execute("""
+CREATE TABLE main.runs (run_id VARCHAR PRIMARY KEY, state VARCHAR NOT NULL, status VARCHAR NOT NULL,
+  dry_run BOOLEAN NOT NULL, started_at TIMESTAMP NOT NULL, finished_at TIMESTAMP, audit_id BIGINT,
+  error VARCHAR, report VARCHAR, audit_pending BOOLEAN DEFAULT false);
+CREATE TABLE main.unfinished_uploads (upload_id VARCHAR PRIMARY KEY, object_key VARCHAR NOT NULL, left_at TIMESTAMP NOT NULL);
+CREATE TABLE main.upload_manifest (object_key VARCHAR PRIMARY KEY, sha256 VARCHAR NOT NULL, bytes BIGINT NOT NULL,
+  uploaded_at TIMESTAMP NOT NULL, run_id VARCHAR NOT NULL);
+INSERT INTO main.runs VALUES ('run-from-duckdb-1.2', 'WV', 'success', false,
+  TIMESTAMP '2026-12-01 06:00:00', TIMESTAMP '2026-12-01 06:00:02', 7, NULL, NULL, false);
+CREATE SCHEMA wv;
+CREATE TABLE wv.companies_good AS SELECT 'old' AS company_unique_id;
+""")
+c.close()
+"#;
+    let o = Command::new(&python)
+        .args(["-c", script])
+        .arg(duck.join("outreach_workbench.duckdb"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+
+    let r = w.run("WV");
+    assert!(r.succeeded(), "{:?}", r.error);
+    let history = outreach_workbench::history::read(&w.config, None, 10).unwrap();
+    let ids: Vec<&str> = history.iter().map(|e| e.report.run_id.as_str()).collect();
+    assert!(ids.contains(&"run-from-duckdb-1.2"), "{ids:?}");
+    assert!(ids.contains(&r.run_id.as_str()), "{ids:?}");
 }

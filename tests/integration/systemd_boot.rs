@@ -303,4 +303,24 @@ fn the_package_under_systemd_starts_reloads_stops_restarts_and_upgrades() {
         String::from_utf8_lossy(&c.sh(&format!("systemctl is-enabled {UNIT}")).stdout).trim(),
         "disabled"
     );
+
+    // The man page and completions are where man and the shells look.
+    c.ok("test -f /usr/share/man/man1/outreach-workbench.1.gz");
+    c.ok("test -f /usr/share/bash-completion/completions/outreach-workbench");
+    c.ok("test -f /usr/share/zsh/vendor-completions/_outreach-workbench");
+    c.ok("test -f /usr/share/fish/vendor_completions.d/outreach-workbench.fish");
+
+    // Remove stops a running service and systemd forgets the unit; the
+    // admin's config stays until purge, which takes the rest.
+    c.ok("cp /mnt/ow/config.toml /etc/outreach-workbench/config.toml");
+    c.ok(&format!("systemctl reset-failed {UNIT} || true"));
+    c.ok(&format!("systemctl start {UNIT}"));
+    assert_eq!(c.show("ActiveState"), "active");
+    c.ok("dpkg -r outreach-workbench");
+    assert_eq!(c.show("ActiveState"), "inactive");
+    assert_eq!(c.show("LoadState"), "not-found");
+    c.ok("test -f /etc/outreach-workbench/config.toml");
+    c.ok("dpkg --purge outreach-workbench");
+    c.ok("! test -e /etc/outreach-workbench && ! test -e /var/lib/outreach-workbench");
+    c.ok("! getent passwd outreach-workbench");
 }

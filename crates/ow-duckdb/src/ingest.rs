@@ -228,7 +228,8 @@ impl RawConnection {
                 next: next.clone(),
             },
         );
-        let done = self.query_row_i64(&sql(&format!("{FEED_FUNCTION}({id})")));
+        // DuckDB 1.4 casts no INTEGER literal to the UBIGINT parameter by itself.
+        let done = self.query_row_i64(&sql(&format!("{FEED_FUNCTION}({id}::UBIGINT)")));
         // Still there if the statement failed before binding the function.
         feeds().remove(&id);
         next.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -493,7 +494,9 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("the feed broke"), "{e}");
 
         // A number that names no feed is refused, not followed.
-        let e = c.execute("SELECT * FROM ow_feed(123456789)").unwrap_err();
+        let e = c
+            .execute("SELECT * FROM ow_feed(123456789::UBIGINT)")
+            .unwrap_err();
         assert!(e.to_string().contains("no feed 123456789"), "{e}");
     }
 }
