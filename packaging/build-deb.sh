@@ -53,6 +53,7 @@ mv "$src/build/completions/outreach-workbench.bash" "$src/build/completions/bash
 cp config.toml "$src/build/etc/config.toml"
 cp packaging/debian/env "$src/build/etc/env"
 cp README.md "$src/build/README.md"
+cp -r docs "$src/build/docs"
 cp config.toml "$src/build/config.toml.example"
 
 (cd "$src" && dpkg-buildpackage -b -us -uc --no-sign >"$stage/build.log" 2>&1) || {

@@ -18,6 +18,8 @@ ow_prepare_nspawn
 ow_prepare_old_duckdb
 ow_log "cargo fmt --check"
 cargo fmt --all -- --check
+ow_log "no import circle between files"
+python3 scripts/lib/import_graph.py "$OW_ROOT"
 ow_build
 ow_log "cargo clippy"
 cargo clippy --release --locked --workspace --all-targets --quiet "${OW_FEATURES[@]}" -- -D warnings

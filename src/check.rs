@@ -1,9 +1,13 @@
 //! `check`: what a run needs, verified without running one. Each problem is
 //! one line; an empty list means a run can start.
 
+use crate::bucket::publish;
 use crate::config::Config;
+use crate::error::{pg_message, PipelineError};
+use crate::ledger::{audit, claim};
 use crate::names::Entity;
-use crate::pipeline::{audit, claim, pg_message, publish, rules, source, PipelineError};
+use crate::quality::rules;
+use crate::source::pull as source;
 
 /// Config-only checks (the config already loaded and validated, the rules'
 /// SQL parsed): secrets that a run will need. No network, for the
@@ -28,7 +32,7 @@ pub fn online(config: &Config) -> Vec<String> {
                 .into(),
         );
     }
-    match crate::pg::connect(&config.source) {
+    match crate::source::connect::connect(&config.source) {
         Err(e) => problems.push(e.to_string()),
         Ok(mut client) => {
             let s = &config.source;
@@ -83,7 +87,8 @@ pub fn stale_uploads(config: &Config) -> Vec<String> {
 /// The leases held now (who runs which state), for `check` to show: a
 /// line each; empty before any run made the table, or when it cannot be read.
 pub fn leases(config: &Config) -> Vec<String> {
-    let mut session = crate::pg::Session::lazy(&config.source, &config.retry.single_try());
+    let mut session =
+        crate::source::connect::Session::lazy(&config.source, &config.retry.single_try());
     let never = tokio_util::sync::CancellationToken::new();
     match claim::live_leases(&mut session, config, &never) {
         Ok(lines) => lines,

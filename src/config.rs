@@ -394,7 +394,7 @@ impl Default for AuditConfig {
 }
 
 /// The per-state lease that keeps runs of one state on several hosts
-/// apart (see `pipeline::claim`). Its table sits beside the audit table.
+/// apart (see `ledger::claim`). Its table sits beside the audit table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LeaseConfig {
@@ -736,10 +736,14 @@ max_bad_ratio = 0.5
         let c = Config::from_toml_str(&toml).unwrap();
         assert_eq!(c.rules.companies, default_company_rules());
         assert_eq!(c.rules.people.len(), 1);
-        let opts = |s| crate::pipeline::RunOptions::for_state(&c, &StateCode::parse(s).unwrap());
-        let wv = opts("WV").gates;
+        // A state's gates: its schedule's, merged over [gates] at load.
+        let gates = |s| {
+            let state = StateCode::parse(s).unwrap();
+            c.schedule_for(&state).map_or(c.gates, |s| s.gates)
+        };
+        let wv = gates("WV");
         assert_eq!((wv.max_bad_ratio, wv.no_null_ids), (Some(0.5), Some(true)));
-        assert_eq!(opts("OH").gates.max_bad_ratio, Some(0.15));
+        assert_eq!(gates("OH").max_bad_ratio, Some(0.15));
 
         let e = Config::from_toml_str(&format!("{MINIMAL}\n[gates]\nmax_bad_ratio = 2.0\n"))
             .unwrap_err()
@@ -749,15 +753,17 @@ max_bad_ratio = 0.5
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_bad_rate"), "{e}");
-        // The rules' own checks belong to the rules module (it has DuckDB).
-        let c = Config::from_toml_str(&format!(
-            "{MINIMAL}\n[rules]\ncompanies = [{{ code = \"x y\", condition = \"true\" }}]\n"
-        ))
-        .unwrap();
-        let e = crate::pipeline::rules::check_syntax(&c.rules)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("rules.companies[0]"), "{e}");
+    }
+
+    /// The README's example config is one the program takes.
+    #[test]
+    fn the_readmes_example_config_loads() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("```toml\n").unwrap() + "```toml\n".len();
+        let end = start + readme[start..].find("```").unwrap();
+        let c = Config::from_toml_str(&readme[start..end]).unwrap();
+        assert_eq!(c.schedules.len(), 1);
+        assert_eq!(c.schedules[0].states.len(), 3);
     }
 
     /// The commented `[rules]` block in the shipped config.toml, uncommented,

@@ -1,5 +1,7 @@
-//! The command line. Each command loads the config, does one thing, and
-//! turns the outcome into an exit code; the work itself lives in the library.
+//! The command line: clap parses the arguments once into typed values,
+//! `main` loads the config, and each command is one function below that
+//! does one thing and turns the outcome into an exit code; the work itself
+//! lives in the library.
 
 // Every unsafe block is in the ow-duckdb crate, behind its safe API.
 #![forbid(unsafe_code)]
@@ -41,7 +43,7 @@ enum Command {
     Run {
         /// Two-letter state code, e.g. WV.
         #[arg(long)]
-        state: String,
+        state: StateCode,
         /// Validate and export, but neither upload nor write the audit.
         #[arg(long)]
         dry_run: bool,
@@ -57,7 +59,7 @@ enum Command {
     History {
         /// Only this state.
         #[arg(long)]
-        state: Option<String>,
+        state: Option<StateCode>,
         /// How many runs.
         #[arg(long, default_value_t = 20)]
         limit: usize,
@@ -117,13 +119,7 @@ fn config_path(cli: &Cli) -> PathBuf {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Docs { out } = &cli.command {
-        return match write_docs(out) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: writing the docs into {}: {e}", out.display());
-                ExitCode::from(EXIT_FAILED)
-            }
-        };
+        return docs(out);
     }
     if matches!(cli.command, Command::Daemon) {
         outreach_workbench::daemon::before_threads();
@@ -135,7 +131,7 @@ fn main() -> ExitCode {
     // `schedule` and `history` start no DuckDB for that.
     let runs_rules = !matches!(cli.command, Command::History { .. } | Command::Schedule);
     let loaded = match runs_rules {
-        true => pipeline::rules::load_config(&path),
+        true => outreach_workbench::quality::rules::load_config(&path),
         false => Config::load(&path).map_err(anyhow::Error::from),
     };
     let config = match loaded.with_context(|| format!("config {}", path.display())) {
@@ -151,163 +147,177 @@ fn main() -> ExitCode {
             dry_run,
             link_rule,
             force,
-        } => {
-            let state = match StateCode::parse(&state) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("error: --state: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let mut opts = RunOptions::for_state(&config, &state);
-            opts.dry_run = dry_run;
-            opts.link_rule |= link_rule;
-            opts.force = force;
-            let report = pipeline::run(&config, &state, &CancellationToken::new(), &opts);
-            print!("{}", report.summary());
-            if report.succeeded() {
-                ExitCode::SUCCESS
-            } else if report.status == RunStatus::Gated {
-                ExitCode::from(EXIT_GATED)
-            } else {
-                ExitCode::from(EXIT_FAILED)
-            }
-        }
-        Command::History { state, limit, json } => {
-            let state = match state.as_deref().map(StateCode::parse).transpose() {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("error: --state: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            match outreach_workbench::history::read(&config, state.as_ref(), limit) {
-                Ok(entries) if json => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&entries).expect("plain data")
-                    );
-                    ExitCode::SUCCESS
-                }
-                Ok(entries) if entries.is_empty() => {
-                    println!("no runs recorded in {}", config.workbench.dir.display());
-                    ExitCode::SUCCESS
-                }
-                Ok(entries) => {
-                    print!("{}", outreach_workbench::history::table(&entries));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(EXIT_FAILED)
-                }
-            }
-        }
-        Command::Daemon => {
-            let logs = config.log_dir();
-            let _guard = match outreach_workbench::logging::init_daemon(
-                &logs,
-                config.daemon.log_retention_days,
-            ) {
-                Ok(g) => g,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    return ExitCode::from(EXIT_FAILED);
-                }
-            };
-            match outreach_workbench::daemon::run(path, config) {
-                Ok(()) => ExitCode::SUCCESS,
-                // The unit's RestartPreventExitStatus=2: no restart loop
-                // over a config or rule only an edit can fix.
-                Err(e) if e.is::<outreach_workbench::daemon::Refused>() => {
-                    tracing::error!("daemon refused to start: {e:#}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-                Err(e) => {
-                    tracing::error!("daemon failed: {e:#}");
-                    ExitCode::from(EXIT_FAILED)
-                }
-            }
-        }
-        Command::Reload { pid } => {
-            // The config loaded above: a refused one has exited 2 already.
-            let pid = pid.or_else(|| std::env::var("MAINPID").ok()?.parse().ok());
-            let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) else {
-                eprintln!("error: no daemon to reload: pass --pid (systemd sets MAINPID)");
-                return ExitCode::from(EXIT_FAILED);
-            };
-            match rustix::process::kill_process(pid, rustix::process::Signal::HUP) {
-                Ok(()) => {
-                    println!(
-                        "ok: {} is valid; daemon {} reloads it",
-                        path.display(),
-                        pid.as_raw_nonzero()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: signalling daemon {}: {e}", pid.as_raw_nonzero());
-                    ExitCode::from(EXIT_FAILED)
-                }
-            }
-        }
-        Command::Schedule => {
-            let now = chrono::Utc::now();
-            for s in &config.schedules {
-                let states: Vec<&str> = s.states.iter().map(|s| s.as_str()).collect();
-                println!(
-                    "schedule[{}] {} `{}` ({})",
-                    s.index,
-                    states.join(","),
-                    s.timing.spec,
-                    s.timing.tz
-                );
-                for t in s.timing.upcoming(now, 5) {
-                    println!(
-                        "  {}  {}",
-                        t.format("%Y-%m-%d %H:%M:%S UTC"),
-                        t.with_timezone(&s.timing.tz).format("%Y-%m-%d %H:%M:%S %Z")
-                    );
-                }
-            }
-            if config.schedules.is_empty() {
-                println!("no [[schedule]] in {}", path.display());
-            }
+        } => run(&config, &state, dry_run, link_rule, force),
+        Command::History { state, limit, json } => history(&config, state.as_ref(), limit, json),
+        Command::Daemon => daemon(path, config),
+        Command::Reload { pid } => reload(&path, pid),
+        Command::Schedule => schedule(&path, &config),
+        Command::Check { offline } => check(&path, &config, offline),
+        Command::Docs { .. } => unreachable!("written before the config is loaded"),
+    }
+}
+
+/// `run`: one state, now; the report on stdout.
+fn run(
+    config: &Config,
+    state: &StateCode,
+    dry_run: bool,
+    link_rule: bool,
+    force: bool,
+) -> ExitCode {
+    let mut opts = RunOptions::for_state(config, state);
+    opts.dry_run = dry_run;
+    opts.link_rule |= link_rule;
+    opts.force = force;
+    let report = pipeline::run(config, state, &CancellationToken::new(), &opts);
+    print!("{}", report.summary());
+    if report.succeeded() {
+        ExitCode::SUCCESS
+    } else if report.status == RunStatus::Gated {
+        ExitCode::from(EXIT_GATED)
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
+}
+
+/// `history`: the workbench's recent runs, as a table or JSON.
+fn history(config: &Config, state: Option<&StateCode>, limit: usize, json: bool) -> ExitCode {
+    match outreach_workbench::history::read(config, state, limit) {
+        Ok(entries) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&entries).expect("plain data")
+            );
             ExitCode::SUCCESS
         }
-        Command::Docs { .. } => unreachable!("handled before the config is loaded"),
-        Command::Check { offline } => {
-            let problems = if offline {
-                outreach_workbench::check::offline(&config)
-            } else {
-                outreach_workbench::check::online(&config)
-            };
-            for p in &problems {
-                println!("problem: {p}");
+        Ok(entries) if entries.is_empty() => {
+            println!("no runs recorded in {}", config.workbench.dir.display());
+            ExitCode::SUCCESS
+        }
+        Ok(entries) => {
+            print!("{}", outreach_workbench::history::table(&entries));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// `daemon`: the schedules until SIGTERM, logging to the journal and files.
+fn daemon(path: PathBuf, config: Config) -> ExitCode {
+    let logs = config.log_dir();
+    let _guard =
+        match outreach_workbench::logging::init_daemon(&logs, config.daemon.log_retention_days) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(EXIT_FAILED);
             }
-            if !offline {
-                // Not problems: who runs what right now, across hosts.
-                for lease in outreach_workbench::check::leases(&config) {
-                    println!("lease: {lease}");
-                }
-                for line in outreach_workbench::check::stale_uploads(&config) {
-                    println!("uploads: {line}");
-                }
-            }
-            if problems.is_empty() {
-                println!(
-                    "ok: {} ({})",
-                    path.display(),
-                    if offline {
-                        "config and rules, no network"
-                    } else {
-                        "config, rules, PostgreSQL, audit table, bucket"
-                    }
-                );
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_FAILED)
-            }
+        };
+    match outreach_workbench::daemon::run(path, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        // The unit's RestartPreventExitStatus=2: no restart loop over a
+        // config or rule only an edit can fix.
+        Err(e) if e.is::<outreach_workbench::daemon::Refused>() => {
+            tracing::error!("daemon refused to start: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            tracing::error!("daemon failed: {e:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// `reload`: the config loaded in `main` is valid (a refused one has
+/// exited 2 already); tell the daemon to take it.
+fn reload(path: &std::path::Path, pid: Option<i32>) -> ExitCode {
+    let pid = pid.or_else(|| std::env::var("MAINPID").ok()?.parse().ok());
+    let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) else {
+        eprintln!("error: no daemon to reload: pass --pid (systemd sets MAINPID)");
+        return ExitCode::from(EXIT_FAILED);
+    };
+    match rustix::process::kill_process(pid, rustix::process::Signal::HUP) {
+        Ok(()) => {
+            println!(
+                "ok: {} is valid; daemon {} reloads it",
+                path.display(),
+                pid.as_raw_nonzero()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: signalling daemon {}: {e}", pid.as_raw_nonzero());
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// `schedule`: each schedule's next five fire times, in UTC and local time.
+fn schedule(path: &std::path::Path, config: &Config) -> ExitCode {
+    let now = chrono::Utc::now();
+    for s in &config.schedules {
+        let states: Vec<&str> = s.states.iter().map(|s| s.as_str()).collect();
+        println!(
+            "schedule[{}] {} `{}` ({})",
+            s.index,
+            states.join(","),
+            s.timing.spec,
+            s.timing.tz
+        );
+        for t in s.timing.upcoming(now, 5) {
+            println!(
+                "  {}  {}",
+                t.format("%Y-%m-%d %H:%M:%S UTC"),
+                t.with_timezone(&s.timing.tz).format("%Y-%m-%d %H:%M:%S %Z")
+            );
+        }
+    }
+    if config.schedules.is_empty() {
+        println!("no [[schedule]] in {}", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
+/// `check`: one line per problem; online, also who runs what right now.
+fn check(path: &std::path::Path, config: &Config, offline: bool) -> ExitCode {
+    let problems = if offline {
+        outreach_workbench::check::offline(config)
+    } else {
+        outreach_workbench::check::online(config)
+    };
+    for p in &problems {
+        println!("problem: {p}");
+    }
+    if !offline {
+        // Not problems: who runs what right now, across hosts.
+        for lease in outreach_workbench::check::leases(config) {
+            println!("lease: {lease}");
+        }
+        for line in outreach_workbench::check::stale_uploads(config) {
+            println!("uploads: {line}");
+        }
+    }
+    if !problems.is_empty() {
+        return ExitCode::from(EXIT_FAILED);
+    }
+    let what = match offline {
+        true => "config and rules, no network",
+        false => "config, rules, PostgreSQL, audit table, bucket",
+    };
+    println!("ok: {} ({what})", path.display());
+    ExitCode::SUCCESS
+}
+
+/// `docs` (hidden): the man page and completions, for the package.
+fn docs(out: &std::path::Path) -> ExitCode {
+    match write_docs(out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing the docs into {}: {e}", out.display());
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }

@@ -5,7 +5,7 @@
 //! Per state: the last success and the last run (Unix seconds), runs by
 //! status, the last run's good/bad rows, bytes uploaded and objects by
 //! action, the last run's seconds per stage, and the next fire time. The
-//! README shows two alert rules built on them.
+//! operator's guide (docs/metrics.md) shows two alert rules built on them.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

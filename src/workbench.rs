@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use duckdb::Connection;
 
 use crate::config::WorkbenchConfig;
-use crate::pipeline::RunReport;
 pub use ow_duckdb::{
     chunk_rows, Chunk, ChunkConverter, Database, DuckError, NextChunk, RawConnection, Template,
 };
@@ -134,6 +133,23 @@ pub fn open_read_only(cfg: &WorkbenchConfig) -> Result<Option<Connection>, Workb
 /// The error recorded for an abandoned run, in the workbench and the audit.
 pub const ABANDONED: &str =
     "the process running it stopped before it finished (crash, kill -9 or power loss)";
+
+/// How a run ended, as its row in `main.runs` keeps it (the run's report
+/// is stored whole, as JSON, beside the columns `history` sorts and filters
+/// on).
+pub struct FinishedRun<'a> {
+    pub run_id: &'a str,
+    pub state: &'a str,
+    pub status: &'a str,
+    pub dry_run: bool,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub audit_id: Option<i64>,
+    pub error: Option<&'a str>,
+    pub report: serde_json::Value,
+    /// Its audit record could not be written and waits here to be sent.
+    pub audit_pending: bool,
+}
 
 /// An audit record that waits in the workbench to be written.
 #[derive(Debug, Clone)]
@@ -416,11 +432,7 @@ impl Workbench {
     /// Records how the run ended; `audit_pending` when its audit record
     /// could not be written and waits here to be sent. A run that failed
     /// before the workbench was opened has no row yet and gets one now.
-    pub fn run_finished(
-        &self,
-        report: &RunReport,
-        audit_pending: bool,
-    ) -> Result<(), WorkbenchError> {
+    pub fn run_finished(&self, run: &FinishedRun) -> Result<(), WorkbenchError> {
         self.conn
             .execute(
                 "INSERT INTO main.runs (run_id, state, status, dry_run, started_at, finished_at,
@@ -431,16 +443,16 @@ impl Workbench {
                      error = excluded.error, report = excluded.report,
                      audit_pending = excluded.audit_pending",
                 duckdb::params![
-                    report.run_id.as_str(),
-                    report.state.as_str(),
-                    report.status.as_str(),
-                    report.dry_run,
-                    report.started_at.timestamp_micros(),
-                    report.finished_at.map(|t| t.timestamp_micros()),
-                    report.audit_id,
-                    report.error.as_deref(),
-                    report.to_json().to_string(),
-                    audit_pending,
+                    run.run_id,
+                    run.state,
+                    run.status,
+                    run.dry_run,
+                    run.started_at.timestamp_micros(),
+                    run.finished_at.map(|t| t.timestamp_micros()),
+                    run.audit_id,
+                    run.error,
+                    run.report.to_string(),
+                    run.audit_pending,
                 ],
             )
             .map(|_| ())

@@ -10,7 +10,7 @@
 #
 # To upgrade: change the three values (duckdb-rs must have the same DuckDB
 # version: Cargo.toml's duckdb = "=X.Y.Z"), run scripts/test.sh, which fails
-# on the old checksum and prints the new one, and read what the README says
+# on the old checksum and prints the new one, and read what docs/building.md says
 # a DuckDB upgrade changes.
 
 OW_DUCKDB_VERSION=1.4.5

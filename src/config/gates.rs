@@ -1,5 +1,5 @@
 //! `[gates]` and `[schedule.gates]`: the limits a run's data must keep to
-//! before it is published (`pipeline::gates` judges them).
+//! before it is published (`quality::gates` judges them).
 
 use serde::{Deserialize, Serialize};
 

@@ -1,5 +1,5 @@
 //! `[rules]`: the validation rules a user sets, and the production
-//! defaults. Their SQL is checked by `pipeline::rules`, which has DuckDB.
+//! defaults. Their SQL is checked by `quality::rules`, which has DuckDB.
 
 use serde::{Deserialize, Serialize};
 

@@ -21,7 +21,7 @@
 //! A trigger that finds its state still running (or queued behind
 //! `max_concurrent_runs`) is skipped with a log line: runs of one state never
 //! overlap in this process. Across processes and hosts, each run claims its
-//! fire time and its state's lease in PostgreSQL (`pipeline::claim`): one
+//! fire time and its state's lease in PostgreSQL (`ledger::claim`): one
 //! fire time runs once, one state runs once at a time.
 
 use std::collections::HashSet;
@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::pipeline::{self, RunReport};
+use crate::pipeline::RunReport;
 use crate::state::StateCode;
 
 mod fire;
@@ -299,7 +299,7 @@ pub async fn serve(
             // before the old schedules are dropped.
             Some(Control::Reload) => {
                 crate::systemd::reloading();
-                match crate::pipeline::rules::load_config(&config_path) {
+                match crate::quality::rules::load_config(&config_path) {
                     Ok(new) => {
                         for t in tasks.drain(..) {
                             t.abort();
@@ -367,12 +367,12 @@ async fn wait_idle(shared: &Shared, limit: Duration) -> bool {
 /// What a run (or the start-up's checks) held is let go before the daemon
 /// idles: the rules' DuckDB, the heap glibc would keep for reuse, and the
 /// pages of DuckDB's code the run read in (measured, idle between fires:
-/// 59 MiB RSS and 14 threads before, 20 MiB and 6 now; see the README).
+/// 59 MiB RSS and 14 threads before, 20 MiB and 6 now; see docs/service.md).
 fn release_run_memory() {
-    pipeline::rules::Checker::release();
+    crate::quality::rules::Checker::release();
     // The next run makes a new S3 client (~0.1 s): between fires its CA
     // store and idle connections are not worth keeping.
-    pipeline::s3_api::forget_client();
+    crate::bucket::s3_api::forget_client();
     ow_duckdb::trim_heap();
     ow_duckdb::release_code_pages();
 }

@@ -57,8 +57,8 @@ pub(super) async fn before_first_fire(
 /// is no reason not to start; each run checks the rules again before it
 /// pulls.
 fn check_rules_at_start(config: &Config) -> anyhow::Result<()> {
-    let checked = crate::pg::connect(&config.source)
-        .and_then(|mut client| pipeline::rules::check_against_source(&mut client, config));
+    let checked = crate::source::connect::connect(&config.source)
+        .and_then(|mut client| crate::quality::rules::check_against_source(&mut client, config));
     match checked {
         Ok(()) => Ok(()),
         Err(e @ pipeline::PipelineError::Rule(_)) => {
@@ -79,7 +79,8 @@ fn check_rules_at_start(config: &Config) -> anyhow::Result<()> {
 /// each run that reaches PostgreSQL sends what is still pending.
 fn audit_abandoned_runs(config: &Config, wb: &crate::workbench::Workbench) {
     // One try: a database that is down now must not hold up the start.
-    let mut session = crate::pg::Session::lazy(&config.source, &config.retry.single_try());
+    let mut session =
+        crate::source::connect::Session::lazy(&config.source, &config.retry.single_try());
     let never = CancellationToken::new();
     match wb.take_abandoned() {
         Ok(runs) => {
@@ -102,14 +103,16 @@ fn audit_abandoned_runs(config: &Config, wb: &crate::workbench::Workbench) {
             // now instead of after the TTL.
             let ids: Vec<String> = runs.iter().map(|r| r.run_id.clone()).collect();
             if !ids.is_empty() {
-                if let Err(e) = pipeline::claim::release_dead(&mut session, config, &ids, &never) {
+                if let Err(e) =
+                    crate::ledger::claim::release_dead(&mut session, config, &ids, &never)
+                {
                     tracing::warn!(error = %e, "could not release the abandoned runs' leases; they expire by themselves");
                 }
             }
         }
         Err(e) => tracing::warn!(error = %e, "could not look for abandoned runs"),
     }
-    if let Err(e) = pipeline::audit::send_pending(&mut session, config, wb, &never) {
+    if let Err(e) = crate::ledger::audit::send_pending(&mut session, config, wb, &never) {
         tracing::warn!(error = %e, "could not write the pending audit records now; the next run that reaches PostgreSQL does");
     }
 }

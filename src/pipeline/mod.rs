@@ -6,164 +6,46 @@
 //! failed stage; the failure is in the report (and in the audit).
 //!
 //! `stages.rs` is the run's path, one function per stage in the order a
-//! run goes through them, each entering its module once:
-//! - connect: the bucket, PostgreSQL ([`crate::pg`]) and the [`rules`]
-//!   against the source's columns
-//! - [`claim`]: the schedule's fire time and the state's lease, in PostgreSQL
-//! - pull: [`source`] streams PostgreSQL's rows to [`export`]'s writers,
-//!   which split them with the rules into good/bad Parquet files, put in
-//!   place atomically; [`validate`] then makes the workbench's views over
+//! run goes through them, each entering its room once:
+//! - connect: the bucket, PostgreSQL ([`crate::source::connect`]) and the
+//!   rules ([`crate::quality::rules`]) against the source's columns
+//! - claim ([`crate::ledger::claim`]): the schedule's fire time and the
+//!   state's lease, in PostgreSQL
+//! - pull: [`crate::source::pull`] streams PostgreSQL's rows to
+//!   [`crate::files`]' writers, which split them with the rules into
+//!   good/bad Parquet files, put in place atomically;
+//!   [`crate::quality::validate`] then makes the workbench's views over
 //!   them (`<state>.companies_raw`, `_good`, `_bad`) and counts. With the
 //!   link rule: the rows are loaded into raw tables first, validated there
 //!   in one DuckDB transaction, and exported from its views
-//! - compare with the bucket: its [`manifest`], for schema changes
-//! - [`gates`]: stop before publishing data that looks wrong
-//! - [`publish`]: Parquet → bucket, skipping unchanged content
+//! - compare with the bucket: its manifest ([`crate::bucket::manifest`]),
+//!   for schema changes
+//! - gate ([`crate::quality::gates`]): stop before publishing data that
+//!   looks wrong
+//! - publish ([`crate::bucket::publish`]): Parquet → bucket, skipping
+//!   unchanged content
 //!
-//! Then [`run`] here writes the [`audit`] record, whatever came of them.
+//! Then [`run`] here writes the audit record ([`crate::ledger::audit`]),
+//! whatever came of them.
 
-pub mod audit;
-pub mod claim;
-pub mod export;
-pub mod gates;
-pub mod manifest;
-pub mod pgtypes;
-pub mod publish;
 pub mod report;
-pub mod retry;
-pub mod rules;
-pub mod s3_api;
-pub mod source;
 mod stages;
-pub mod validate;
 
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::pg::Session;
+use crate::error::panic_text;
+pub use crate::error::PipelineError;
+use crate::ledger::{audit, claim};
+use crate::quality::gates;
+use crate::source::connect::Session;
 use crate::state::StateCode;
-use crate::workbench::{Workbench, WorkbenchError};
+use crate::workbench::{FinishedRun, Workbench};
 pub use report::{EntityCounts, RunReport, RunStatus};
-
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error("{0}")]
-    Config(String),
-    #[error("cannot connect to {target}: {}", crate::pg::message(.source))]
-    Connect {
-        target: String,
-        #[source]
-        source: postgres::Error,
-    },
-    #[error("TLS setup failed: {0}")]
-    Tls(String),
-    #[error("PostgreSQL error while {what}: {}", crate::pg::message(.source))]
-    Source {
-        what: String,
-        #[source]
-        source: postgres::Error,
-    },
-    #[error("cannot decode {table}.{column}: {message}")]
-    Decode {
-        table: String,
-        column: String,
-        message: String,
-    },
-    #[error(transparent)]
-    WorkbenchOpen(#[from] WorkbenchError),
-    #[error("workbench: {0}")]
-    Workbench(String),
-    #[error("validation failed: {0}")]
-    Validate(String),
-    #[error("export to {path} failed: {message}")]
-    Export { path: PathBuf, message: String },
-    #[error("bucket {target} is not usable: {message}")]
-    Bucket {
-        target: String,
-        message: String,
-        transient: bool,
-        retry_after: Option<std::time::Duration>,
-    },
-    #[error("upload of {key} failed: {message}")]
-    Publish {
-        key: String,
-        message: String,
-        transient: bool,
-        /// The server's `Retry-After` (B2's 503 SlowDown).
-        retry_after: Option<std::time::Duration>,
-    },
-    #[error("audit table {table}: {}", crate::pg::message(.source))]
-    Audit {
-        table: String,
-        #[source]
-        source: postgres::Error,
-    },
-    #[error("audit table {table} exists with another layout ({problems}); set [audit] table (or OUTREACH_AUDIT__TABLE) to another schema.table and it will be created with the right layout")]
-    AuditLayout { table: String, problems: String },
-    #[error(transparent)]
-    Rule(#[from] rules::RuleError),
-    #[error("{0}; nothing published, the local exports are kept")]
-    Gated(String),
-    #[error("run cancelled")]
-    Cancelled,
-    /// Another run holds the state's lease (see [`claim`]).
-    #[error("{0}")]
-    StateBusy(String),
-    /// Another host has claimed this fire time of the schedule.
-    #[error("{0}")]
-    FireClaimed(String),
-    #[error("{0}")]
-    LeaseLost(String),
-    #[error("the run panicked: {0}")]
-    Panicked(String),
-}
-
-impl PipelineError {
-    /// A failure that may pass by itself: worth retrying with backoff.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            PipelineError::Connect { source, .. }
-            | PipelineError::Source { source, .. }
-            | PipelineError::Audit { source, .. } => crate::pg::is_transient(source),
-            PipelineError::Bucket { transient, .. } | PipelineError::Publish { transient, .. } => {
-                *transient
-            }
-            _ => false,
-        }
-    }
-
-    /// How long the server asked us to wait before the next try.
-    pub fn retry_after(&self) -> Option<std::time::Duration> {
-        match self {
-            PipelineError::Bucket { retry_after, .. }
-            | PipelineError::Publish { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-}
-
-pub use crate::pg::message as pg_message;
-
-/// `head` followed by each cause of `e` that it does not already say:
-/// libraries' own messages often stop short of the reason ("error sending
-/// request", "error connecting"), which is further down the chain.
-pub(crate) fn with_causes(mut head: String, e: &dyn std::error::Error) -> String {
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !head.contains(&text) {
-            head.push_str(": ");
-            head.push_str(&text);
-        }
-        cause = c.source();
-    }
-    head
-}
 
 /// How to run, beyond the config.
 #[derive(Debug, Clone, Default)]
@@ -237,7 +119,13 @@ pub fn run(
     // A panic anywhere in the stages (a worker thread's is passed on to
     // here) is a failed run like any other: reported, recorded, audited.
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        stages::all(config, state, cancel, opts, &mut report, &mut held)
+        let run = stages::RunCtx {
+            config,
+            state,
+            opts,
+            cancel,
+        };
+        stages::all(&run, &mut report, &mut held)
     }))
     .unwrap_or_else(|panic| Err(PipelineError::Panicked(panic_text(&panic))));
     let (skipped, auditable) = audit_and_release(config, opts, outcome, &mut report, &mut held);
@@ -358,8 +246,19 @@ fn record_in_workbench(config: &Config, report: &RunReport, auditable: bool, hel
             }
         },
     };
-    let pending = auditable && report.audit_id.is_none();
-    if let Err(e) = wb.run_finished(report, pending) {
+    let row = FinishedRun {
+        run_id: &report.run_id,
+        state: report.state.as_str(),
+        status: report.status.as_str(),
+        dry_run: report.dry_run,
+        started_at: report.started_at,
+        finished_at: report.finished_at,
+        audit_id: report.audit_id,
+        error: report.error.as_deref(),
+        report: report.to_json(),
+        audit_pending: auditable && report.audit_id.is_none(),
+    };
+    if let Err(e) = wb.run_finished(&row) {
         tracing::error!(error = %e, "could not record the run in the workbench history");
     }
     if let (Some(_), Some(session)) = (report.audit_id, held.session.as_mut()) {
@@ -367,36 +266,5 @@ fn record_in_workbench(config: &Config, report: &RunReport, auditable: bool, hel
         if let Err(e) = audit::send_pending(session, config, &wb, &never) {
             tracing::warn!(error = %e, "could not write the pending audit records of earlier runs; they stay pending");
         }
-    }
-}
-
-/// A panic's message, as `std` prints it.
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
-}
-
-/// A worker thread's outcome, its panic turned into the run's error (the
-/// run then fails and is audited like any other failure).
-pub(crate) fn joined<T>(
-    what: &str,
-    outcome: std::thread::Result<Result<T, PipelineError>>,
-) -> Result<T, PipelineError> {
-    outcome.unwrap_or_else(|p| {
-        Err(PipelineError::Panicked(format!(
-            "{what}: {}",
-            panic_text(&p)
-        )))
-    })
-}
-
-fn check_cancel(cancel: &CancellationToken) -> Result<(), PipelineError> {
-    if cancel.is_cancelled() {
-        Err(PipelineError::Cancelled)
-    } else {
-        Ok(())
     }
 }

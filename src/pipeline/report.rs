@@ -2,18 +2,17 @@
 //! value becomes the audit `details` JSON, the workbench `runs.report`, and
 //! the CLI's summary, so the three never disagree.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::export::ExportedFile;
-use super::gates::GateResult;
-use super::publish::PublishedObject;
-use super::validate::Validation;
-use super::PipelineError;
+use crate::bucket::publish::PublishedObject;
+use crate::error::PipelineError;
+use crate::files::ExportedFile;
 use crate::names::{Entity, PublishAction};
+use crate::quality::gates::GateResult;
+pub use crate::quality::validate::EntityCounts;
 use crate::state::StateCode;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,30 +49,6 @@ impl RunStatus {
     /// The status named `name` (as `as_str` and serde spell it).
     pub fn from_name(name: &str) -> Option<RunStatus> {
         serde_json::from_value(serde_json::Value::from(name)).ok()
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EntityCounts {
-    pub raw: u64,
-    pub good: u64,
-    pub bad: u64,
-    /// Rows with a NULL primary key.
-    #[serde(default)]
-    pub null_keys: u64,
-    /// Rows failing each rule code.
-    pub errors: BTreeMap<String, u64>,
-}
-
-impl EntityCounts {
-    pub fn new(raw: u64, v: Validation) -> Self {
-        EntityCounts {
-            raw,
-            good: v.good,
-            bad: v.bad,
-            null_keys: v.null_keys,
-            errors: v.errors,
-        }
     }
 }
 
@@ -120,7 +95,7 @@ pub struct RunReport {
     /// `run --force`: published although a gate tripped.
     pub forced: bool,
     /// Columns added, removed or retyped since the bucket's manifest.
-    pub schema_changes: Vec<super::manifest::SchemaChange>,
+    pub schema_changes: Vec<crate::bucket::manifest::SchemaChange>,
     /// Multipart uploads under the state's prefix left unfinished for more
     /// than a day (by a crash, another tool) and aborted by this run.
     #[serde(default)]

@@ -9,31 +9,46 @@ use std::time::Instant;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::export::{self, ExportedFile, StreamedExport};
-use super::manifest::{self, Manifest, ManifestFile};
-use super::{
-    audit, check_cancel, claim, gates, publish, retry, rules, source, validate, EntityCounts, Held,
-    PipelineError, RunOptions, RunReport,
-};
+use super::{EntityCounts, Held, RunOptions, RunReport};
+use crate::bucket::manifest::{self, Manifest, ManifestFile};
+use crate::bucket::publish;
 use crate::config::Config;
+use crate::error::{check_cancel, PipelineError};
+use crate::files::{self as export, ExportedFile, StreamedExport};
+use crate::ledger::{audit, claim};
 use crate::names::{Entity, FileKind, PublishAction};
-use crate::pg::Session;
+use crate::quality::{gates, rules, validate};
+use crate::retry;
+use crate::source::connect::Session;
+use crate::source::pull as source;
 use crate::state::StateCode;
 use crate::workbench::{Transaction, Workbench};
 
+/// What every stage of one run reads: passed whole from stage to stage.
+#[derive(Clone, Copy)]
+pub(super) struct RunCtx<'a> {
+    pub config: &'a Config,
+    pub state: &'a StateCode,
+    pub opts: &'a RunOptions,
+    pub cancel: &'a CancellationToken,
+}
+
 /// Every stage of a real or dry run, up to (not including) the audit.
 pub(super) fn all(
-    config: &Config,
-    state: &StateCode,
-    cancel: &CancellationToken,
-    opts: &RunOptions,
+    run: &RunCtx,
     report: &mut RunReport,
     held: &mut Held,
 ) -> Result<(), PipelineError> {
-    let session = connect(config, opts, cancel, &mut held.session)?;
+    let &RunCtx {
+        config,
+        state,
+        opts,
+        cancel,
+    } = run;
+    let session = connect(run, &mut held.session)?;
     if !opts.dry_run {
         let tables_ready = &mut held.tables_ready;
-        held.lease = Some(claim(config, state, session, report, tables_ready, cancel)?);
+        held.lease = Some(claim(run, session, report, tables_ready)?);
     }
     check_cancel(cancel)?;
 
@@ -48,37 +63,20 @@ pub(super) fn all(
     // than its own row: the link rule reads the companies' verdicts from the
     // workbench, so its runs load the rows there first.
     if opts.link_rule {
-        load(config, state, opts, session, wb, report, cancel)?;
+        load(run, session, wb, report)?;
         check_cancel(cancel)?;
-        report.files = export(config, state, wb, report)?;
+        report.files = export(run, wb, report)?;
     } else {
-        pull_to_files(config, state, session, wb, report, cancel)?;
+        pull_to_files(run, session, wb, report)?;
     }
     check_cancel(cancel)?;
 
-    let bucket = compare_with_bucket(config, state, opts, wb, report, cancel)?;
-    gate(
-        config,
-        state,
-        opts,
-        session,
-        held.tables_ready,
-        report,
-        cancel,
-    )?;
+    let bucket = compare_with_bucket(run, wb, report)?;
+    gate(run, session, held.tables_ready, report)?;
     if opts.dry_run {
         return Ok(());
     }
-    publish(
-        config,
-        state,
-        session,
-        held.lease.as_ref(),
-        wb,
-        bucket,
-        report,
-        cancel,
-    )
+    publish(run, session, held.lease.as_ref(), wb, bucket, report)
 }
 
 /// Everything that can be refused is refused before any work is done: the
@@ -91,11 +89,15 @@ pub(super) fn all(
 /// of milliseconds. The bucket's verdict comes first, as when they ran one
 /// after the other.
 fn connect<'h>(
-    config: &Config,
-    opts: &RunOptions,
-    cancel: &CancellationToken,
+    run: &RunCtx,
     slot: &'h mut Option<Session>,
 ) -> Result<&'h mut Session, PipelineError> {
+    let &RunCtx {
+        config,
+        opts,
+        cancel,
+        ..
+    } = run;
     let (bucket, opened, checked) = std::thread::scope(|scope| {
         let span = tracing::Span::current();
         let bucket = (!opts.dry_run).then(|| {
@@ -115,7 +117,7 @@ fn connect<'h>(
             }),
             Err(_) => Ok(()),
         };
-        let bucket = bucket.map(|b| super::joined("the bucket check", b.join()));
+        let bucket = bucket.map(|b| crate::error::joined("the bucket check", b.join()));
         (bucket.transpose(), opened, checked)
     });
     // Kept even when something else failed: the audit writes on it.
@@ -133,15 +135,19 @@ fn connect<'h>(
 
 /// The audit, lease and fire-claim tables (`tables_ready` once checked, so
 /// that a later failure's audit does not check them again), the schedule's
-/// fire time, then the state's lease (see [`claim`](super::claim)).
+/// fire time, then the state's lease (see [`claim`](crate::ledger::claim)).
 fn claim(
-    config: &Config,
-    state: &StateCode,
+    run: &RunCtx,
     session: &mut Session,
     report: &mut RunReport,
     tables_ready: &mut bool,
-    cancel: &CancellationToken,
 ) -> Result<claim::Lease, PipelineError> {
+    let &RunCtx {
+        config,
+        state,
+        cancel,
+        ..
+    } = run;
     audit::ensure_tables(session, config, cancel)?;
     *tables_ready = true;
     if let Some(fire) = report.fire_time {
@@ -158,13 +164,17 @@ fn claim(
 /// one DuckDB transaction with the counts. A failed or cancelled run leaves
 /// the previous files, and so what the views show, as they were.
 fn pull_to_files(
-    config: &Config,
-    state: &StateCode,
+    run: &RunCtx,
     session: &mut Session,
     wb: &Workbench,
     report: &mut RunReport,
-    cancel: &CancellationToken,
 ) -> Result<(), PipelineError> {
+    let &RunCtx {
+        config,
+        state,
+        cancel,
+        ..
+    } = run;
     let streamed = StreamedExport::new(
         wb,
         state,
@@ -239,14 +249,17 @@ fn begin_with_schema(wb: &Workbench, schema: &str) -> Result<Transaction, Pipeli
 /// intact for analysts. It runs on a connection of its own, the one the
 /// pull's inserts need.
 fn load(
-    config: &Config,
-    state: &StateCode,
-    opts: &RunOptions,
+    run: &RunCtx,
     session: &mut Session,
     wb: &Workbench,
     report: &mut RunReport,
-    cancel: &CancellationToken,
 ) -> Result<(), PipelineError> {
+    let &RunCtx {
+        config,
+        state,
+        opts,
+        cancel,
+    } = run;
     let schema = state.lower();
     let txn = begin_with_schema(wb, &schema)?;
     let t = Instant::now();
@@ -288,11 +301,11 @@ fn workbench_err(sql: &str, e: crate::workbench::DuckError) -> PipelineError {
 
 /// The link rule's four files, written from the committed views.
 fn export(
-    config: &Config,
-    state: &StateCode,
+    run: &RunCtx,
     wb: &Workbench,
     report: &mut RunReport,
 ) -> Result<Vec<ExportedFile>, PipelineError> {
+    let &RunCtx { config, state, .. } = run;
     let t = Instant::now();
     let files = export::export_all(
         wb,
@@ -317,13 +330,16 @@ struct BucketView {
 /// Reads the state's manifest and reports columns added, removed or
 /// retyped since. A dry run does not look at the bucket.
 fn compare_with_bucket(
-    config: &Config,
-    state: &StateCode,
-    opts: &RunOptions,
+    run: &RunCtx,
     wb: &Workbench,
     report: &mut RunReport,
-    cancel: &CancellationToken,
 ) -> Result<BucketView, PipelineError> {
+    let &RunCtx {
+        config,
+        state,
+        opts,
+        cancel,
+    } = run;
     let manifest_key = manifest::key(&config.storage, state);
     if opts.dry_run {
         return Ok(BucketView {
@@ -355,17 +371,15 @@ fn compare_with_bucket(
 /// The gates sit between export and publish: the files are on disk for
 /// whoever investigates, the bucket keeps the last good ones.
 fn gate(
-    config: &Config,
-    state: &StateCode,
-    opts: &RunOptions,
+    run: &RunCtx,
     session: &mut Session,
     tables_ready: bool,
     report: &mut RunReport,
-    cancel: &CancellationToken,
 ) -> Result<(), PipelineError> {
+    let &RunCtx { opts, .. } = run;
     if let (Some(c), Some(p)) = (&report.companies, &report.people) {
         let previous = match opts.gates.max_row_delta {
-            Some(_) => previous_success(session, config, state, tables_ready, cancel)?,
+            Some(_) => previous_success(run, session, tables_ready)?,
             None => None,
         };
         report.gates = gates::evaluate(&opts.gates, c, p, previous.as_ref());
@@ -386,12 +400,16 @@ fn gate(
 /// table; none before the table exists (a dry run on a new database).
 /// `tables_ready`: this run has checked the table already (real runs do).
 fn previous_success(
+    run: &RunCtx,
     session: &mut Session,
-    config: &Config,
-    state: &StateCode,
     tables_ready: bool,
-    cancel: &CancellationToken,
 ) -> Result<Option<gates::Previous>, PipelineError> {
+    let &RunCtx {
+        config,
+        state,
+        cancel,
+        ..
+    } = run;
     let table = config.audit_table();
     let usable = match tables_ready {
         true => Some(Vec::new()),
@@ -411,17 +429,20 @@ fn previous_success(
 /// this run's files (left alone when it already names exactly these).
 /// First the litter: uploads an earlier run could not abort, and any under
 /// the state's prefix unfinished for more than a day.
-#[allow(clippy::too_many_arguments)]
 fn publish(
-    config: &Config,
-    state: &StateCode,
+    run: &RunCtx,
     session: &mut Session,
     lease: Option<&claim::Lease>,
     wb: &Workbench,
     bucket: BucketView,
     report: &mut RunReport,
-    cancel: &CancellationToken,
 ) -> Result<(), PipelineError> {
+    let &RunCtx {
+        config,
+        state,
+        cancel,
+        ..
+    } = run;
     let t = Instant::now();
     let leftovers: Vec<publish::Unfinished> = wb
         .unfinished_uploads()?

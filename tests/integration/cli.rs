@@ -5,6 +5,7 @@ use crate::common::*;
 
 #[test]
 fn run_with_the_original_variable_names() {
+    needs_services!();
     let w = World::new("cli");
     let s = services();
     let mut pg = w.pg();
@@ -43,6 +44,7 @@ fn run_with_the_original_variable_names() {
 
 #[test]
 fn bad_input_is_refused_with_the_key_named() {
+    needs_services!();
     let w = World::new("clibad");
     let cfg = w.write_config_file();
     let o = bin()
@@ -84,6 +86,7 @@ fn bad_input_is_refused_with_the_key_named() {
 
 #[test]
 fn a_busy_workbench_is_waited_for_then_reported() {
+    needs_services!();
     let w = World::new("busy");
     let s = services();
     let cfg = w.write_config_file();
@@ -109,6 +112,7 @@ fn a_busy_workbench_is_waited_for_then_reported() {
 
 #[test]
 fn shipped_config_toml_is_accepted_as_it_is() {
+    needs_services!();
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
     let o = bin()
         .args(["check", "--offline", "--config", path])
@@ -128,6 +132,7 @@ fn shipped_config_toml_is_accepted_as_it_is() {
 
 #[test]
 fn check_reports_each_problem_on_its_own_line() {
+    needs_services!();
     let w = World::new("check");
     let s = services();
     let cfg = w.write_config_file();
@@ -170,6 +175,7 @@ fn check_reports_each_problem_on_its_own_line() {
 
 #[test]
 fn schedule_lists_the_next_five_fire_times_in_utc_and_local_time() {
+    needs_services!();
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
     let o = bin().args(["schedule", "--config", path]).output().unwrap();
     let out = text(&o);

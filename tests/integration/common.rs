@@ -13,6 +13,34 @@ use tokio_util::sync::CancellationToken;
 
 pub const SCHEMA_SQL: &str = include_str!("../sql/outreach_schema.sql");
 
+/// Returns from the test when the suite's PostgreSQL and S3 server are not
+/// running (a plain `cargo test`, outside scripts/test.sh), saying so once.
+macro_rules! needs_services {
+    () => {
+        if !$crate::common::services_running() {
+            return;
+        }
+    };
+}
+
+/// Whether scripts/test.sh's services are there; says once, on the
+/// terminal (libtest keeps a passing test's own output), when not.
+pub fn services_running() -> bool {
+    use std::io::Write;
+    static SAID: std::sync::Once = std::sync::Once::new();
+    if std::env::var_os("OW_PG_PORT").is_some() {
+        return true;
+    }
+    SAID.call_once(|| {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping the tests that need PostgreSQL and an S3 server: OW_PG_PORT is not set. \
+             scripts/test.sh installs and starts them, then runs the suite"
+        );
+    });
+    false
+}
+
 fn var(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run the suite with scripts/test.sh, which starts PostgreSQL and an S3 server")
@@ -498,4 +526,37 @@ pub fn add_slow_view(w: &World, secs: f64) {
              SELECT c.* FROM marketing.company_master c, LATERAL (SELECT pg_sleep({secs})) s"
         ))
         .unwrap();
+}
+
+/// Polls `check` until it gives a value, for at most `limit`; past that the
+/// test fails with `what` and whatever `context` says then (a log, a
+/// journal). The one way the suite waits for an event it cannot be told of.
+pub fn wait_until<T>(
+    what: &str,
+    limit: std::time::Duration,
+    context: impl Fn() -> String,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "waited {limit:?} for {what}\n{}",
+            context()
+        );
+        // Short: some waits race a run to a moment it passes quickly.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Whether `tool` is on the PATH (tests that need one skip without it).
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }

@@ -69,31 +69,27 @@ impl Daemon {
     }
 
     fn wait_for_log(&self, needle: &str, limit: Duration) {
-        let start = Instant::now();
-        while !self.output().contains(needle) {
-            assert!(
-                start.elapsed() < limit,
-                "no `{needle}` after {limit:?}; output:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(
+            &format!("`{needle}` in the output"),
+            limit,
+            || self.output(),
+            || self.output().contains(needle).then_some(()),
+        )
     }
 
     /// Sends SIGTERM and waits for the exit; returns (exit code, seconds).
     fn stop(mut self) -> (Option<i32>, f64) {
         let start = Instant::now();
         self.signal("TERM");
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code(), start.elapsed().as_secs_f64());
-            }
-            if start.elapsed() > Duration::from_secs(90) {
-                let _ = self.child.kill();
-                panic!("daemon did not stop; output:\n{}", self.output());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let output = self.log.clone();
+        let child = &mut self.child;
+        let status = wait_until(
+            "the daemon to stop after SIGTERM",
+            Duration::from_secs(90),
+            || std::fs::read_to_string(&output).unwrap_or_default(),
+            || child.try_wait().unwrap(),
+        );
+        (status.code(), start.elapsed().as_secs_f64())
     }
 }
 
@@ -173,29 +169,26 @@ fn assert_fires_distinct(w: &World) {
 }
 
 /// Waits until a run pulls through the slow view (its query is active in
-/// PostgreSQL): it is past its lease and recorded as running.
+/// PostgreSQL): it is past its lease and recorded as running. Only the
+/// pull's own SELECT counts: matching any query that names the view, this
+/// returned before the daemon's first fire about one time in three (seen
+/// once the wait polled every 20 ms), and the test then stopped an idle
+/// daemon.
 fn wait_for_slow_pull(w: &World, limit: Duration) {
     let mut pg = w.pg();
-    let start = Instant::now();
-    loop {
+    wait_until("a pull through the slow view", limit, String::new, || {
         let pulling: i64 = pg
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND state = 'active'
-                   AND query LIKE '%slow_companies%' AND pid <> pg_backend_pid()",
+                   AND query LIKE 'SELECT %slow_companies% ORDER BY %'
+                   AND pid <> pg_backend_pid()",
                 &[],
             )
             .unwrap()
             .get(0);
-        if pulling > 0 {
-            return;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "no pull through the slow view after {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        (pulling > 0).then_some(())
+    })
 }
 
 fn wait_for_audits(
@@ -204,23 +197,17 @@ fn wait_for_audits(
     n: usize,
     limit: Duration,
 ) -> Vec<(String, String, String)> {
-    let start = Instant::now();
-    loop {
-        let a = audits(w, state);
-        if a.len() >= n {
-            return a;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "only {} audit rows after {limit:?}",
-            a.len()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        &format!("{n} audit rows of {state}"),
+        limit,
+        || format!("audit rows now: {:?}", audits(w, state)),
+        || Some(audits(w, state)).filter(|a| a.len() >= n),
+    )
 }
 
 #[test]
 fn runs_fire_on_schedule_and_stop_cleanly() {
+    needs_services!();
     let w = World::new("dsched");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -254,6 +241,7 @@ fn runs_fire_on_schedule_and_stop_cleanly() {
 
 #[test]
 fn an_overlapping_trigger_is_skipped() {
+    needs_services!();
     let w = World::new("doverlap");
     slow_wv_companies(&w, 3, 1.0);
     let cfg = config_with(
@@ -272,6 +260,7 @@ fn an_overlapping_trigger_is_skipped() {
 
 #[test]
 fn sigterm_during_a_run_cancels_after_the_grace_period_and_publishes_nothing() {
+    needs_services!();
     let w = World::new("dterm");
     slow_wv_companies(&w, 30, 1.0);
     let cfg = config_with(
@@ -280,13 +269,20 @@ fn sigterm_during_a_run_cancels_after_the_grace_period_and_publishes_nothing() {
     );
     let d = Daemon::start(&w, &cfg, "d", &[SLOW, ("OUTREACH_SOURCE__BATCH_ROWS", "1")]);
     wait_for_slow_pull(&w, Duration::from_secs(30));
+    let log = d.log.clone();
     let (code, secs) = d.stop();
-    assert_eq!(code, Some(0));
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, Some(0), "{output}");
     assert!(
         secs < 2.0 + 15.0,
         "stopped within the grace period plus a cancel check: {secs}s"
     );
-    let a = wait_for_audits(&w, "WV", 1, Duration::from_secs(5));
+    let a = audits(&w, "WV");
+    assert_eq!(
+        a.len(),
+        1,
+        "the cancelled run is audited before the exit:\n{output}"
+    );
     assert_eq!(a[0].0, "cancelled", "{a:?}");
     assert!(head(
         &w.bucket,
@@ -302,6 +298,7 @@ fn sigterm_during_a_run_cancels_after_the_grace_period_and_publishes_nothing() {
 
 #[test]
 fn two_daemons_on_one_database_never_run_a_state_at_once() {
+    needs_services!();
     let w = World::new("dtwo");
     slow_wv_companies(&w, 4, 0.5);
     let cfg = config_with(
@@ -327,6 +324,7 @@ fn two_daemons_on_one_database_never_run_a_state_at_once() {
 
 #[test]
 fn a_run_killed_mid_way_is_audited_as_abandoned_at_the_next_start() {
+    needs_services!();
     let w = World::new("dkill");
     slow_wv_companies(&w, 20, 1.0);
     let cfg = config_with(
@@ -354,6 +352,7 @@ fn a_run_killed_mid_way_is_audited_as_abandoned_at_the_next_start() {
 
 #[test]
 fn a_database_down_at_a_fire_time_fails_that_run_only() {
+    needs_services!();
     let w = World::new("ddown");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -377,6 +376,7 @@ fn a_database_down_at_a_fire_time_fails_that_run_only() {
 
 #[test]
 fn a_run_over_its_timeout_is_cancelled_and_logs_are_journald_friendly() {
+    needs_services!();
     let w = World::new("dtimeout");
     slow_wv_companies(&w, 30, 1.0);
     let cfg = config_with(
@@ -401,6 +401,7 @@ fn a_run_over_its_timeout_is_cancelled_and_logs_are_journald_friendly() {
 
 #[test]
 fn a_rule_naming_an_unknown_column_stops_the_daemon_at_start() {
+    needs_services!();
     let w = World::new("drule");
     let cfg = config_with(
         &w,
@@ -415,18 +416,13 @@ cadence = \"daily\"
 ",
     );
     let mut d = Daemon::start(&w, &cfg, "d", &[]);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = d.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "daemon still running:\n{}",
-            d.output()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let output = d.log.clone();
+    let status = wait_until(
+        "the daemon to exit",
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&output).unwrap_or_default(),
+        || d.child.try_wait().unwrap(),
+    );
     let out = d.output();
     // 2: the unit's RestartPreventExitStatus, no restart loop (issue 14).
     assert_eq!(status.code(), Some(2), "{out}");
@@ -451,6 +447,7 @@ cadence = \"daily\"
 
 #[test]
 fn two_daemons_through_the_pooler_run_each_fire_once_even_with_a_slow_s3() {
+    needs_services!();
     let Some(pgb) =
         pooler_or_skip("two_daemons_through_the_pooler_run_each_fire_once_even_with_a_slow_s3")
     else {
@@ -499,6 +496,7 @@ fn two_daemons_through_the_pooler_run_each_fire_once_even_with_a_slow_s3() {
 
 #[test]
 fn a_lease_left_by_kill_9_is_taken_over_past_its_ttl() {
+    needs_services!();
     let Some(pgb) = pooler_or_skip("a_lease_left_by_kill_9_is_taken_over_past_its_ttl") else {
         return;
     };
@@ -511,15 +509,12 @@ fn a_lease_left_by_kill_9_is_taken_over_past_its_ttl() {
     let port = pgb.to_string();
     let d = Daemon::start(&w, &cfg, "d1", &[SLOW, ("OUTREACH_SOURCE__PORT", &port)]);
     d.wait_for_log("run started", Duration::from_secs(30));
-    let start = Instant::now();
-    while leases(&w).is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no lease taken:\n{}",
-            d.output()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        "a lease taken",
+        Duration::from_secs(30),
+        || d.output(),
+        || (!leases(&w).is_empty()).then_some(()),
+    );
     // Operators see who holds it.
     let check = bin_with_secrets()
         .args(["--config"])
@@ -554,25 +549,22 @@ fn a_lease_left_by_kill_9_is_taken_over_past_its_ttl() {
         busy.error
     );
     // Past the TTL it is taken over.
-    let start = Instant::now();
-    loop {
-        let expired: bool = w
-            .pg()
-            .query_one(
-                "SELECT coalesce(bool_and(expires_at < now()), true) FROM shq.outreach_leases",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        if expired {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the lease never expired"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        "the lease to expire",
+        Duration::from_secs(20),
+        String::new,
+        || {
+            let expired: bool = w
+                .pg()
+                .query_one(
+                    "SELECT coalesce(bool_and(expires_at < now()), true) FROM shq.outreach_leases",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            expired.then_some(())
+        },
+    );
     let taken = w.run("WV");
     assert_eq!(taken.status, RunStatus::Success, "{:?}", taken.error);
     assert!(leases(&w).is_empty(), "{:?}", leases(&w));
@@ -614,6 +606,7 @@ impl NotifySocket {
 
 #[test]
 fn the_daemon_tells_systemd_ready_status_reloading_watchdog_and_stopping() {
+    needs_services!();
     let w = World::new("dnotify");
     add_company(&mut w.pg(), "c1", Some("A"), Some("a.example"), "WV");
     let cfg = config_with(
@@ -687,14 +680,6 @@ fn http_get_accept(port: u16, path: &str, accept: &str) -> (String, String) {
     (head.to_ascii_lowercase(), body.to_string())
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 /// Prometheus' own linter accepts `text` (it reads the text format).
 fn promtool_check(text: &str, what: &str) {
     use std::io::Write;
@@ -754,10 +739,13 @@ fn node_exporter_reads_counter(textfile: &std::path::Path) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
-        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+    let body = wait_until(
+        "node_exporter to listen",
+        Duration::from_secs(20),
+        String::new,
+        || {
             use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
             write!(
                 c,
                 "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -765,14 +753,9 @@ fn node_exporter_reads_counter(textfile: &std::path::Path) {
             .unwrap();
             let mut out = String::new();
             let _ = c.read_to_string(&mut out);
-            break out;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node_exporter did not listen on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+            Some(out)
+        },
+    );
     let _ = child.kill();
     let _ = child.wait();
     assert!(
@@ -791,6 +774,7 @@ fn node_exporter_reads_counter(textfile: &std::path::Path) {
 
 #[test]
 fn metrics_are_served_and_written_after_runs_that_succeed_and_gate() {
+    needs_services!();
     let w = World::new("dmetrics");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -936,6 +920,7 @@ fn webhook_receiver(fail_first: &[&str]) -> (u16, Received) {
 
 #[test]
 fn notifications_reach_their_webhooks_in_both_formats_with_a_retry_and_no_secret_logged() {
+    needs_services!();
     let w = World::new("dnotifyhook");
     add_company(&mut w.pg(), "c2", None, Some("b.example"), "PA");
     let (port, got) = webhook_receiver(&["json"]);
@@ -967,29 +952,23 @@ max_bad_ratio = 0.0
         "d",
         &[("OW_HOOK_JSON", &json_url), ("OW_HOOK_SLACK", &slack_url)],
     );
-    let start = Instant::now();
-    let (json, slack) = loop {
-        let seen = got.lock().unwrap().clone();
-        let json: Vec<_> = seen
-            .iter()
-            .filter(|(p, _)| p.contains("json"))
-            .cloned()
-            .collect();
-        let slack: Vec<_> = seen
-            .iter()
-            .filter(|(p, _)| p.contains("slack"))
-            .cloned()
-            .collect();
-        if json.len() >= 2 && !slack.is_empty() {
-            break (json, slack);
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "webhooks got {seen:?}\n{}",
-            d.output()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let context = || format!("webhooks got {:?}\n{}", got.lock().unwrap(), d.output());
+    let (json, slack) = wait_until(
+        "two JSON posts and a Slack one",
+        Duration::from_secs(60),
+        context,
+        || {
+            let seen = got.lock().unwrap().clone();
+            let of = |kind: &str| -> Vec<_> {
+                seen.iter()
+                    .filter(|(p, _)| p.contains(kind))
+                    .cloned()
+                    .collect()
+            };
+            let (json, slack) = (of("json"), of("slack"));
+            (json.len() >= 2 && !slack.is_empty()).then_some((json, slack))
+        },
+    );
     d.wait_for_log("notification sent", Duration::from_secs(10));
     d.stop();
     // The first JSON post got a 500 and was sent again, the same report.

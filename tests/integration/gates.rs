@@ -2,8 +2,8 @@
 //! servers: a tripped gate publishes nothing and is audited as `gated`.
 
 use crate::common::*;
-use outreach_workbench::pipeline::gates::GatesConfig;
 use outreach_workbench::pipeline::{RunOptions, RunStatus};
+use outreach_workbench::quality::gates::GatesConfig;
 
 fn gates(g: GatesConfig) -> RunOptions {
     RunOptions {
@@ -29,6 +29,7 @@ const COMPANIES_BAD_KEY: &str = "outreach/wv/companies/bad/companies_bad.parquet
 
 #[test]
 fn bad_ratio_gate_trips_keeps_the_bucket_and_can_be_forced() {
+    needs_services!();
     let w = World::new("gate-ratio");
     let mut pg = w.pg();
     for i in 1..=4 {
@@ -118,6 +119,7 @@ fn bad_ratio_gate_trips_keeps_the_bucket_and_can_be_forced() {
 
 #[test]
 fn row_delta_gate_first_run_then_shrink() {
+    needs_services!();
     let w = World::new("gate-delta");
     let mut pg = w.pg();
     for i in 0..10 {
@@ -182,6 +184,7 @@ fn row_delta_gate_first_run_then_shrink() {
 
 #[test]
 fn null_id_gate() {
+    needs_services!();
     let mut w = World::new("gate-null");
     let mut pg = w.pg();
     // The production tables cannot hold a NULL key; a copy without the
@@ -215,6 +218,7 @@ fn null_id_gate() {
 
 #[test]
 fn custom_rule_replaces_the_defaults() {
+    needs_services!();
     let mut w = World::new("rule-custom");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -264,6 +268,7 @@ condition = "coalesce(employee_count, 0) < 10"
 
 #[test]
 fn broken_rules_are_named_by_run_and_check() {
+    needs_services!();
     let w = World::new("rule-broken");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -313,6 +318,7 @@ companies = [{ code = "odd", condition = "company_name IS NOT NULL AND AND" }]
 
 #[test]
 fn cli_exit_code_schedule_gates_and_history() {
+    needs_services!();
     let w = World::new("gate-cli");
     let mut pg = w.pg();
     for st in ["WV", "OH"] {
@@ -407,6 +413,7 @@ max_bad_ratio = 0.9
 
 #[test]
 fn history_without_a_workbench() {
+    needs_services!();
     let w = World::new("history-empty");
     let cfg = w.write_config_file();
     let o = bin()
@@ -420,6 +427,7 @@ fn history_without_a_workbench() {
 
 #[test]
 fn a_run_that_lost_its_lease_before_the_audit_records_no_gate() {
+    needs_services!();
     // A gated run uploads nothing, so the fence before its audit is the one
     // that finds the lease gone: another host took the state meanwhile.
     let mut w = World::new("gatelease");
@@ -441,24 +449,21 @@ fn a_run_that_lost_its_lease_before_the_audit_records_no_gate() {
         })
     };
     // Once the run holds the lease, it passes to another host's run.
-    let start = std::time::Instant::now();
-    loop {
-        let taken = pg
-            .execute(
-                "UPDATE shq.outreach_leases SET run_id = 'other-host-run', host = 'other'
+    wait_until(
+        "the run's lease",
+        std::time::Duration::from_secs(30),
+        String::new,
+        || {
+            let taken = pg
+                .execute(
+                    "UPDATE shq.outreach_leases SET run_id = 'other-host-run', host = 'other'
                  WHERE state = 'WV'",
-                &[],
-            )
-            .unwrap_or(0);
-        if taken == 1 {
-            break;
-        }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(30),
-            "no lease taken"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+                    &[],
+                )
+                .unwrap_or(0);
+            (taken == 1).then_some(())
+        },
+    );
     let r = run.join().unwrap();
     assert_eq!(r.status, RunStatus::Failed, "{:?}", r.error);
     let error = r.error.clone().unwrap();

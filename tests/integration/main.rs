@@ -1,9 +1,12 @@
 //! Integration tests against real PostgreSQL and S3 servers (started by
-//! `scripts/test.sh`). One test binary: DuckDB is linked statically and each
-//! extra binary costs a long link.
+//! `scripts/test.sh`; without them, a plain `cargo test` skips those tests and
+//! says why). One test binary: each extra binary costs a link.
+
+// First: its needs_services! is used by every module after it.
+#[macro_use]
+mod common;
 
 mod cli;
-mod common;
 mod daemon;
 mod gates;
 mod packaging;

@@ -4,16 +4,10 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::common::have;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const BIN: &str = env!("CARGO_BIN_EXE_outreach-workbench");
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
 
 #[test]
 fn systemd_unit_passes_systemd_analyze_verify() {

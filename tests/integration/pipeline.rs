@@ -14,6 +14,7 @@ fn dry() -> RunOptions {
 
 #[test]
 fn every_rule_and_error_code() {
+    needs_services!();
     let w = World::new("rules");
     let mut pg = w.pg();
     add_company(
@@ -102,6 +103,7 @@ fn every_rule_and_error_code() {
 
 #[test]
 fn people_follow_their_company_and_the_link_rule() {
+    needs_services!();
     let w = World::new("link");
     let mut pg = w.pg();
     add_company(&mut pg, "wv-good", Some("A"), Some("a.example"), "WV");
@@ -157,6 +159,7 @@ fn people_follow_their_company_and_the_link_rule() {
 
 #[test]
 fn a_state_with_no_rows_gives_four_empty_valid_files() {
+    needs_services!();
     let w = World::new("empty");
     let mut pg = w.pg();
     add_company(&mut pg, "pa1", Some("A"), Some("a.example"), "PA");
@@ -182,6 +185,7 @@ fn a_state_with_no_rows_gives_four_empty_valid_files() {
 
 #[test]
 fn dedup_skips_unchanged_files_even_without_the_workbench() {
+    needs_services!();
     let w = World::new("dedup");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -238,6 +242,7 @@ fn dedup_skips_unchanged_files_even_without_the_workbench() {
 /// again with the same rows.
 #[test]
 fn good_file_bytes_depend_on_good_rows_only() {
+    needs_services!();
     let w = World::new("bytes");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -270,6 +275,7 @@ fn good_file_bytes_depend_on_good_rows_only() {
 /// end of the heap) or with the number of export lanes.
 #[test]
 fn files_are_in_key_order_whatever_the_physical_order() {
+    needs_services!();
     let mut w = World::new("order");
     w.config.source.batch_rows = 2; // several batches per table
     let mut pg = w.pg();
@@ -315,6 +321,7 @@ fn files_are_in_key_order_whatever_the_physical_order() {
 /// same bytes, so the link rule re-uploads only what it changes.
 #[test]
 fn files_written_while_loading_are_the_views_files() {
+    needs_services!();
     let mut w = World::new("streamed");
     w.config.source.batch_rows = 3; // several batches per table
     let mut pg = w.pg();
@@ -389,6 +396,7 @@ fn files_written_while_loading_are_the_views_files() {
 /// temporary file is left behind.
 #[test]
 fn a_rule_failing_at_run_time_leaves_the_last_run_in_place() {
+    needs_services!();
     let mut w = World::new("runtime-rule");
     w.set_config_extra(
         r#"
@@ -413,7 +421,7 @@ people = [{ code = "title_negative", condition = "CAST(title AS INTEGER) < 0" }]
         "names the file and the value: {error}"
     );
     for f in &first.files {
-        let (_, sha256) = outreach_workbench::pipeline::export::hash_file(&f.path).unwrap();
+        let (_, sha256) = outreach_workbench::files::hash_file(&f.path).unwrap();
         assert_eq!(sha256, f.sha256, "{} was replaced", f.path.display());
     }
     let leftovers: Vec<_> = walk(&w.dir.path().join("exports"))
@@ -445,6 +453,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn a_key_setting_naming_no_column_is_refused_before_any_work() {
+    needs_services!();
     let mut w = World::new("nokey");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("Co"), Some("co.example"), "WV");
@@ -461,6 +470,7 @@ fn a_key_setting_naming_no_column_is_refused_before_any_work() {
 
 #[test]
 fn audit_row_holds_the_run() {
+    needs_services!();
     let w = World::new("audit");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -510,6 +520,7 @@ fn audit_row_holds_the_run() {
 
 #[test]
 fn audit_table_of_another_layout_is_refused_before_any_work() {
+    needs_services!();
     let w = World::new("auditlayout");
     let mut pg = w.pg();
     pg.batch_execute(
@@ -537,6 +548,7 @@ fn audit_table_of_another_layout_is_refused_before_any_work() {
 
 #[test]
 fn bad_password_fails_clearly_and_audits_no_success() {
+    needs_services!();
     let mut w = World::new("badpw");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -566,6 +578,7 @@ fn bad_password_fails_clearly_and_audits_no_success() {
 
 #[test]
 fn missing_bucket_fails_with_the_servers_error_and_is_audited_as_failed() {
+    needs_services!();
     let mut w = World::new("nobucket");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -590,6 +603,7 @@ fn missing_bucket_fails_with_the_servers_error_and_is_audited_as_failed() {
 
 #[test]
 fn tls_require_works_and_verify_full_checks_the_certificate() {
+    needs_services!();
     let mut w = World::new("tls");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -598,7 +612,7 @@ fn tls_require_works_and_verify_full_checks_the_certificate() {
     w.config.source.sslmode = outreach_workbench::config::SslMode::Require;
     let r = w.run_with("WV", &dry());
     assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
-    let mut c = outreach_workbench::pg::connect(&w.config.source).unwrap();
+    let mut c = outreach_workbench::source::connect::connect(&w.config.source).unwrap();
     let ssl: bool = c
         .query_one(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
@@ -616,6 +630,7 @@ fn tls_require_works_and_verify_full_checks_the_certificate() {
 
 #[test]
 fn a_database_back_within_the_retries_does_not_fail_the_run() {
+    needs_services!();
     let mut w = World::new("retry");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -690,6 +705,7 @@ fn workbench_view(w: &World, entity: &str) -> (String, [i64; 3], Vec<String>, Ve
 
 #[test]
 fn the_workbench_reads_the_files_and_keeps_the_link_rules_rows_in_tables() {
+    needs_services!();
     let w = World::new("views");
     let mut pg = w.pg();
     add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
@@ -732,6 +748,7 @@ fn the_workbench_reads_the_files_and_keeps_the_link_rules_rows_in_tables() {
 /// the DuckDB we link now, keeps its history, and a run goes on in it.
 #[test]
 fn a_workbench_written_by_duckdb_1_2_opens_and_keeps_its_history() {
+    needs_services!();
     let Ok(python) = std::env::var("OW_DUCKDB_1_2_PYTHON") else {
         eprintln!("skipped: OW_DUCKDB_1_2_PYTHON is not set (scripts/test.sh installs Python's duckdb 1.2.2 when it can; it says why not)");
         return;

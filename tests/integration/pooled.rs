@@ -36,6 +36,7 @@ fn wv_companies(w: &World, n: usize) {
 
 #[test]
 fn ten_runs_in_a_row_each_its_own_process() {
+    needs_services!();
     let Some(pgb) = pooler_or_skip("ten_runs_in_a_row_each_its_own_process") else {
         return;
     };
@@ -81,6 +82,7 @@ fn ten_runs_in_a_row_each_its_own_process() {
 
 #[test]
 fn a_fire_time_runs_once_and_a_held_state_is_skipped() {
+    needs_services!();
     let Some(pgb) = pooler_or_skip("a_fire_time_runs_once_and_a_held_state_is_skipped") else {
         return;
     };
@@ -132,6 +134,7 @@ fn a_fire_time_runs_once_and_a_held_state_is_skipped() {
 
 #[test]
 fn a_run_while_postgres_is_down_is_audited_once_when_it_is_back() {
+    needs_services!();
     let Some(pgb) = pooler_or_skip("a_run_while_postgres_is_down_is_audited_once_when_it_is_back")
     else {
         return;
@@ -200,6 +203,7 @@ fn a_run_while_postgres_is_down_is_audited_once_when_it_is_back() {
 
 #[test]
 fn an_audit_error_shows_the_servers_message() {
+    needs_services!();
     let Some(pgb) = pooler_or_skip("an_audit_error_shows_the_servers_message") else {
         return;
     };
@@ -229,18 +233,20 @@ fn an_audit_error_shows_the_servers_message() {
 
 #[test]
 fn a_session_ended_by_the_server_is_made_again() {
+    needs_services!();
     // Direct: the session's own backend is ended, as Neon ends idle ones
     // (`terminating connection due to administrator command`).
     let w = World::new("poolterm");
     let mut cfg = w.config.source.clone();
     cfg.port = services().pg_port;
     let never = tokio_util::sync::CancellationToken::new();
-    let mut session = outreach_workbench::pg::Session::open(&cfg, &w.config.retry, &never).unwrap();
-    let pid = |s: &mut outreach_workbench::pg::Session| -> i32 {
+    let mut session =
+        outreach_workbench::source::connect::Session::open(&cfg, &w.config.retry, &never).unwrap();
+    let pid = |s: &mut outreach_workbench::source::connect::Session| -> i32 {
         s.run("asking the backend", &never, |c| {
             c.query_typed_one("SELECT pg_backend_pid()", &[])
                 .map(|r| r.get(0))
-                .map_err(|e| outreach_workbench::pipeline::PipelineError::Source {
+                .map_err(|e| outreach_workbench::error::PipelineError::Source {
                     what: "asking".into(),
                     source: e,
                 })

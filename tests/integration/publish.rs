@@ -42,6 +42,7 @@ fn manifest(w: &World) -> serde_json::Value {
 
 #[test]
 fn the_manifest_names_this_runs_files_is_written_last_and_left_alone_when_unchanged() {
+    needs_services!();
     let (w, proxy) = world_behind_proxy("manifest");
     let first = w.run("WV");
     assert_eq!(first.status, RunStatus::Success, "{:?}", first.error);
@@ -90,6 +91,7 @@ fn the_manifest_names_this_runs_files_is_written_last_and_left_alone_when_unchan
 
 #[test]
 fn a_first_run_into_an_empty_bucket_costs_one_head_per_key() {
+    needs_services!();
     let (w, proxy) = world_behind_proxy("onehead");
     let r = w.run("WV");
     assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
@@ -109,6 +111,7 @@ fn a_first_run_into_an_empty_bucket_costs_one_head_per_key() {
 
 #[test]
 fn a_403_fails_at_once_and_a_half_published_run_leaves_the_previous_manifest() {
+    needs_services!();
     let (w, proxy) = world_behind_proxy("halfway");
     let first = w.run("WV");
     assert_eq!(first.status, RunStatus::Success, "{:?}", first.error);
@@ -147,6 +150,7 @@ fn a_403_fails_at_once_and_a_half_published_run_leaves_the_previous_manifest() {
 
 #[test]
 fn transient_500s_are_retried_until_the_upload_goes_through() {
+    needs_services!();
     let (mut w, proxy) = world_behind_proxy("retry500");
     w.config.retry.attempts = 4;
     proxy.fail("PUT", "people/good", 2, 500, "InternalError");
@@ -164,6 +168,7 @@ fn transient_500s_are_retried_until_the_upload_goes_through() {
 
 #[test]
 fn a_503_slow_down_waits_as_long_as_retry_after_says() {
+    needs_services!();
     let (mut w, proxy) = world_behind_proxy("slowdown");
     // Our own backoff would come back within 0.1 s; the server asks for 2.
     w.config.retry.attempts = 3;
@@ -187,6 +192,7 @@ fn a_503_slow_down_waits_as_long_as_retry_after_says() {
 
 #[test]
 fn a_dropped_column_is_reported_and_gated_with_schema_change() {
+    needs_services!();
     let (mut w, _proxy) = world_behind_proxy("drift");
     let first = w.run("WV");
     assert_eq!(first.status, RunStatus::Success, "{:?}", first.error);
@@ -254,6 +260,7 @@ fn unfinished_uploads(bucket: &str) -> Vec<String> {
 
 #[test]
 fn a_multipart_upload_cut_mid_way_is_aborted_and_the_bucket_keeps_the_last_run() {
+    needs_services!();
     let (mut w, proxy) = world_behind_proxy("cutpart");
     w.config.storage.part_size_mib = 5;
     let first = w.run("WV");
@@ -284,6 +291,7 @@ fn a_multipart_upload_cut_mid_way_is_aborted_and_the_bucket_keeps_the_last_run()
 
 #[test]
 fn an_upload_that_could_not_be_aborted_is_aborted_by_the_next_run() {
+    needs_services!();
     let (mut w, proxy) = world_behind_proxy("leftover");
     w.config.storage.part_size_mib = 5;
     big_people(&w);
@@ -325,6 +333,7 @@ fn an_upload_that_could_not_be_aborted_is_aborted_by_the_next_run() {
 /// with two real uploads begun on s3s-fs: one two days old, one an hour old.
 #[test]
 fn a_run_aborts_multipart_uploads_left_unfinished_for_over_a_day_and_says_so() {
+    needs_services!();
     let (w, proxy) = world_behind_proxy("stale");
     let s = services();
     let direct = s3_bucket(&s, &w.bucket);

@@ -64,7 +64,7 @@ impl InProcess {
     /// Starts serving `path` with the clock at `start`; returns once the
     /// daemon says it has started.
     async fn start(path: &Path, start: DateTime<Utc>) -> InProcess {
-        let config = outreach_workbench::pipeline::rules::load_config(path).unwrap();
+        let config = outreach_workbench::quality::rules::load_config(path).unwrap();
         let (controls, rx) = mpsc::unbounded_channel();
         let (tx, events) = mpsc::unbounded_channel();
         let service = Service {
@@ -138,6 +138,7 @@ fn fired(reports: &[RunReport]) -> Vec<(String, String, RunStatus)> {
 
 #[test]
 fn a_daily_schedule_fires_at_local_midnight_each_day_across_a_dst_change() {
+    needs_services!();
     let w = World::new("sdaily");
     good_company_in_wv_and_pa(&w);
     let path = config_file(
@@ -176,6 +177,7 @@ fn a_daily_schedule_fires_at_local_midnight_each_day_across_a_dst_change() {
 
 #[test]
 fn a_reload_takes_a_good_config_and_refuses_a_broken_one() {
+    needs_services!();
     let w = World::new("sreload");
     good_company_in_wv_and_pa(&w);
     let yearly = "[[schedule]]\nstates = [\"WV\"]\ncron = \"0 0 1 1 *\"\n";
@@ -214,6 +216,7 @@ fn a_reload_takes_a_good_config_and_refuses_a_broken_one() {
 
 #[test]
 fn catch_up_runs_the_first_missed_fire_time_once_and_only_where_asked() {
+    needs_services!();
     let w = World::new("scatch");
     good_company_in_wv_and_pa(&w);
     // History: both states last ran at noon on 2026-05-29; the daily 00:00

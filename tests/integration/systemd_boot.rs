@@ -31,33 +31,28 @@ impl Container {
             .stderr(Stdio::null())
             .spawn()
             .expect("systemd-nspawn starts");
-        let started = Instant::now();
-        let pid1 = loop {
-            if let Some(pid) = systemd_child(nspawn.id()) {
-                break pid;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "no systemd in the container after 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let pid1 = wait_until(
+            "systemd in the container",
+            Duration::from_secs(60),
+            String::new,
+            || systemd_child(nspawn.id()),
+        );
         let c = Container { nspawn, pid1 };
         // `--wait` blocks until start-up is done ("running" or
         // "degraded"), once systemd's socket is there to ask.
-        loop {
+        let booted = || {
             let o = c.sh("systemctl is-system-running --wait");
             let state = String::from_utf8_lossy(&o.stdout).trim().to_string();
-            if state == "running" || state == "degraded" {
-                return c;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "the container did not finish booting: {}",
-                text(&o)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            (state == "running" || state == "degraded").then_some(())
+        };
+        let said = || text(&c.sh("systemctl is-system-running"));
+        wait_until(
+            "the container to finish booting",
+            Duration::from_secs(120),
+            said,
+            booted,
+        );
+        c
     }
 
     /// `sh -c cmd` inside the container.
@@ -81,19 +76,13 @@ impl Container {
 
     /// Waits up to `secs` for `property` to read `want`.
     fn wait_for(&self, property: &str, want: &str, secs: u64) {
-        let started = Instant::now();
-        loop {
-            let now = self.show(property);
-            if now == want {
-                return;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(secs),
-                "{property} is {now}, not {want}, after {secs} s\n{}",
-                self.journal()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let context = || format!("{property} is {}\n{}", self.show(property), self.journal());
+        wait_until(
+            &format!("{property}={want}"),
+            Duration::from_secs(secs),
+            context,
+            || (self.show(property) == want).then_some(()),
+        )
     }
 
     fn journal(&self) -> String {
@@ -141,19 +130,17 @@ fn successes(w: &World) -> i64 {
 }
 
 fn wait_for_success(w: &World, more_than: i64, c: &Container) {
-    let started = Instant::now();
-    while successes(w) <= more_than {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no successful run within 60 s\n{}",
-            c.journal()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        "a successful run",
+        Duration::from_secs(60),
+        || c.journal(),
+        || (successes(w) > more_than).then_some(()),
+    );
 }
 
 #[test]
 fn the_package_under_systemd_starts_reloads_stops_restarts_and_upgrades() {
+    needs_services!();
     let Ok(root) = std::env::var("OW_NSPAWN_ROOT") else {
         eprintln!("skipped: OW_NSPAWN_ROOT is not set (scripts/test.sh builds the Debian root when it can; it says why not)");
         return;

@@ -45,6 +45,7 @@ VALUES
 
 #[test]
 fn every_type_round_trips_to_parquet() {
+    needs_services!();
     let w = World::new("types");
     w.pg().batch_execute(FIXTURE).unwrap();
     let r = w.run_with(

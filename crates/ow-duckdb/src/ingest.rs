@@ -237,6 +237,21 @@ impl RawConnection {
     }
 }
 
+impl Database {
+    /// Opens (creating if needed) the database file at `path`, with
+    /// `ow_feed` registered, failing the way `duckdb::Connection::open`
+    /// does, lock conflicts included.
+    pub fn open(path: &std::path::Path) -> duckdb::Result<Arc<Database>> {
+        let db = Database::attach(path)?;
+        RawConnection::connect(&db)
+            .and_then(|c| register(&c))
+            .map_err(|e| {
+                duckdb::Error::DuckDBFailure(ffi::Error::new(ffi::DuckDBError), Some(e.0))
+            })?;
+        Ok(db)
+    }
+}
+
 /// Registers `ow_feed` in the instance `con` belongs to.
 pub(crate) fn register(con: &RawConnection) -> Result<(), DuckError> {
     let con = con.handle();
@@ -498,5 +513,35 @@ pub(crate) mod tests {
             .execute("SELECT * FROM ow_feed(123456789::UBIGINT)")
             .unwrap_err();
         assert!(e.to_string().contains("no feed 123456789"), "{e}");
+    }
+
+    /// Connections work in the attached file, which analysts then open as
+    /// a database of its own; a table loaded with at least
+    /// `crate::ROW_GROUP_SIZE` rows goes to the file, not through the WAL.
+    #[test]
+    fn tables_land_in_the_file_without_passing_through_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.duckdb");
+        let db = Database::open(&path).unwrap();
+        let c = RawConnection::connect(&db).unwrap();
+        c.execute("BEGIN; CREATE SCHEMA wv; CREATE TABLE wv.t (id INTEGER, name VARCHAR)")
+            .unwrap();
+        let rows = 2 * crate::ROW_GROUP_SIZE as i32 + 100;
+        load(&c, "wv.t", vec![batch(0..rows)]).unwrap();
+        c.execute("COMMIT").unwrap();
+        let wal = std::fs::metadata(dir.path().join("t.duckdb.wal")).map_or(0, |m| m.len());
+        assert!(wal < 64 * 1024, "the WAL holds the rows: {wal} bytes");
+        let other = db.connection().unwrap();
+        let n: i64 = other
+            .query_row("SELECT count(*) FROM wv.t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, rows as i64);
+        drop((c, other, db));
+
+        let analyst = duckdb::Connection::open(&path).unwrap();
+        let n: i64 = analyst
+            .query_row("SELECT count(*) FROM wv.t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, rows as i64);
     }
 }

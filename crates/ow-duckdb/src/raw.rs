@@ -69,9 +69,11 @@ unsafe impl Send for Database {}
 unsafe impl Sync for Database {}
 
 impl Database {
-    /// Opens (creating if needed) the database file at `path`, failing the
-    /// way `duckdb::Connection::open` does, lock conflicts included.
-    pub fn open(path: &Path) -> duckdb::Result<Arc<Database>> {
+    /// An in-memory instance with the database file at `path` attached
+    /// (created if needed), failing the way `duckdb::Connection::open`
+    /// does, lock conflicts included. `Database::open` (in `ingest`) adds
+    /// the feed function.
+    pub(crate) fn attach(path: &Path) -> duckdb::Result<Arc<Database>> {
         let db = Database::open_in_memory()?;
         // SAFETY: `db` is open and outlives this connection.
         let con = unsafe { duckdb::Connection::open_from_raw(db.db) }?;
@@ -79,13 +81,7 @@ impl Database {
             "ATTACH '{}' AS {CATALOG} (ROW_GROUP_SIZE {ROW_GROUP_SIZE})",
             path.to_string_lossy().replace('\'', "''")
         ))?;
-        let db = Arc::new(db);
-        RawConnection::connect(&db)
-            .and_then(|c| crate::ingest::register(&c))
-            .map_err(|e| {
-                duckdb::Error::DuckDBFailure(ffi::Error::new(ffi::DuckDBError), Some(e.0))
-            })?;
-        Ok(db)
+        Ok(Arc::new(db))
     }
 
     fn open_in_memory() -> duckdb::Result<Database> {
@@ -224,37 +220,6 @@ pub(crate) unsafe fn take_error(mut e: ffi::duckdb_error_data) -> Result<(), Duc
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::tests::{batch, load};
-
-    /// Connections work in the attached file, which analysts then open as
-    /// a database of its own; a table loaded with at least
-    /// `ROW_GROUP_SIZE` rows goes to the file, not through the WAL.
-    #[test]
-    fn tables_land_in_the_file_without_passing_through_the_wal() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.duckdb");
-        let db = Database::open(&path).unwrap();
-        let c = RawConnection::connect(&db).unwrap();
-        c.execute("BEGIN; CREATE SCHEMA wv; CREATE TABLE wv.t (id INTEGER, name VARCHAR)")
-            .unwrap();
-        let rows = 2 * ROW_GROUP_SIZE as i32 + 100;
-        load(&c, "wv.t", vec![batch(0..rows)]).unwrap();
-        c.execute("COMMIT").unwrap();
-        let wal = std::fs::metadata(dir.path().join("t.duckdb.wal")).map_or(0, |m| m.len());
-        assert!(wal < 64 * 1024, "the WAL holds the rows: {wal} bytes");
-        let other = db.connection().unwrap();
-        let n: i64 = other
-            .query_row("SELECT count(*) FROM wv.t", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(n, rows as i64);
-        drop((c, other, db));
-
-        let analyst = duckdb::Connection::open(&path).unwrap();
-        let n: i64 = analyst
-            .query_row("SELECT count(*) FROM wv.t", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(n, rows as i64);
-    }
 
     #[test]
     fn errors_name_what_duckdb_refused() {

@@ -1,4 +1,8 @@
-//! Step 4: write the four good/bad tables to Parquet.
+//! The files: the four good/bad tables of a state written to Parquet.
+//!
+//! May call: the config, the workbench, [`crate::quality`] (the rules
+//! split the rows as they are written), [`crate::source::pull`]'s feeds,
+//! [`crate::error`]. Nothing of the run.
 //!
 //! Two ways, one result: [`StreamedExport`] writes the files while the pull
 //! loads the rows, from the same chunks, which is what a run does unless a
@@ -9,7 +13,7 @@
 //!
 //! Rows are ordered by primary key so the same data always gives the same
 //! bytes; that is what lets publish skip unchanged files by hash. The pull
-//! receives them in that order (see `source::stream_query`) and DuckDB keeps
+//! receives them in that order (see `source::pull::stream_query`) and DuckDB keeps
 //! it through a filtered scan into `COPY` (its default
 //! `preserve_insertion_order`, and one thread), so nothing is sorted here.
 //! Each file is written under a temporary name, synced, then renamed over
@@ -22,8 +26,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::config::{quote_ident, Compression, ExportConfig};
+use crate::error::PipelineError;
 use crate::names::{Entity, FileKind};
-use crate::pipeline::PipelineError;
 use crate::state::StateCode;
 use crate::workbench::Workbench;
 
@@ -124,7 +128,7 @@ pub fn export_all(
         results.extend(
             others
                 .into_iter()
-                .map(|h| super::joined("an export lane", h.join())),
+                .map(|h| crate::error::joined("an export lane", h.join())),
         );
         results
     });

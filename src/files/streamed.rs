@@ -9,10 +9,11 @@ use super::{
     WRITER_SETTINGS,
 };
 use crate::config::{quote_ident, ExportConfig};
+use crate::error::PipelineError;
 use crate::names::{Entity, FileKind};
-use crate::pipeline::rules::Rule;
-use crate::pipeline::source::{TableFeed, Tap};
-use crate::pipeline::{validate, PipelineError};
+use crate::quality::rules::Rule;
+use crate::quality::validate;
+use crate::source::pull::{TableFeed, Tap};
 use crate::state::StateCode;
 use crate::workbench::{Database, DuckError, RawConnection, Workbench};
 

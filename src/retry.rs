@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetryConfig;
-use crate::pipeline::PipelineError;
+use crate::error::PipelineError;
 
 /// Runs `f` until it succeeds, fails for good, or `attempts` are used up.
 /// Waits about `initial_backoff`, then twice that, ... up to `max_backoff`

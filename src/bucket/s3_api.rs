@@ -126,7 +126,7 @@ async fn send(
         },
         // reqwest's Display stops at "error sending request for url"; the
         // cause (refused, reset, TLS, timeout) is further down.
-        message: crate::pipeline::with_causes(format!("{doing}: {e}"), &e),
+        message: crate::error::with_causes(format!("{doing}: {e}"), &e),
         retry_after: None,
         status: None,
     };

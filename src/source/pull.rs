@@ -23,9 +23,9 @@ use postgres::{Client, IsolationLevel, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{quote_ident, Config, QualifiedName, SourceConfig};
+use crate::error::PipelineError;
 use crate::names::Entity;
-use crate::pipeline::pgtypes::{column_defs, ColType, ColumnBuilder, DecodeError};
-use crate::pipeline::PipelineError;
+use crate::source::pgtypes::{column_defs, ColType, ColumnBuilder, DecodeError};
 use crate::state::StateCode;
 use crate::workbench::{
     chunk_rows, Chunk, ChunkConverter, Database, DuckError, NextChunk, RawConnection, Template,
@@ -53,7 +53,7 @@ pub fn describe(
     client: &mut impl postgres::GenericClient,
     table: &crate::config::QualifiedName,
 ) -> Result<Columns, PipelineError> {
-    Ok(crate::pg::describe(client, table)?
+    Ok(crate::source::connect::describe(client, table)?
         .into_iter()
         .map(|c| {
             let t = ColType::from_pg(&c.ty, c.typmod).unwrap_or(ColType::Text);
@@ -166,7 +166,7 @@ pub type Tap<'a> = Box<dyn FnMut(TableFeed) -> Result<(), PipelineError> + Send 
 /// ~0.1-0.3 s (medians of 9 and 11 interleaved runs).
 ///
 /// Cancellation is checked between batches, and a watcher thread also asks
-/// the server to cancel the query (see [`crate::pg::Backend`]): the server
+/// the server to cancel the query (see [`crate::source::connect::Backend`]): the server
 /// buffers output, so a slow query can go a long time without a batch
 /// boundary.
 pub fn pull(
@@ -179,7 +179,7 @@ pub fn pull(
     taps: Vec<Tap<'_>>,
 ) -> Result<PullStats, PipelineError> {
     // Named by the reader once its transaction has begun.
-    let backend = std::sync::OnceLock::<crate::pg::Backend>::new();
+    let backend = std::sync::OnceLock::<crate::source::connect::Backend>::new();
     let backend = &backend;
     // Dropped when both sides are done, which wakes the watcher at once: a
     // plain sleep between checks kept the pull waiting up to 50 ms more.
@@ -224,11 +224,11 @@ pub fn pull(
             Some((into, rx)) => load(into.duck, into.schema, config.workbench.compress_tables, rx),
             None => Ok(()),
         };
-        let read = super::joined("the source reader", reader.join());
+        let read = crate::error::joined("the source reader", reader.join());
         drop(finished);
         let tapped: Result<(), PipelineError> = tapping
             .into_iter()
-            .try_for_each(|t| super::joined("a pull tap", t.join()));
+            .try_for_each(|t| crate::error::joined("a pull tap", t.join()));
         (read, loaded, tapped)
     });
     match (read, loaded, tapped) {
@@ -275,7 +275,7 @@ fn read_source(
     cancel: &CancellationToken,
     db: &Arc<Database>,
     outs: Vec<SyncSender<TableFeed>>,
-    backend: &std::sync::OnceLock<crate::pg::Backend>,
+    backend: &std::sync::OnceLock<crate::source::connect::Backend>,
 ) -> Result<PullStats, PipelineError> {
     let s = &config.source;
     let companies_table = s.table(Entity::Companies);
@@ -292,7 +292,7 @@ fn read_source(
             what: "starting the read transaction".into(),
             source: e,
         })?;
-    if let Some(b) = crate::pg::Backend::of(&mut pg)? {
+    if let Some(b) = crate::source::connect::Backend::of(&mut pg)? {
         let _ = backend.set(b);
     }
 
@@ -307,15 +307,18 @@ fn read_source(
         (Entity::Companies, companies_table, &companies_from, "c"),
         (Entity::People, people_table, &people_from, "p"),
     ] {
-        let rows = stream_query(
-            &mut pg,
+        let query = EntityQuery {
+            entity,
             source_table,
             from,
             alias,
-            s.key(entity),
+            key: s.key(entity),
             state,
-            entity,
-            s.batch_rows,
+            batch_rows: s.batch_rows,
+        };
+        let rows = stream_query(
+            &mut pg,
+            &query,
             cancel,
             db,
             &outs,
@@ -333,6 +336,18 @@ fn read_source(
     Ok(stats)
 }
 
+/// One entity's query: `SELECT <alias's columns> <from> ORDER BY <key>`
+/// with the state as `$1`, read in batches of `batch_rows`.
+struct EntityQuery<'a> {
+    entity: Entity,
+    source_table: &'a QualifiedName,
+    from: &'a str,
+    alias: &'a str,
+    key: &'a str,
+    state: &'a StateCode,
+    batch_rows: usize,
+}
+
 /// Describes the table (`SELECT alias.* <from>` reads all of its columns),
 /// announces it with its mapped types, and streams the rows ordered by `key`
 /// as Arrow batches. Returns the row count.
@@ -343,26 +358,28 @@ fn read_source(
 /// workers, often on a core this process is not using; sorting in DuckDB at
 /// export time cost ~0.4 s of CPU and ~35 MiB of peak memory on the
 /// benchmark, against ~0.15 s more for the query.
-#[allow(clippy::too_many_arguments)]
 fn stream_query(
     tx: &mut Transaction<'_>,
-    source_table: &QualifiedName,
-    from: &str,
-    alias: &str,
-    key: &str,
-    state: &StateCode,
-    entity: Entity,
-    batch_rows: usize,
+    query: &EntityQuery,
     cancel: &CancellationToken,
     db: &Arc<Database>,
     outs: &[SyncSender<TableFeed>],
     fallbacks: &mut Vec<String>,
 ) -> Result<u64, PipelineError> {
+    let &EntityQuery {
+        entity,
+        source_table,
+        from,
+        alias,
+        key,
+        state,
+        batch_rows,
+    } = query;
     let table = entity.raw_table();
     let src_err =
         |what: String| move |e: postgres::Error| PipelineError::Source { what, source: e };
     let loader_gone = || PipelineError::Workbench("the workbench stopped taking rows".into());
-    let described = crate::pg::describe(tx, source_table)?;
+    let described = crate::source::connect::describe(tx, source_table)?;
 
     let mut types = Vec::new();
     let mut select = Vec::new();

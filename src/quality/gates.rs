@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::config::GatesConfig;
 
-use super::report::EntityCounts;
 use crate::names::Entity;
+use crate::quality::validate::EntityCounts;
 
 /// One gate's verdict, as the summary, the audit and `history` show it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,7 +137,7 @@ pub fn evaluate(
 /// when the gate is on.
 pub fn schema_gate(
     gates: &GatesConfig,
-    changes: &[super::manifest::SchemaChange],
+    changes: &[crate::bucket::manifest::SchemaChange],
 ) -> Option<GateResult> {
     (gates.schema_change == Some(true)).then(|| GateResult {
         gate: "schema_change".into(),

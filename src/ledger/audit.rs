@@ -18,8 +18,8 @@ use postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{quote_ident, Config, QualifiedName};
-use crate::pg::Session;
-use crate::pipeline::PipelineError;
+use crate::error::PipelineError;
+use crate::source::connect::Session;
 
 pub const EVENT_TYPE: &str = "outreach_validation_run";
 pub const EVENT_SOURCE: &str = "outreach-workbench";
@@ -260,7 +260,7 @@ pub fn record(
 pub fn record_releasing(
     session: &mut Session,
     table: &QualifiedName,
-    lease: &crate::pipeline::claim::Lease,
+    lease: &crate::ledger::claim::Lease,
     details: &serde_json::Value,
 ) -> Option<i64> {
     let (leases, state, run_id) = lease.row();
@@ -328,7 +328,7 @@ pub fn previous_success(
     table: &QualifiedName,
     state: &str,
     cancel: &CancellationToken,
-) -> Result<Option<crate::pipeline::gates::Previous>, PipelineError> {
+) -> Result<Option<crate::quality::gates::Previous>, PipelineError> {
     let sql = format!(
         "SELECT details->>'run_id',
                 ((details->'companies'->>'raw')::bigint + (details->'people'->>'raw')::bigint)
@@ -344,7 +344,7 @@ pub fn previous_success(
     Ok(row.and_then(|r| {
         let run_id: Option<String> = r.get(0);
         let rows: Option<i64> = r.get(1);
-        Some(crate::pipeline::gates::Previous {
+        Some(crate::quality::gates::Previous {
             run_id: run_id?,
             rows: rows? as u64,
         })

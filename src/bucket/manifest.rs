@@ -17,8 +17,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::pipeline::export::ExportedFile;
-use crate::pipeline::PipelineError;
+use crate::error::PipelineError;
+use crate::files::ExportedFile;
 
 /// The manifest's object, as uploaded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

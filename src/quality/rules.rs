@@ -17,9 +17,10 @@ use std::sync::Mutex;
 use duckdb::Connection;
 
 use crate::config::quote_ident;
+pub use crate::error::RuleError;
 use crate::names::{Entity, FileKind};
-use crate::pipeline::pgtypes::{column_defs, ColType};
-use crate::pipeline::source;
+use crate::source::pgtypes::{column_defs, ColType};
+use crate::source::pull as source;
 
 use crate::config::rule;
 pub use crate::config::{
@@ -57,16 +58,6 @@ pub fn company_not_valid_rule(schema: &str, link_column: &str, company_key: &str
             good = quote_ident(&Entity::Companies.table(FileKind::Good)),
         ),
     )
-}
-
-/// A rule that cannot be used, with the config key that holds it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("rules.{entity}[{index}] (code `{code}`): {message}")]
-pub struct RuleError {
-    pub entity: String,
-    pub index: usize,
-    pub code: String,
-    pub message: String,
 }
 
 fn rule_error(entity: &str, index: usize, code: &str, message: impl Into<String>) -> RuleError {
@@ -240,7 +231,7 @@ impl Checker {
 pub fn check_against_source(
     client: &mut postgres::Client,
     config: &crate::config::Config,
-) -> Result<(), crate::pipeline::PipelineError> {
+) -> Result<(), crate::error::PipelineError> {
     let s = &config.source;
     for entity in Entity::ALL {
         let (name, rules) = (s.table(entity), config.rules.of(entity));
@@ -250,7 +241,7 @@ pub fn check_against_source(
             .into_iter()
             .next()
         {
-            return Err(crate::pipeline::PipelineError::Config(m));
+            return Err(crate::error::PipelineError::Config(m));
         }
         Checker::with(|c| c.columns(entity.as_str(), table, &columns, rules))?;
     }
@@ -323,5 +314,12 @@ mod tests {
         assert!(check_shape("people", &[rule("a", "true"), rule("a", "false")]).is_err());
         assert!(check_shape("people", &[rule("company_not_valid", "true")]).is_err());
         assert!(check_shape("people", &[rule("a", " ")]).is_err());
+        // check_syntax (what loading a config runs) names the config key.
+        let rules = crate::config::RulesConfig {
+            companies: vec![rule("x y", "true")],
+            people: Vec::new(),
+        };
+        let e = check_syntax(&rules).unwrap_err().to_string();
+        assert!(e.contains("rules.companies[0]"), "{e}");
     }
 }

@@ -24,8 +24,8 @@ use postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, QualifiedName};
-use crate::pg::Session;
-use crate::pipeline::PipelineError;
+use crate::error::PipelineError;
+use crate::source::connect::Session;
 use crate::state::StateCode;
 
 /// Fire claims older than this are deleted as new ones are made.

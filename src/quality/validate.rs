@@ -9,11 +9,11 @@
 use std::collections::BTreeMap;
 
 use crate::config::{quote_ident, Config};
+use crate::error::PipelineError;
+use crate::files::ExportedFile;
 use crate::ident::quote_literal;
 use crate::names::{Entity, FileKind};
-use crate::pipeline::export::ExportedFile;
-use crate::pipeline::rules::Rule;
-use crate::pipeline::PipelineError;
+use crate::quality::rules::Rule;
 use crate::workbench::{DuckError, RawConnection};
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -162,7 +162,7 @@ pub fn split_all(
     let people = Entity::People;
     let mut people_rules = config.rules.of(people).to_vec();
     if link_rule {
-        people_rules.push(crate::pipeline::rules::company_not_valid_rule(
+        people_rules.push(crate::quality::rules::company_not_valid_rule(
             schema,
             &src.people_company_column,
             src.key(companies),
@@ -258,4 +258,29 @@ fn by_code(rules: &[Rule], counts: &[i64]) -> BTreeMap<String, u64> {
         .zip(counts)
         .map(|(r, n)| (r.code.clone(), *n as u64))
         .collect()
+}
+
+/// One entity's counts in a run's report: pulled, good, bad, per rule.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EntityCounts {
+    pub raw: u64,
+    pub good: u64,
+    pub bad: u64,
+    /// Rows with a NULL primary key.
+    #[serde(default)]
+    pub null_keys: u64,
+    /// Rows failing each rule code.
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl EntityCounts {
+    pub fn new(raw: u64, v: Validation) -> Self {
+        EntityCounts {
+            raw,
+            good: v.good,
+            bad: v.bad,
+            null_keys: v.null_keys,
+            errors: v.errors,
+        }
+    }
 }

@@ -20,13 +20,13 @@
 use s3::Bucket;
 use tokio_util::sync::CancellationToken;
 
+use crate::bucket::manifest::Manifest;
+use crate::bucket::s3_api::{self as wire, Failure};
 use crate::config::{RetryConfig, StorageConfig};
+use crate::error::PipelineError;
+use crate::files::ExportedFile;
 use crate::names::PublishAction;
-use crate::pipeline::export::ExportedFile;
-use crate::pipeline::manifest::Manifest;
-use crate::pipeline::retry::retry;
-use crate::pipeline::s3_api::{self as wire, Failure};
-use crate::pipeline::PipelineError;
+use crate::retry::retry;
 use crate::state::StateCode;
 
 pub const PIPELINE_NAME: &str = "outreach-workbench";

@@ -27,8 +27,8 @@ use postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{QualifiedName, RetryConfig, SourceConfig, SslMode};
-use crate::pipeline::retry::retry;
-use crate::pipeline::PipelineError;
+use crate::error::PipelineError;
+use crate::retry::retry;
 
 enum Tls {
     Off,
@@ -159,60 +159,6 @@ impl Backend {
             tracing::warn!(error = %e, "could not cancel the running query");
         }
     }
-}
-
-/// The server's own words for a database error (`FATAL: password
-/// authentication failed for user "x"`), which `postgres::Error`'s Display
-/// reduces to "db error"; the error chain for everything else.
-pub fn message(e: &postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        let mut m = format!("{}: {}", db.severity(), db.message());
-        if let Some(d) = db.detail() {
-            m.push_str(&format!(" ({d})"));
-        }
-        if let Some(h) = db.hint() {
-            m.push_str(&format!("; hint: {h}"));
-        }
-        return m;
-    }
-    crate::pipeline::with_causes(e.to_string(), e)
-}
-
-/// A failure that is about the connection, not about what was asked:
-/// refused, reset, timed out, closed, the server shutting the session down
-/// (`57P01 terminating connection due to administrator command`, which is
-/// how Neon ends idle sessions and suspends computes), starting up, or out of
-/// connection slots. Authentication, TLS verification and SQL errors are not.
-pub fn is_transient(e: &postgres::Error) -> bool {
-    if let Some(db) = e.as_db_error() {
-        let code = db.code().code();
-        // Not 08P01: PgBouncer reports a wrong password with it.
-        return matches!(
-            code,
-            "08000" | "08001" | "08003" | "08006" | "57P01" | "57P02" | "57P03" | "53300"
-        );
-    }
-    if e.is_closed() || e.to_string().contains("timeout") {
-        return true;
-    }
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            return matches!(
-                io.kind(),
-                ConnectionRefused
-                    | ConnectionReset
-                    | ConnectionAborted
-                    | TimedOut
-                    | BrokenPipe
-                    | UnexpectedEof
-                    | NotConnected
-            );
-        }
-        cause = c.source();
-    }
-    false
 }
 
 /// One connection for the short statements of a run (checks, claims, the

@@ -1,0 +1,11 @@
+//! The source: PostgreSQL. Owns connecting (TLS as libpq spells it, a
+//! session that reconnects, describing a table), the mapping of
+//! PostgreSQL's types to Arrow and DuckDB, and the pull that streams a
+//! state's rows out of it.
+//!
+//! May call: the config, the workbench (the pull feeds it), [`crate::error`]
+//! and [`crate::retry`]. Nothing above.
+
+pub mod connect;
+pub mod pgtypes;
+pub mod pull;
