@@ -140,6 +140,12 @@ pub fn run(
             status = report.status.as_str(),
             "run finished, but its audit record is not written yet"
         ),
+        // A stop asked for (shutdown, the run timeout) or a state another
+        // run holds is no fault: whoever alerts on `journalctl -p err` is
+        // not paged for a deploy.
+        Some(e) if matches!(report.status, RunStatus::Cancelled | RunStatus::Skipped) => {
+            tracing::warn!(status = report.status.as_str(), error = %e, "run finished")
+        }
         Some(e) => tracing::error!(status = report.status.as_str(), error = %e, "run finished"),
     }
     report

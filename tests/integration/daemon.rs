@@ -284,6 +284,8 @@ fn sigterm_during_a_run_cancels_after_the_grace_period_and_publishes_nothing() {
         "the cancelled run is audited before the exit:\n{output}"
     );
     assert_eq!(a[0].0, "cancelled", "{a:?}");
+    // A planned stop pages nobody: no line at ERROR priority.
+    assert!(!output.lines().any(|l| l.contains(" ERROR ")), "{output}");
     assert!(head(
         &w.bucket,
         "outreach/wv/companies/good/companies_good.parquet"
