@@ -34,8 +34,7 @@ pub fn retry<T>(
             Err(e) if e.is_transient() && attempt < cfg.attempts => {
                 // A server's Retry-After (B2's 503 SlowDown) is a floor:
                 // coming back sooner only earns another SlowDown.
-                let asked = e.retry_after().unwrap_or_default();
-                let wait = delay.mul_f64(0.5 + 0.5 * unit_random()).max(asked);
+                let wait = jittered(delay, e.retry_after());
                 let secs = wait.as_secs_f64();
                 tracing::warn!(attempt, retry_in_secs = format!("{secs:.2}"), error = %e, "{what} failed; retrying");
                 let until = Instant::now() + wait;
@@ -51,6 +50,13 @@ pub fn retry<T>(
             other => return other,
         }
     }
+}
+
+/// The wait before the next try: between half and all of `step`, and at
+/// least what the server asked for.
+pub fn jittered(step: Duration, asked: Option<Duration>) -> Duration {
+    step.mul_f64(0.5 + 0.5 * unit_random())
+        .max(asked.unwrap_or_default())
 }
 
 /// A number in [0, 1), different on every call and in every process.

@@ -125,7 +125,10 @@ pub fn publish(
     fence: &mut dyn FnMut(&str) -> Result<(), PipelineError>,
     out: &mut Progress,
 ) -> Result<(), PipelineError> {
-    let part_size = (cfg.part_size_mib * 1024 * 1024) as usize;
+    let how = Sending {
+        part_size: (cfg.part_size_mib * 1024 * 1024) as usize,
+        retry: retry_cfg,
+    };
     let rt = runtime("")?;
     for file in files {
         if cancel.is_cancelled() {
@@ -149,7 +152,7 @@ pub fn publish(
                 &key,
                 state,
                 file,
-                part_size,
+                &how,
                 cancel,
                 &mut out.unfinished,
             ))?;
@@ -226,10 +229,21 @@ pub fn write_manifest(
     manifest: &Manifest,
     cancel: &CancellationToken,
 ) -> Result<(), PipelineError> {
+    use sha2::{Digest, Sha256};
     let rt = runtime(key)?;
     let body = serde_json::to_vec_pretty(manifest).expect("plain data");
+    // The same `sha256` metadata as every file, so that a reader checks the
+    // manifest the way it checks the files.
+    let sha256 = hex::encode(Sha256::digest(&body));
     retry(retry_cfg, cancel, &format!("writing {key}"), || {
-        let bucket = bucket(cfg)?;
+        let bucket = with_metadata(
+            &*bucket(cfg)?,
+            &[
+                ("state", manifest.state.clone()),
+                ("pipeline", PIPELINE_NAME.to_string()),
+                ("sha256", sha256.clone()),
+            ],
+        )?;
         rt.block_on(async {
             wire::put(
                 &bucket,
@@ -243,18 +257,19 @@ pub fn write_manifest(
             let head = wire::head(&bucket, key, "reading the manifest back")
                 .await
                 .map_err(|f| failed(key, f))?;
-            match head.and_then(|h| h.bytes) {
-                Some(n) if n as usize == body.len() => Ok(()),
-                other => Err(PipelineError::Publish {
-                    key: key.to_string(),
-                    transient: true,
-                    retry_after: None,
-                    message: format!(
-                        "the bucket holds {other:?} bytes after writing {} bytes",
-                        body.len()
-                    ),
-                }),
+            let (bytes, sha) = head.map_or((None, None), |h| (h.bytes, h.sha256));
+            if bytes == Some(body.len() as u64) && sha.as_deref() == Some(sha256.as_str()) {
+                return Ok(());
             }
+            Err(PipelineError::Publish {
+                key: key.to_string(),
+                transient: true,
+                retry_after: None,
+                message: format!(
+                    "the bucket holds {bytes:?} bytes with sha256 {sha:?} after writing {} bytes with sha256 {sha256}",
+                    body.len()
+                ),
+            })
         })
     })?;
     tracing::info!(key, files = manifest.files.len(), "manifest written");
@@ -287,6 +302,13 @@ pub struct Unfinished {
 
 const CONTENT_TYPE: &str = "application/vnd.apache.parquet";
 
+/// How [`upload`] sends a file: parts of `part_size` bytes above that
+/// size; the abort of a failed multipart upload tried again per `retry`.
+struct Sending<'a> {
+    part_size: usize,
+    retry: &'a RetryConfig,
+}
+
 /// Uploads one file: a single PUT below `part_size`, else a multipart
 /// upload of our own, so that its id is known and a failed or cancelled
 /// one is aborted (B2 keeps, and bills, unfinished parts). An abort that
@@ -296,31 +318,25 @@ async fn upload(
     key: &str,
     state: &StateCode,
     file: &ExportedFile,
-    part_size: usize,
+    how: &Sending<'_>,
     cancel: &CancellationToken,
     unfinished: &mut Vec<Unfinished>,
 ) -> Result<(), PipelineError> {
     use std::io::Read;
-    let mut meta = http::HeaderMap::new();
-    for (k, v) in [
-        ("table_name", file.table_name.clone()),
-        ("state", state.to_string()),
-        ("pipeline", PIPELINE_NAME.to_string()),
-        (
-            "upload_timestamp",
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        ),
-        ("sha256", file.sha256.clone()),
-    ] {
-        let name = format!("x-amz-meta-{k}");
-        meta.insert(
-            http::HeaderName::from_bytes(name.as_bytes()).expect("plain ASCII"),
-            v.parse().expect("plain ASCII"),
-        );
-    }
-    let with_meta = bucket
-        .with_extra_headers(meta)
-        .map_err(|e| PipelineError::Config(format!("S3 metadata headers: {e}")))?;
+    let part_size = how.part_size;
+    let with_meta = with_metadata(
+        bucket,
+        &[
+            ("table_name", file.table_name.clone()),
+            ("state", state.to_string()),
+            ("pipeline", PIPELINE_NAME.to_string()),
+            (
+                "upload_timestamp",
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ),
+            ("sha256", file.sha256.clone()),
+        ],
+    )?;
     let open_err = |e: std::io::Error| PipelineError::Publish {
         key: key.to_string(),
         transient: false,
@@ -384,7 +400,7 @@ async fn upload(
     }
     .await;
     if sent.is_err() {
-        match wire::abort(bucket, key, &upload_id, "aborting").await {
+        match abort_retrying(bucket, key, &upload_id, how.retry).await {
             Ok(_) => tracing::info!(key, "aborted the unfinished multipart upload"),
             Err(f) => {
                 tracing::warn!(key, upload_id, error = %f.message, "could not abort the unfinished multipart upload; the next run aborts it");
@@ -461,6 +477,33 @@ pub fn sweep_stale(cfg: &StorageConfig, prefix: &str) -> Result<Vec<String>, Pip
 
 /// A failed request as the run's error; the kept client goes with it, so
 /// that a retry starts on new connections.
+/// Aborts a multipart upload, tried again while the failure is transient
+/// (the network cut that failed the upload is often still there), with the
+/// same backoff as every request: an upload left open waits, billed, for
+/// the next run.
+async fn abort_retrying(
+    bucket: &Bucket,
+    key: &str,
+    upload_id: &str,
+    cfg: &RetryConfig,
+) -> Result<(), Failure> {
+    let mut step = cfg.initial_backoff;
+    let mut attempt = 1;
+    loop {
+        match wire::abort(bucket, key, upload_id, "aborting").await {
+            Ok(_) => return Ok(()),
+            Err(f) if f.transient && attempt < cfg.attempts => {
+                let wait = crate::retry::jittered(step, f.retry_after);
+                tracing::warn!(key, attempt, error = %f.message, "aborting the multipart upload failed; retrying");
+                tokio::time::sleep(wait).await;
+                step = (step * 2).min(cfg.max_backoff);
+                attempt += 1;
+            }
+            Err(f) => return Err(f),
+        }
+    }
+}
+
 fn failed(key: &str, f: Failure) -> PipelineError {
     wire::forget_client();
     PipelineError::Publish {
@@ -469,4 +512,20 @@ fn failed(key: &str, f: Failure) -> PipelineError {
         transient: f.transient,
         retry_after: f.retry_after,
     }
+}
+
+/// `bucket` sending `x-amz-meta-<name>` headers with each request: the
+/// metadata a PUT stores with the object (B2 keeps it as file info).
+fn with_metadata(bucket: &Bucket, pairs: &[(&str, String)]) -> Result<Bucket, PipelineError> {
+    let mut meta = http::HeaderMap::new();
+    for (k, v) in pairs {
+        let name = format!("x-amz-meta-{k}");
+        meta.insert(
+            http::HeaderName::from_bytes(name.as_bytes()).expect("plain ASCII"),
+            v.parse().expect("plain ASCII"),
+        );
+    }
+    bucket
+        .with_extra_headers(meta)
+        .map_err(|e| PipelineError::Config(format!("S3 metadata headers: {e}")))
 }

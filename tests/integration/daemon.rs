@@ -797,7 +797,23 @@ fn metrics_are_served_and_written_after_runs_that_succeed_and_gate() {
     let pa = wait_for_audits(&w, "PA", 1, Duration::from_secs(60));
     assert_eq!(pa[0].0, "gated");
     d.wait_for_log("run did not succeed", Duration::from_secs(10));
-    let (status, body) = http_get(port, "/metrics");
+    // A run is recorded in the metrics (and the textfile) after its audit
+    // row is written: wait for both runs there, not only in the audit.
+    let wv_success = "outreach_workbench_runs_total{state=\"WV\",status=\"success\"}";
+    let pa_gated = "outreach_workbench_runs_total{state=\"PA\",status=\"gated\"}";
+    let both = |text: &str| text.contains(wv_success) && text.contains(pa_gated);
+    let (status, body) = wait_until(
+        "both runs in /metrics",
+        Duration::from_secs(10),
+        || http_get(port, "/metrics").1,
+        || Some(http_get(port, "/metrics")).filter(|(_, b)| both(b)),
+    );
+    wait_until(
+        "both runs in the textfile",
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&textfile).unwrap_or_default(),
+        || both(&std::fs::read_to_string(&textfile).unwrap_or_default()).then_some(()),
+    );
     assert!(status.contains("200"), "{status}");
     for needle in [
         "outreach_workbench_runs_total{state=\"WV\",status=\"success\"}",

@@ -48,6 +48,10 @@ fn the_manifest_names_this_runs_files_is_written_last_and_left_alone_when_unchan
     assert_eq!(first.status, RunStatus::Success, "{:?}", first.error);
     let m = manifest(&w);
     assert_eq!(m["run_id"], first.run_id.as_str());
+    // Checked like every file: its `sha256` metadata is its body's.
+    use sha2::Digest;
+    let body_sha = hex::encode(sha2::Sha256::digest(get(&w.bucket, MANIFEST)));
+    assert_eq!(head(&w.bucket, MANIFEST).unwrap()["sha256"], body_sha);
     let files = m["files"].as_array().unwrap();
     assert_eq!(files.len(), 4);
     for f in files {
@@ -285,6 +289,32 @@ fn a_multipart_upload_cut_mid_way_is_aborted_and_the_bucket_keeps_the_last_run()
     assert!(
         unfinished_uploads(&w.bucket).is_empty(),
         "aborted: {:?}",
+        unfinished_uploads(&w.bucket)
+    );
+}
+
+/// The cut that fails a part often lasts: the abort is tried again like
+/// any transient request, not sent once and left for the next run.
+#[test]
+fn the_abort_of_a_cut_multipart_upload_is_tried_again() {
+    needs_services!();
+    let (mut w, proxy) = world_behind_proxy("abortretry");
+    w.config.storage.part_size_mib = 5;
+    big_people(&w);
+    proxy.fail("PUT", "partNumber=2", 100, 0, "");
+    // The first abort loses its connection too; the second goes through.
+    proxy.fail("DELETE", "uploadId=", 1, 0, "");
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Failed);
+    let deletes = proxy
+        .requests()
+        .iter()
+        .filter(|(m, t, _)| m == "DELETE" && t.contains("uploadId="))
+        .count();
+    assert!(deletes >= 2, "{:?}", proxy.requests());
+    assert!(
+        unfinished_uploads(&w.bucket).is_empty(),
+        "left open: {:?}",
         unfinished_uploads(&w.bucket)
     );
 }
