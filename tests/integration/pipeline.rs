@@ -792,3 +792,55 @@ c.close()
     assert!(ids.contains(&"run-from-duckdb-1.2"), "{ids:?}");
     assert!(ids.contains(&r.run_id.as_str()), "{ids:?}");
 }
+
+/// A full disk is named plainly, with the file being written, not as
+/// DuckDB's raw JSON. Needs root (a 1 MiB tmpfs as the workbench).
+#[test]
+fn a_full_disk_is_reported_plainly_with_the_file() {
+    needs_services!();
+    let mut w = World::new("fulldisk");
+    let mnt = w.dir.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .output();
+    if !mounted.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root): {mounted:?}");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    w.config.workbench.dir = mnt.clone();
+    // About 3 MB of Parquet: more than the disk holds.
+    w.pg()
+        .batch_execute(
+            "INSERT INTO marketing.company_master
+                 (company_unique_id, company_name, website_url, address_state, source_system,
+                  promoted_from_intake_at)
+             SELECT 'c' || i, md5(i::text) || md5((i * 7)::text), 'w' || md5(i::text) || '.example',
+                    'WV', 'test', '2025-01-01 00:00:00+00'
+             FROM generate_series(1, 40000) i",
+        )
+        .unwrap();
+    let r = w.run_with(
+        "WV",
+        &RunOptions {
+            dry_run: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(r.status, RunStatus::Failed);
+    let e = r.error.unwrap();
+    assert!(e.contains("No space left on device"), "{e}");
+    assert!(
+        e.contains(&mnt.display().to_string()),
+        "names the file: {e}"
+    );
+    assert!(!e.contains("exception_type"), "{e}");
+}
