@@ -149,10 +149,22 @@ pub fn ensure_tables(
                      run_id TEXT NOT NULL,
                      host TEXT NOT NULL,
                      pid INTEGER NOT NULL,
+                     process TEXT,
                      acquired_at TIMESTAMPTZ NOT NULL DEFAULT now(),
                      renewed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
                      expires_at TIMESTAMPTZ NOT NULL
                  )",
+                leases.quoted()
+            ));
+        }
+        // Leases tables made before the `process` column (which tells a
+        // dead local holder from a live one) get it.
+        let lease_has_process = rows
+            .iter()
+            .any(|r| r.get::<_, String>(0) == leases.table && r.get::<_, String>(1) == "process");
+        if present.contains(&leases.table) && !lease_has_process {
+            create.push(format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS process TEXT",
                 leases.quoted()
             ));
         }

@@ -31,11 +31,17 @@ use crate::state::StateCode;
 /// Fire claims older than this are deleted as new ones are made.
 const FIRE_CLAIMS_KEPT_DAYS: i32 = 35;
 
-/// Who this process is, for the lease and claim rows.
+/// Who this process is, for the lease and claim rows. The host name comes
+/// from uname(2): the unit's ProcSubset=pid hides /proc/sys, where it was
+/// read before (the service's rows said "unknown-host").
 pub fn holder() -> (String, i32) {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown-host".into());
+    let name = rustix::system::uname();
+    let host = name.nodename().to_string_lossy().trim().to_string();
+    let host = if host.is_empty() {
+        "unknown-host".into()
+    } else {
+        host
+    };
     (host, std::process::id() as i32)
 }
 
@@ -135,38 +141,65 @@ impl Lease {
         let table = config.leases_table();
         let ttl = config.lease.ttl;
         let (host, pid) = holder();
+        let process = super::process::this_process();
         // The outer SELECT sees the row as it was before this statement:
         // the holder that refused us, or the one whose lapsed lease we took.
         let sql = format!(
             "WITH taken AS (
-                 INSERT INTO {t} AS l (state, run_id, host, pid, expires_at)
-                 VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+                 INSERT INTO {t} AS l (state, run_id, host, pid, process, expires_at)
+                 VALUES ($1, $2, $3, $4, $6, now() + make_interval(secs => $5))
                  ON CONFLICT (state) DO UPDATE SET run_id = EXCLUDED.run_id, host = EXCLUDED.host,
-                     pid = EXCLUDED.pid, acquired_at = now(), renewed_at = now(),
-                     expires_at = EXCLUDED.expires_at
+                     pid = EXCLUDED.pid, process = EXCLUDED.process, acquired_at = now(),
+                     renewed_at = now(), expires_at = EXCLUDED.expires_at
                  WHERE l.expires_at < now() OR l.run_id = EXCLUDED.run_id
                  RETURNING run_id
              )
              SELECT (SELECT count(*) FROM taken)::int8, h.run_id, h.host, h.pid, h.acquired_at,
-                    h.expires_at, h.expires_at < now()
+                    h.expires_at, h.expires_at < now(), h.process
              FROM (SELECT 1) one LEFT JOIN {t} h ON h.state = $1",
             t = table.quoted()
         );
         let what = format!("taking the lease of {state} in {table}");
         let started = Instant::now();
-        let row = session.run(&what, cancel, |c| {
-            c.query_typed_one(
-                &sql,
-                &[
-                    (&state.as_str(), Type::TEXT),
-                    (&run_id, Type::TEXT),
-                    (&host, Type::TEXT),
-                    (&pid, Type::INT4),
-                    (&ttl.as_secs_f64(), Type::FLOAT8),
-                ],
-            )
-            .map_err(sql_err(what.clone()))
-        })?;
+        let take = |session: &mut Session| {
+            session.run(&what, cancel, |c| {
+                c.query_typed_one(
+                    &sql,
+                    &[
+                        (&state.as_str(), Type::TEXT),
+                        (&run_id, Type::TEXT),
+                        (&host, Type::TEXT),
+                        (&pid, Type::INT4),
+                        (&ttl.as_secs_f64(), Type::FLOAT8),
+                        (&process, Type::TEXT),
+                    ],
+                )
+                .map_err(sql_err(what.clone()))
+            })
+        };
+        let mut row = take(session)?;
+        // A holder on this machine whose process is gone (kill -9, an OOM
+        // kill of a one-shot run) is not waited for: its lease is deleted,
+        // that holder's row and no other, and taken at once.
+        if row.get::<_, i64>(0) == 0 {
+            let (by_host, by_pid, by_run, by_process): (
+                Option<String>,
+                Option<i32>,
+                Option<String>,
+                Option<String>,
+            ) = (row.get(2), row.get(3), row.get(1), row.get(7));
+            let dead_here = by_host.as_deref() == Some(host.as_str())
+                && by_pid.is_some_and(|p| super::process::is_dead_here(by_process.as_deref(), p));
+            if let (true, Some(dead_run)) = (dead_here, by_run) {
+                release_dead(session, config, std::slice::from_ref(&dead_run), cancel)?;
+                tracing::warn!(
+                    run_id = %dead_run,
+                    pid = by_pid.unwrap_or_default(),
+                    "took over the lease of a process of this host that is gone"
+                );
+                row = take(session)?;
+            }
+        }
         let by_run: Option<String> = row.get(1);
         let holder = format!(
             "{} pid {} (run {}, since {}, lease until {})",

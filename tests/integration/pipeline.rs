@@ -844,3 +844,48 @@ fn a_full_disk_is_reported_plainly_with_the_file() {
     );
     assert!(!e.contains("exception_type"), "{e}");
 }
+
+/// A lease left by a process of this host that is gone (a one-shot run
+/// killed with -9) is taken over at once, not after its TTL; a live local
+/// holder, a holder on another machine, and a row of an older version
+/// without the process described keep theirs.
+#[test]
+fn a_lease_of_a_dead_process_of_this_host_is_taken_over_at_once() {
+    needs_services!();
+    let w = World::new("deadlocal");
+    add_company(&mut w.pg(), "c1", Some("A"), Some("a.example"), "WV");
+    let first = w.run("WV");
+    assert_eq!(first.status, RunStatus::Success, "{:?}", first.error);
+    let me = outreach_workbench::ledger::process::this_process().unwrap();
+    let (host, _) = outreach_workbench::ledger::claim::holder();
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id() as i32;
+    child.wait().unwrap();
+    let put = |run: &str, pid: i32, process: Option<&str>| {
+        w.pg()
+            .execute(
+                "INSERT INTO shq.outreach_leases (state, run_id, host, pid, process, expires_at)
+                 VALUES ('WV', $1, $2, $3, $4, now() + interval '10 minutes')
+                 ON CONFLICT (state) DO UPDATE SET run_id = EXCLUDED.run_id,
+                     host = EXCLUDED.host, pid = EXCLUDED.pid, process = EXCLUDED.process,
+                     expires_at = EXCLUDED.expires_at",
+                &[&run, &host, &pid, &process],
+            )
+            .unwrap();
+    };
+    let elsewhere = me.replacen("boot=", "boot=other", 1);
+    for (run, pid, process) in [
+        ("live-here", std::process::id() as i32, Some(me.as_str())),
+        ("on-another-machine", dead, Some(elsewhere.as_str())),
+        ("older-version", dead, None),
+    ] {
+        put(run, pid, process);
+        let r = w.run("WV");
+        assert_eq!(r.status, RunStatus::Skipped, "{run}: {:?}", r.error);
+        assert!(r.error.unwrap().contains(run));
+    }
+    put("dead-here", dead, Some(&me));
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    assert!(leases(&w).is_empty(), "{:?}", leases(&w));
+}

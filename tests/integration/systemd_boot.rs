@@ -228,6 +228,16 @@ fn the_package_under_systemd_starts_reloads_stops_restarts_and_upgrades() {
 
     // A run under the sandbox uploads and is audited.
     wait_for_success(&w, 0, &c);
+    // The service names its host in the ledger, though /proc/sys is hidden
+    // from it (ProcSubset=pid).
+    let hosts: Vec<String> = w
+        .pg()
+        .query("SELECT DISTINCT host FROM shq.outreach_fire_claims", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(hosts, ["ow-boot"]);
     assert!(head(&w.bucket, "outreach/wv/_manifest.json").is_some());
     assert!(c.show("StatusText").contains("last WV success"));
     assert!(
