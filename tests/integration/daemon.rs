@@ -336,13 +336,23 @@ fn a_run_killed_mid_way_is_audited_as_abandoned_at_the_next_start() {
     let d = Daemon::start(&w, &cfg, "d1", &[SLOW]);
     wait_for_slow_pull(&w, Duration::from_secs(30));
     d.signal("KILL");
+    let killed = d.log.clone();
     drop(d);
 
     // Restart on fast data: the killed run is audited, the next one works.
     let d = Daemon::start(&w, &cfg, "d2", &[]);
-    d.wait_for_log(
-        "run abandoned by a previous process",
+    wait_until(
+        "the killed run found abandoned",
         Duration::from_secs(30),
+        || {
+            let before = std::fs::read_to_string(&killed).unwrap_or_default();
+            format!("killed daemon:\n{before}\nrestarted:\n{}", d.output())
+        },
+        || {
+            d.output()
+                .contains("run abandoned by a previous process")
+                .then_some(())
+        },
     );
     d.wait_for_log("run succeeded", Duration::from_secs(40));
     let a = audits(&w, "WV");
