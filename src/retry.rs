@@ -27,16 +27,17 @@ pub fn retry<T>(
     what: &str,
     mut f: impl FnMut() -> Result<T, PipelineError>,
 ) -> Result<T, PipelineError> {
-    let mut delay = cfg.initial_backoff;
-    let mut attempt = 1;
+    let mut backoff = Backoff::new(cfg);
     loop {
         match f() {
-            Err(e) if e.is_transient() && attempt < cfg.attempts => {
+            Err(e) if e.is_transient() => {
                 // A server's Retry-After (B2's 503 SlowDown) is a floor:
                 // coming back sooner only earns another SlowDown.
-                let wait = jittered(delay, e.retry_after());
+                let Some(wait) = backoff.next_wait(e.retry_after()) else {
+                    return Err(e);
+                };
                 let secs = wait.as_secs_f64();
-                tracing::warn!(attempt, retry_in_secs = format!("{secs:.2}"), error = %e, "{what} failed; retrying");
+                tracing::warn!(attempt = backoff.failed(), retry_in_secs = format!("{secs:.2}"), error = %e, "{what} failed; retrying");
                 let until = Instant::now() + wait;
                 while Instant::now() < until {
                     if cancel.is_cancelled() {
@@ -44,19 +45,50 @@ pub fn retry<T>(
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                delay = (delay * 2).min(cfg.max_backoff);
-                attempt += 1;
             }
             other => return other,
         }
     }
 }
 
-/// The wait before the next try: between half and all of `step`, and at
-/// least what the server asked for.
-pub fn jittered(step: Duration, asked: Option<Duration>) -> Duration {
-    step.mul_f64(0.5 + 0.5 * unit_random())
-        .max(asked.unwrap_or_default())
+/// The waits a [`RetryConfig`] allows between tries, for [`retry`] and for
+/// async code that cannot block its thread (the bucket's abort): about
+/// `initial_backoff`, then twice that, ... up to `max_backoff`, each drawn
+/// between half and all of its step and at least what the server asked.
+pub struct Backoff<'a> {
+    cfg: &'a RetryConfig,
+    step: Duration,
+    failed: u32,
+}
+
+impl<'a> Backoff<'a> {
+    pub fn new(cfg: &'a RetryConfig) -> Backoff<'a> {
+        Backoff {
+            cfg,
+            step: cfg.initial_backoff,
+            failed: 0,
+        }
+    }
+
+    /// The tries that have failed so far.
+    pub fn failed(&self) -> u32 {
+        self.failed
+    }
+
+    /// A try failed: the wait before the next one, or `None` when the
+    /// tries are used up.
+    pub fn next_wait(&mut self, asked: Option<Duration>) -> Option<Duration> {
+        self.failed += 1;
+        if self.failed >= self.cfg.attempts {
+            return None;
+        }
+        let wait = self
+            .step
+            .mul_f64(0.5 + 0.5 * unit_random())
+            .max(asked.unwrap_or_default());
+        self.step = (self.step * 2).min(self.cfg.max_backoff);
+        Some(wait)
+    }
 }
 
 /// A number in [0, 1), different on every call and in every process.

@@ -487,17 +487,16 @@ async fn abort_retrying(
     upload_id: &str,
     cfg: &RetryConfig,
 ) -> Result<(), Failure> {
-    let mut step = cfg.initial_backoff;
-    let mut attempt = 1;
+    let mut backoff = crate::retry::Backoff::new(cfg);
     loop {
         match wire::abort(bucket, key, upload_id, "aborting").await {
             Ok(_) => return Ok(()),
-            Err(f) if f.transient && attempt < cfg.attempts => {
-                let wait = crate::retry::jittered(step, f.retry_after);
-                tracing::warn!(key, attempt, error = %f.message, "aborting the multipart upload failed; retrying");
+            Err(f) if f.transient => {
+                let Some(wait) = backoff.next_wait(f.retry_after) else {
+                    return Err(f);
+                };
+                tracing::warn!(key, attempt = backoff.failed(), error = %f.message, "aborting the multipart upload failed; retrying");
                 tokio::time::sleep(wait).await;
-                step = (step * 2).min(cfg.max_backoff);
-                attempt += 1;
             }
             Err(f) => return Err(f),
         }

@@ -5,13 +5,19 @@
 //! reused). A leaf: reads `/proc` and nothing of the crate.
 
 use std::fs;
+use std::sync::OnceLock;
 
 /// This process, as written into the lease row's `process` column:
 /// `boot=<id> pidns=<inode> start=<ticks>`; `None` off Linux.
 pub fn this_process() -> Option<String> {
-    let (boot, pidns) = machine()?;
-    let start = start_ticks("self")?;
-    Some(format!("boot={boot} pidns={pidns} start={start}"))
+    // None of it changes while the process lives: read once.
+    static ME: OnceLock<Option<String>> = OnceLock::new();
+    ME.get_or_init(|| {
+        let (boot, pidns) = machine().as_ref()?;
+        let start = start_ticks("self")?;
+        Some(format!("boot={boot} pidns={pidns} start={start}"))
+    })
+    .clone()
 }
 
 /// Whether the holder `pid`, described by `process` (what
@@ -27,9 +33,12 @@ pub fn is_dead_here(process: Option<&str>, pid: i32) -> bool {
             .split_whitespace()
             .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
     };
-    let (Some((boot, pidns)), Some(their_boot), Some(their_ns), Some(their_start)) =
-        (machine(), field("boot"), field("pidns"), field("start"))
-    else {
+    let (Some((boot, pidns)), Some(their_boot), Some(their_ns), Some(their_start)) = (
+        machine().as_ref(),
+        field("boot"),
+        field("pidns"),
+        field("start"),
+    ) else {
         return false;
     };
     if boot != their_boot || pidns != their_ns || pid <= 0 {
@@ -46,11 +55,14 @@ pub fn is_dead_here(process: Option<&str>, pid: i32) -> bool {
     }
 }
 
-/// The boot id and the pid namespace of this process.
-fn machine() -> Option<(String, String)> {
-    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let ns = fs::read_link("/proc/self/ns/pid").ok()?;
-    Some((boot.trim().to_string(), ns.to_string_lossy().into_owned()))
+/// The boot id and the pid namespace of this process, read once.
+fn machine() -> &'static Option<(String, String)> {
+    static MACHINE: OnceLock<Option<(String, String)>> = OnceLock::new();
+    MACHINE.get_or_init(|| {
+        let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let ns = fs::read_link("/proc/self/ns/pid").ok()?;
+        Some((boot.trim().to_string(), ns.to_string_lossy().into_owned()))
+    })
 }
 
 /// Field 22 of `/proc/<pid>/stat`: when the process started, in clock
