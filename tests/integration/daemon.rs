@@ -170,25 +170,34 @@ fn assert_fires_distinct(w: &World) {
 
 /// Waits until a run pulls through the slow view (its query is active in
 /// PostgreSQL): it is past its lease and recorded as running. Only the
-/// pull's own SELECT counts: matching any query that names the view, this
-/// returned before the daemon's first fire about one time in three (seen
-/// once the wait polled every 20 ms), and the test then stopped an idle
-/// daemon.
-fn wait_for_slow_pull(w: &World, limit: Duration) {
+/// pull's own SELECT counts, after the daemon logged the run's start: the
+/// source check the daemon makes before arming its schedules also names
+/// the view, in a SELECT on pg_attribute that ends in ORDER BY, and
+/// matching it made the test stop an idle daemon (once in a CI run).
+fn wait_for_slow_pull(w: &World, d: &Daemon, limit: Duration) {
     let mut pg = w.pg();
-    wait_until("a pull through the slow view", limit, String::new, || {
-        let pulling: i64 = pg
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
+    wait_until(
+        "a pull through the slow view",
+        limit,
+        || d.output(),
+        || {
+            if !d.output().contains("run started") {
+                return None;
+            }
+            let pulling: i64 = pg
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND state = 'active'
                    AND query LIKE 'SELECT %slow_companies% ORDER BY %'
+                   AND query NOT LIKE '%pg_attribute%'
                    AND pid <> pg_backend_pid()",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        (pulling > 0).then_some(())
-    })
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            (pulling > 0).then_some(())
+        },
+    )
 }
 
 fn wait_for_audits(
@@ -268,7 +277,7 @@ fn sigterm_during_a_run_cancels_after_the_grace_period_and_publishes_nothing() {
         "\n[daemon]\nshutdown_grace_secs = 2\n\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/2 * * * * *\"\n",
     );
     let d = Daemon::start(&w, &cfg, "d", &[SLOW, ("OUTREACH_SOURCE__BATCH_ROWS", "1")]);
-    wait_for_slow_pull(&w, Duration::from_secs(30));
+    wait_for_slow_pull(&w, &d, Duration::from_secs(30));
     let log = d.log.clone();
     let (code, secs) = d.stop();
     let output = std::fs::read_to_string(&log).unwrap_or_default();
@@ -334,7 +343,7 @@ fn a_run_killed_mid_way_is_audited_as_abandoned_at_the_next_start() {
         "\n[[schedule]]\nstates = [\"WV\"]\ncron = \"*/2 * * * * *\"\n",
     );
     let d = Daemon::start(&w, &cfg, "d1", &[SLOW]);
-    wait_for_slow_pull(&w, Duration::from_secs(30));
+    wait_for_slow_pull(&w, &d, Duration::from_secs(30));
     d.signal("KILL");
     let killed = d.log.clone();
     drop(d);
