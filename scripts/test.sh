@@ -28,7 +28,7 @@ ow_log "cargo test"
 cargo test --release --locked --workspace --no-fail-fast "${OW_FEATURES[@]}" -- "$@"
 if [ -n "${OW_PGB_PORT:-}" ]; then
     filters=("$@")
-    [ ${#filters[@]} -gt 0 ] || filters=(pipeline:: gates:: cli:: types:: serve:: sigterm_during_a_run a_run_over_its_timeout)
+    [ ${#filters[@]} -gt 0 ] || filters=(pipeline:: gates:: cli:: types:: serve:: all_states:: sigterm_during_a_run a_run_over_its_timeout)
     ow_log "cargo test, the one-shot tests again through PgBouncer (transaction pooling)"
     OW_TEST_POOLED=1 cargo test --release --locked --no-fail-fast "${OW_FEATURES[@]}" -- "${filters[@]}"
 else

@@ -39,11 +39,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the pipeline once for one state, now.
+    /// Run the pipeline once for one state, or every state, now.
     Run {
         /// Two-letter state code, e.g. WV.
-        #[arg(long)]
-        state: StateCode,
+        #[arg(long, required_unless_present = "all_states")]
+        state: Option<StateCode>,
+        /// Every state in the source (and every state published before),
+        /// from one read of each table.
+        #[arg(long, conflicts_with = "state")]
+        all_states: bool,
         /// Validate and export, but neither upload nor write the audit.
         #[arg(long)]
         dry_run: bool,
@@ -144,10 +148,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run {
             state,
+            all_states,
             dry_run,
             link_rule,
             force,
-        } => run(&config, &state, dry_run, link_rule, force),
+        } => match (state, all_states) {
+            (Some(state), _) => run(&config, &state, dry_run, link_rule, force),
+            (None, _) => run_all_states(&config, dry_run, link_rule, force),
+        },
         Command::History { state, limit, json } => history(&config, state.as_ref(), limit, json),
         Command::Daemon => daemon(path, config),
         Command::Reload { pid } => reload(&path, pid),
@@ -177,6 +185,25 @@ fn run(
         ExitCode::from(EXIT_GATED)
     } else {
         ExitCode::from(EXIT_FAILED)
+    }
+}
+
+/// `run --all-states`: every state from one read of the source; the batch
+/// on stdout. Exits as `run` does for the worst state: failed, else gated.
+fn run_all_states(config: &Config, dry_run: bool, link_rule: bool, force: bool) -> ExitCode {
+    let mut opts = RunOptions::for_all_states(config);
+    opts.dry_run = dry_run;
+    opts.link_rule |= link_rule;
+    opts.force = force;
+    let report =
+        pipeline::all_states::run_all_states(config, &CancellationToken::new(), &opts, &mut |_| {});
+    print!("{}", report.summary());
+    if report.succeeded() {
+        ExitCode::SUCCESS
+    } else if report.failed() {
+        ExitCode::from(EXIT_FAILED)
+    } else {
+        ExitCode::from(EXIT_GATED)
     }
 }
 
@@ -259,7 +286,10 @@ fn reload(path: &std::path::Path, pid: Option<i32>) -> ExitCode {
 fn schedule(path: &std::path::Path, config: &Config) -> ExitCode {
     let now = chrono::Utc::now();
     for s in &config.schedules {
-        let states: Vec<&str> = s.states.iter().map(|s| s.as_str()).collect();
+        let states: Vec<&str> = match s.all_states {
+            true => vec!["all states"],
+            false => s.states.iter().map(|s| s.as_str()).collect(),
+        };
         println!(
             "schedule[{}] {} `{}` ({})",
             s.index,

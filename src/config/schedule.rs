@@ -12,7 +12,7 @@ use crate::state::StateCode;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ScheduleConfig {
-    states: Vec<String>,
+    states: States,
     /// 5 fields, or 6 with seconds first.
     cron: Option<String>,
     /// `hourly`, `daily` or `weekly`, instead of `cron`.
@@ -27,12 +27,30 @@ pub(super) struct ScheduleConfig {
     gates: GatesConfig,
 }
 
+/// `states = ["WV", "PA"]`, or `states = "all"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum States {
+    List(Vec<String>),
+    Word(String),
+}
+
+impl Default for States {
+    fn default() -> Self {
+        States::List(Vec::new())
+    }
+}
+
 /// One `[[schedule]]` entry, parsed, with its gates merged over `[gates]`.
 #[derive(Debug, Clone)]
 pub struct Schedule {
     /// Its place in the file, as error messages and logs name it.
     pub index: usize,
+    /// The states listed; none with `states = "all"`.
     pub states: Vec<StateCode>,
+    /// `states = "all"`: each fire is one all-states run (see
+    /// `pipeline::all_states`).
+    pub all_states: bool,
     pub timing: Timing,
     /// Turn on the `company_not_valid` rule for people.
     pub link_rule: bool,
@@ -51,14 +69,24 @@ impl ScheduleConfig {
         index: usize,
         defaults: GatesConfig,
     ) -> Result<Schedule, (String, String)> {
-        if self.states.is_empty() {
-            return Err(("states".into(), "lists no state".into()));
-        }
-        let states = self
-            .states
-            .iter()
-            .map(|s| StateCode::parse(s).map_err(|e| ("states".into(), e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (states, all_states) = match &self.states {
+            States::Word(w) if w == "all" => (Vec::new(), true),
+            States::Word(w) => {
+                return Err((
+                    "states".into(),
+                    format!("{w:?}: a list of state codes, or \"all\""),
+                ))
+            }
+            States::List(l) if l.is_empty() => {
+                return Err(("states".into(), "lists no state".into()))
+            }
+            States::List(l) => (
+                l.iter()
+                    .map(|s| StateCode::parse(s).map_err(|e| ("states".into(), e.to_string())))
+                    .collect::<Result<Vec<_>, _>>()?,
+                false,
+            ),
+        };
         let timing = Timing::parse(
             self.cron.as_deref(),
             self.cadence.as_deref(),
@@ -71,6 +99,7 @@ impl ScheduleConfig {
         Ok(Schedule {
             index,
             states,
+            all_states,
             timing,
             link_rule: self.link_rule,
             catch_up: self.catch_up,

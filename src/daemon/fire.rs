@@ -61,6 +61,9 @@ async fn fire_forever(
         }
         let mut fired = opts.clone();
         fired.fire_time = Some(next);
+        if schedule.all_states {
+            trigger_all_states(&fired, &config, &shared);
+        }
         for state in &schedule.states {
             trigger(state.clone(), &fired, &config, &shared);
         }
@@ -114,44 +117,103 @@ pub(super) fn trigger(
         }
         drop(permit);
         match joined {
-            Ok(report) => {
-                log_report(&report);
-                shared.metrics.record(&report);
-                if report.status != RunStatus::Skipped {
-                    let previous = shared
-                        .last_ok
-                        .lock()
-                        .unwrap()
-                        .insert(state.clone(), report.succeeded());
-                    if let Some(event) = crate::notify::event(&report, previous) {
-                        let mut details = report.to_json();
-                        details["audit_id"] = serde_json::json!(report.audit_id);
-                        crate::notify::send(&config_for_notify.notify, event, details);
-                    }
-                }
-                shared.write_metrics(&config_for_notify);
-                if report.status != RunStatus::Skipped {
-                    let result = format!(
-                        "{} {} ({} uploaded)",
-                        if report.succeeded() {
-                            "success"
-                        } else {
-                            report.status.as_str()
-                        },
-                        report
-                            .finished_at
-                            .unwrap_or_else(Utc::now)
-                            .format("%H:%M UTC"),
-                        report.uploaded
-                    );
-                    shared.update_board(|b| b.last_result(state.as_str(), result));
-                }
-                shared.tell(Event::RunFinished(Box::new(report)));
-            }
+            Ok(report) => finished(&report, &state, &config_for_notify, &shared),
             Err(e) => tracing::error!(state = %state, error = %e, "run panicked"),
         }
         shared.running.lock().unwrap().remove(&state);
     });
+}
+
+/// Starts an all-states run (see [`pipeline::all_states`]) unless one is
+/// already running or queued. It takes one permit for all its states, which
+/// run one after the other; the run timeout applies to it whole. Each
+/// state's report goes to the log, metrics, webhooks and status line as it
+/// finishes.
+pub(super) fn trigger_all_states(opts: &RunOptions, config: &Arc<Config>, shared: &Arc<Shared>) {
+    use std::sync::atomic::Ordering;
+    if shared.stopping.is_cancelled() {
+        return;
+    }
+    if shared.all_states_running.swap(true, Ordering::SeqCst) {
+        tracing::warn!("skipped: the previous all-states run is still going");
+        return;
+    }
+    let (opts, config, shared) = (opts.clone(), config.clone(), shared.clone());
+    let tracker = shared.runs.clone();
+    tracker.spawn(async move {
+        let permit = shared.permits.clone().acquire_owned().await;
+        if shared.stopping.is_cancelled() {
+            shared.all_states_running.store(false, Ordering::SeqCst);
+            return;
+        }
+        let cancel = shared.cancel_runs.child_token();
+        let timeout = config.daemon.run_timeout;
+        let timer = (!timeout.is_zero()).then(|| {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                let timeout_secs = timeout.as_secs();
+                tracing::error!(timeout_secs, "all-states run timed out; cancelling it");
+                cancel.cancel();
+            })
+        });
+        let (c, s) = (config.clone(), shared.clone());
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut each = |r: &pipeline::RunReport| match StateCode::parse(&r.state) {
+                Ok(state) => finished(r, &state, &c, &s),
+                Err(_) => log_report(r),
+            };
+            let batch = pipeline::all_states::run_all_states(&c, &cancel, &opts, &mut each);
+            release_run_memory();
+            batch
+        })
+        .await;
+        if let Some(t) = timer {
+            t.abort();
+        }
+        drop(permit);
+        if let Err(e) = joined {
+            tracing::error!(error = %e, "all-states run panicked");
+        }
+        shared.all_states_running.store(false, Ordering::SeqCst);
+    });
+}
+
+/// A run's report to the log, the metrics, the webhooks, systemd's status
+/// line and the onlooker.
+fn finished(report: &pipeline::RunReport, state: &StateCode, config: &Config, shared: &Shared) {
+    log_report(report);
+    shared.metrics.record(report);
+    if report.status != RunStatus::Skipped {
+        let previous = shared
+            .last_ok
+            .lock()
+            .unwrap()
+            .insert(state.clone(), report.succeeded());
+        if let Some(event) = crate::notify::event(report, previous) {
+            let mut details = report.to_json();
+            details["audit_id"] = serde_json::json!(report.audit_id);
+            crate::notify::send(&config.notify, event, details);
+        }
+    }
+    shared.write_metrics(config);
+    if report.status != RunStatus::Skipped {
+        let result = format!(
+            "{} {} ({} uploaded)",
+            if report.succeeded() {
+                "success"
+            } else {
+                report.status.as_str()
+            },
+            report
+                .finished_at
+                .unwrap_or_else(Utc::now)
+                .format("%H:%M UTC"),
+            report.uploaded
+        );
+        shared.update_board(|b| b.last_result(state.as_str(), result));
+    }
+    shared.tell(Event::RunFinished(Box::new(report.clone())));
 }
 
 fn log_report(r: &pipeline::RunReport) {

@@ -99,6 +99,8 @@ struct Shared {
     events: Option<mpsc::UnboundedSender<Event>>,
     /// States with a run in progress or waiting for a permit.
     running: Mutex<HashSet<StateCode>>,
+    /// An all-states run is in progress or waiting for a permit.
+    all_states_running: std::sync::atomic::AtomicBool,
     /// Bounds concurrent runs of different states.
     permits: Arc<Semaphore>,
     /// Set on stop: no new run starts.
@@ -235,6 +237,7 @@ pub async fn serve(
         clock,
         events,
         running: Mutex::new(HashSet::new()),
+        all_states_running: Default::default(),
         permits: Arc::new(Semaphore::new(config.daemon.max_concurrent_runs.max(1))),
         stopping: CancellationToken::new(),
         cancel_runs: CancellationToken::new(),

@@ -28,10 +28,12 @@
 //! Then [`run`] here writes the audit record ([`crate::ledger::audit`]),
 //! whatever came of them.
 
+pub mod all_states;
 pub mod report;
 mod stages;
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -43,6 +45,7 @@ pub use crate::error::PipelineError;
 use crate::ledger::{audit, claim};
 use crate::quality::gates;
 use crate::source::connect::Session;
+use crate::source::snapshot::Snapshot;
 use crate::state::StateCode;
 use crate::workbench::{FinishedRun, Workbench};
 pub use report::{EntityCounts, RunReport, RunStatus};
@@ -61,6 +64,17 @@ pub struct RunOptions {
     /// The schedule's fire time this run is for: claimed in PostgreSQL so
     /// that one fire runs once across every host.
     pub fire_time: Option<DateTime<Utc>>,
+    /// The all-states run this run is part of: its rows come from the
+    /// batch's snapshot, not from a query of its own.
+    pub batch: Option<Batch>,
+}
+
+/// An all-states run, as each of its states' runs knows it.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Shared by the audit records of all its runs.
+    pub id: String,
+    pub snapshot: Arc<Snapshot>,
 }
 
 impl RunOptions {
@@ -72,6 +86,19 @@ impl RunOptions {
             gates: schedule.gates,
             force: false,
             fire_time: None,
+            batch: None,
+        }
+    }
+
+    /// What a one-off `run --all-states` uses: the settings of the first
+    /// `[[schedule]]` with `states = "all"`, else `[gates]` alone.
+    pub fn for_all_states(config: &Config) -> RunOptions {
+        match config.schedules.iter().find(|s| s.all_states) {
+            Some(s) => Self::for_schedule(s),
+            None => RunOptions {
+                gates: config.gates,
+                ..Default::default()
+            },
         }
     }
 
@@ -111,6 +138,7 @@ pub fn run(
     let mut report = RunReport::new(state, opts.dry_run);
     report.forced = opts.force;
     report.fire_time = opts.fire_time;
+    report.batch_id = opts.batch.as_ref().map(|b| b.id.clone());
     let span = tracing::info_span!("run", state = %state, run_id = %report.run_id);
     let _guard = span.enter();
     tracing::info!(dry_run = opts.dry_run, "run started");

@@ -72,6 +72,9 @@ pub struct RunReport {
     pub state: String,
     pub status: RunStatus,
     pub dry_run: bool,
+    /// The all-states run this run was part of: its runs share the id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
     /// The schedule's fire time this run was for; none for a one-off run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fire_time: Option<DateTime<Utc>>,
@@ -118,6 +121,7 @@ impl RunReport {
             state: state.to_string(),
             status: RunStatus::Running,
             dry_run,
+            batch_id: None,
             fire_time: None,
             started_at: Utc::now(),
             lease_acquired_at: None,

@@ -182,9 +182,9 @@ fn pull_to_files(
         Entity::ALL.map(|e| (e, config.rules.of(e))).to_vec(),
     );
     let t = Instant::now();
-    let client = session.client(cancel)?;
     let db = wb.database();
-    let pulled = source::pull(client, config, state, &db, None, cancel, streamed.taps())?;
+    let read = read_from(run, session)?;
+    let pulled = source::pull(read, config, &db, None, cancel, streamed.taps())?;
     note_pull(report, &pulled, t);
     check_cancel(cancel)?;
 
@@ -264,13 +264,13 @@ fn load(
     let txn = begin_with_schema(wb, &schema)?;
     let t = Instant::now();
     let syncing = wb.background_sync();
-    let client = session.client(cancel)?;
     let into = source::LoadInto {
         duck: &txn,
         schema: &schema,
     };
     let db = wb.database();
-    let pulled = source::pull(client, config, state, &db, Some(into), cancel, Vec::new());
+    let pulled = read_from(run, session)
+        .and_then(|read| source::pull(read, config, &db, Some(into), cancel, Vec::new()));
     drop(syncing);
     let pulled = pulled?;
     note_pull(report, &pulled, t);
@@ -282,6 +282,18 @@ fn load(
     report.companies = Some(EntityCounts::new(pulled.companies, companies));
     report.people = Some(EntityCounts::new(pulled.people, people));
     txn.commit().map_err(|e| workbench_err("COMMIT", e))
+}
+
+/// Where the run's rows come from: PostgreSQL, or the snapshot of the
+/// all-states run it is part of.
+fn read_from<'s>(
+    run: &RunCtx<'s>,
+    session: &'s mut Session,
+) -> Result<source::Read<'s>, PipelineError> {
+    Ok(match &run.opts.batch {
+        Some(batch) => source::Read::Stored(&*batch.snapshot, run.state),
+        None => source::Read::State(session.client(run.cancel)?, run.state),
+    })
 }
 
 /// The pull's figures, in the report and the log.

@@ -1,7 +1,8 @@
 //! The source: PostgreSQL. Owns connecting (TLS as libpq spells it, a
 //! session that reconnects, describing a table), the mapping of
-//! PostgreSQL's types to Arrow and DuckDB, and the pull that streams a
-//! state's rows out of it.
+//! PostgreSQL's types to Arrow and DuckDB, the pull that streams a
+//! state's rows out of it, and the all-states snapshot that reads every
+//! state's rows once and hands them on state by state.
 //!
 //! May call: the config, the workbench (the pull feeds it), [`crate::error`]
 //! and [`crate::retry`]. Nothing above.
@@ -9,3 +10,5 @@
 pub mod connect;
 pub mod pgtypes;
 pub mod pull;
+pub mod rechunk;
+pub mod snapshot;

@@ -26,6 +26,7 @@ use crate::config::{quote_ident, Config, QualifiedName, SourceConfig};
 use crate::error::PipelineError;
 use crate::names::Entity;
 use crate::source::pgtypes::{column_defs, ColType, ColumnBuilder, DecodeError};
+use crate::source::rechunk::Rechunker;
 use crate::state::StateCode;
 use crate::workbench::{
     chunk_rows, Chunk, ChunkConverter, Database, DuckError, NextChunk, RawConnection, Template,
@@ -146,6 +147,32 @@ impl TableFeed {
 /// sets the pace and memory stays bounded.
 pub type Tap<'a> = Box<dyn FnMut(TableFeed) -> Result<(), PipelineError> + Send + 'a>;
 
+/// Where a pull's rows come from.
+pub enum Read<'a> {
+    /// One state's rows, queried from PostgreSQL (a run of its own).
+    State(&'a mut Client, &'a StateCode),
+    /// Every row of both tables, one query each: an all-states run's one
+    /// read of the source (see [`Snapshot`]).
+    Country(&'a mut Client),
+    /// One state's rows already read from PostgreSQL: an all-states run's
+    /// snapshot.
+    Stored(&'a dyn StoredRows, &'a StateCode),
+}
+
+/// Rows read from PostgreSQL before the pull, kept elsewhere (see
+/// `source::snapshot`).
+pub trait StoredRows: Sync {
+    /// Hands `state`'s companies, then its people, to `outs` as a pull from
+    /// PostgreSQL would: the same columns, in key order, in full chunks.
+    fn read_state(
+        &self,
+        state: &StateCode,
+        config: &Config,
+        cancel: &CancellationToken,
+        outs: Vec<SyncSender<TableFeed>>,
+    ) -> Result<PullStats, PipelineError>;
+}
+
 /// Pulls both entities, handing the same rows to each of `taps` (the
 /// export's file writers) and, with `into`, inserting them into
 /// `<schema>.companies_raw` and `<schema>.people_raw` as well (the link
@@ -170,9 +197,8 @@ pub type Tap<'a> = Box<dyn FnMut(TableFeed) -> Result<(), PipelineError> + Send 
 /// buffers output, so a slow query can go a long time without a batch
 /// boundary.
 pub fn pull(
-    client: &mut Client,
+    read: Read<'_>,
     config: &Config,
-    state: &StateCode,
     db: &Arc<Database>,
     into: Option<LoadInto<'_>>,
     cancel: &CancellationToken,
@@ -218,7 +244,15 @@ pub fn pull(
             .collect();
         let reader = scope.spawn(move || {
             let _entered = span.enter();
-            read_source(client, config, state, cancel, db, outs, backend)
+            match read {
+                Read::State(client, state) => {
+                    read_source(client, config, Some(state), cancel, db, outs, backend)
+                }
+                Read::Country(client) => {
+                    read_source(client, config, None, cancel, db, outs, backend)
+                }
+                Read::Stored(rows, state) => rows.read_state(state, config, cancel, outs),
+            }
         });
         let loaded = match loading {
             Some((into, rx)) => load(into.duck, into.schema, config.workbench.compress_tables, rx),
@@ -271,7 +305,7 @@ fn load(
 fn read_source(
     client: &mut Client,
     config: &Config,
-    state: &StateCode,
+    state: Option<&StateCode>,
     cancel: &CancellationToken,
     db: &Arc<Database>,
     outs: Vec<SyncSender<TableFeed>>,
@@ -297,12 +331,20 @@ fn read_source(
     }
 
     let mut stats = PullStats::default();
-    let companies_from = format!("FROM {companies} c WHERE c.{state_col} = $1");
-    let people_from = format!(
-        "FROM {people} p WHERE p.{link} IN (SELECT c.{key} {companies_from})",
-        link = quote_ident(&s.people_company_column),
-        key = quote_ident(&s.company_key),
-    );
+    // A state's rows in key order, or every row as it lies: the
+    // snapshot orders each state's when it hands them on.
+    let (companies_from, people_from) = match state {
+        Some(_) => {
+            let companies_from = format!("FROM {companies} c WHERE c.{state_col} = $1");
+            let people_from = format!(
+                "FROM {people} p WHERE p.{link} IN (SELECT c.{key} {companies_from})",
+                link = quote_ident(&s.people_company_column),
+                key = quote_ident(&s.company_key),
+            );
+            (companies_from, people_from)
+        }
+        None => (format!("FROM {companies} c"), format!("FROM {people} p")),
+    };
     for (entity, source_table, from, alias) in [
         (Entity::Companies, companies_table, &companies_from, "c"),
         (Entity::People, people_table, &people_from, "p"),
@@ -337,14 +379,15 @@ fn read_source(
 }
 
 /// One entity's query: `SELECT <alias's columns> <from> ORDER BY <key>`
-/// with the state as `$1`, read in batches of `batch_rows`.
+/// with the state as `$1`, read in batches of `batch_rows`; without a
+/// state, `SELECT <alias's columns> <from>` as the rows lie.
 struct EntityQuery<'a> {
     entity: Entity,
     source_table: &'a QualifiedName,
     from: &'a str,
     alias: &'a str,
     key: &'a str,
-    state: &'a StateCode,
+    state: Option<&'a StateCode>,
     batch_rows: usize,
 }
 
@@ -378,7 +421,6 @@ fn stream_query(
     let table = entity.raw_table();
     let src_err =
         |what: String| move |e: postgres::Error| PipelineError::Source { what, source: e };
-    let loader_gone = || PipelineError::Workbench("the workbench stopped taking rows".into());
     let described = crate::source::connect::describe(tx, source_table)?;
 
     let mut types = Vec::new();
@@ -414,11 +456,14 @@ fn stream_query(
             "{table}: the key column {key:?} is not in the query"
         )));
     };
-    let sql = format!(
-        "SELECT {} {from} ORDER BY {}",
-        select.join(", "),
-        order_by(alias, key, key_type)
-    );
+    let sql = match state {
+        Some(_) => format!(
+            "SELECT {} {from} ORDER BY {}",
+            select.join(", "),
+            order_by(alias, key, key_type)
+        ),
+        None => format!("SELECT {} {from}", select.join(", ")),
+    };
 
     let arrow_schema = Arc::new(Schema::new(
         types
@@ -430,32 +475,14 @@ fn stream_query(
         .iter()
         .map(|(_, t)| ColumnBuilder::new(t, batch_rows))
         .collect();
-    let wb = |what: &'static str| {
-        move |e: DuckError| PipelineError::Workbench(format!("{what} for {table}: {e}"))
-    };
-    let converter = ChunkConverter::new(db, arrow_schema.clone()).map_err(wb("converting rows"))?;
-    // Two batches' worth of chunks wait at most for each consumer: memory
-    // stays bounded. These ends are dropped when the function returns,
-    // which ends the table.
-    let mut consumers = Vec::with_capacity(outs.len());
-    for out in outs {
-        let (to_consumer, chunks) =
-            std::sync::mpsc::sync_channel(2 * batch_rows.div_ceil(chunk_rows()));
-        out.send(TableFeed {
-            entity,
-            columns: types.clone(),
-            template: converter.template().map_err(wb("converting rows"))?,
-            chunks,
-        })
-        .map_err(|_| loader_gone())?;
-        consumers.push(to_consumer);
-    }
+    let mut sender =
+        TableSender::announce(db, arrow_schema.clone(), entity, &types, outs, batch_rows)?;
     let decode_err = |column: usize, e: DecodeError| PipelineError::Decode {
         table: table.to_string(),
         column: types[column].0.clone(),
         message: e.to_string(),
     };
-    let flush = |builders: &mut Vec<ColumnBuilder>| -> Result<(), PipelineError> {
+    let mut flush = |builders: &mut Vec<ColumnBuilder>| -> Result<(), PipelineError> {
         if builders.first().is_none_or(|b| b.is_empty()) {
             return Ok(());
         }
@@ -466,19 +493,13 @@ fn stream_query(
             .collect::<Result<_, _>>()?;
         let batch = RecordBatch::try_new(arrow_schema.clone(), arrays)
             .map_err(|e| PipelineError::Workbench(format!("building a batch for {table}: {e}")))?;
-        for chunk in converter.convert(&batch).map_err(wb("converting rows"))? {
-            let chunk = Arc::new(chunk);
-            for c in &consumers {
-                c.send(chunk.clone()).map_err(|_| loader_gone())?;
-            }
-        }
-        Ok(())
+        sender.send(batch)
     };
 
     // The unnamed statement: nothing is left prepared on the (pooled)
     // server connection, and it costs one round trip less.
     let mut rows = tx
-        .query_typed_raw(&sql, [(state.as_str(), Type::TEXT)])
+        .query_typed_raw(&sql, state.map(|s| (s.as_str(), Type::TEXT)))
         .map_err(src_err(format!("querying {table}")))?;
     let mut n: u64 = 0;
     // Per row and per value: the error (and its message) is built only on
@@ -507,7 +528,96 @@ fn stream_query(
         }
     }
     flush(&mut builders)?;
+    sender.finish()?;
     Ok(n)
+}
+
+/// One table on its way to the pull's consumers: announced to each with
+/// its columns, then its rows as DuckDB chunks, full but the last (see
+/// [`Rechunker`]). Dropping it ends the table for them.
+pub(crate) struct TableSender {
+    table: &'static str,
+    converter: ChunkConverter,
+    rechunker: Rechunker,
+    consumers: Vec<SyncSender<Arc<Chunk>>>,
+}
+
+impl TableSender {
+    /// Announces `entity`'s table, whose batches will have `schema` (the
+    /// chunks' types follow it) and whose columns are `columns` in the
+    /// workbench's types, to each of `outs`.
+    pub(crate) fn announce(
+        db: &Arc<Database>,
+        schema: Arc<Schema>,
+        entity: Entity,
+        columns: &[(String, ColType)],
+        outs: &[SyncSender<TableFeed>],
+        batch_rows: usize,
+    ) -> Result<TableSender, PipelineError> {
+        let table = entity.raw_table();
+        let converter = ChunkConverter::new(db, schema).map_err(convert_err(table))?;
+        // Two batches' worth of chunks wait at most for each consumer:
+        // memory stays bounded.
+        let mut consumers = Vec::with_capacity(outs.len());
+        for out in outs {
+            let (to_consumer, chunks) =
+                std::sync::mpsc::sync_channel(2 * batch_rows.div_ceil(chunk_rows()));
+            out.send(TableFeed {
+                entity,
+                columns: columns.to_vec(),
+                template: converter.template().map_err(convert_err(table))?,
+                chunks,
+            })
+            .map_err(|_| loader_gone())?;
+            consumers.push(to_consumer);
+        }
+        Ok(TableSender {
+            table,
+            converter,
+            rechunker: Rechunker::new(chunk_rows()),
+            consumers,
+        })
+    }
+
+    /// Hands `batch`'s rows on, but those that do not fill a chunk yet.
+    pub(crate) fn send(&mut self, batch: RecordBatch) -> Result<(), PipelineError> {
+        let wholes = self.rechunker.push(batch).map_err(|e| self.batch_err(e))?;
+        wholes.iter().try_for_each(|b| self.send_whole(b))
+    }
+
+    /// Hands on the last rows: the table is whole.
+    pub(crate) fn finish(mut self) -> Result<(), PipelineError> {
+        match self.rechunker.finish().map_err(|e| self.batch_err(e))? {
+            Some(last) => self.send_whole(&last),
+            None => Ok(()),
+        }
+    }
+
+    fn send_whole(&self, batch: &RecordBatch) -> Result<(), PipelineError> {
+        let chunks = self
+            .converter
+            .convert(batch)
+            .map_err(convert_err(self.table))?;
+        for chunk in chunks {
+            let chunk = Arc::new(chunk);
+            for c in &self.consumers {
+                c.send(chunk.clone()).map_err(|_| loader_gone())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn batch_err(&self, e: duckdb::arrow::error::ArrowError) -> PipelineError {
+        PipelineError::Workbench(format!("building a batch for {}: {e}", self.table))
+    }
+}
+
+fn convert_err(table: &'static str) -> impl Fn(DuckError) -> PipelineError {
+    move |e| PipelineError::Workbench(format!("converting rows for {table}: {e}"))
+}
+
+fn loader_gone() -> PipelineError {
+    PipelineError::Workbench("the workbench stopped taking rows".into())
 }
 
 /// A column carried as text for want of an exact type: said once in the

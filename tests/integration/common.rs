@@ -323,6 +323,20 @@ pub fn head(bucket: &str, key: &str) -> Option<std::collections::HashMap<String,
     }
 }
 
+/// Every object key in the bucket, in order.
+pub fn list_keys(bucket: &str) -> Vec<String> {
+    let s = services();
+    let b = s3_bucket(&s, bucket);
+    let mut keys: Vec<String> = rt()
+        .block_on(b.list(String::new(), None))
+        .unwrap()
+        .into_iter()
+        .flat_map(|page| page.contents.into_iter().map(|o| o.key))
+        .collect();
+    keys.sort();
+    keys
+}
+
 pub fn get(bucket: &str, key: &str) -> Vec<u8> {
     let s = services();
     let b = s3_bucket(&s, bucket);

@@ -333,6 +333,51 @@ fn two_daemons_on_one_database_never_run_a_state_at_once() {
     d2.stop();
 }
 
+/// Two daemons with `states = "all"` on one database: each state runs
+/// once per fire time across both, every run in an all-states batch.
+#[test]
+fn two_daemons_with_all_states_run_each_state_once_per_fire() {
+    needs_services!();
+    let w = World::new("dall2");
+    let mut pg = w.pg();
+    for (c, state) in [("w1", "WV"), ("w2", "WV"), ("p1", "PA")] {
+        add_company(&mut pg, c, Some("A"), Some("a.example"), state);
+    }
+    let cfg = config_with(
+        &w,
+        "\n[[schedule]]\nstates = \"all\"\ncron = \"*/2 * * * * *\"\n",
+    );
+    let dir2 = w.dir.path().join("host2").to_string_lossy().to_string();
+    let d1 = Daemon::start(&w, &cfg, "d1", &[]);
+    let d2 = Daemon::start(&w, &cfg, "d2", &[("OUTREACH_WORKBENCH__DIR", &dir2)]);
+    wait_for_audits(&w, "WV", 3, Duration::from_secs(90));
+    wait_for_audits(&w, "PA", 3, Duration::from_secs(90));
+    let (c1, _) = d1.stop();
+    let (c2, _) = d2.stop();
+    assert_eq!((c1, c2), (Some(0), Some(0)));
+    let rows: Vec<(String, Option<String>, Option<String>, String)> = w
+        .pg()
+        .query(
+            "SELECT details->>'state', details->>'fire_time', details->>'batch_id',
+                    details->>'status'
+             FROM shq.audit_log ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for (state, fire, batch, status) in &rows {
+        assert!(fire.is_some() && batch.is_some(), "{rows:?}");
+        assert!(
+            seen.insert((state, fire)),
+            "{state} ran twice for {fire:?}: {rows:?}"
+        );
+        assert_eq!(status, "success", "{rows:?}");
+    }
+}
+
 #[test]
 fn a_run_killed_mid_way_is_audited_as_abandoned_at_the_next_start() {
     needs_services!();

@@ -6,6 +6,7 @@
 #[macro_use]
 mod common;
 
+mod all_states;
 mod cli;
 mod daemon;
 mod gates;

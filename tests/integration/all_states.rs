@@ -1,0 +1,263 @@
+//! `run --all-states`: one read of each source table, a snapshot per state.
+
+use std::collections::BTreeMap;
+
+use outreach_workbench::config::GatesConfig;
+use outreach_workbench::pipeline::all_states::{run_all_states, BatchReport};
+use outreach_workbench::pipeline::{RunOptions, RunStatus};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::*;
+
+const GENERATE_SQL: &str = include_str!("../sql/generate.sql");
+
+/// The benchmark's generator at a small scale: `companies` over every
+/// state (a quarter in WV), three people each.
+fn generate(w: &World, companies: u32) {
+    let sql = GENERATE_SQL
+        .lines()
+        .filter(|l| !l.starts_with('\\'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(":companies", &companies.to_string())
+        .replace(":people_per_company", "3")
+        .replace(":focus_share", "0.25");
+    w.pg().batch_execute(&sql).unwrap();
+}
+
+fn all_states(w: &World, opts: &RunOptions) -> BatchReport {
+    run_all_states(&w.config, &CancellationToken::new(), opts, &mut |_| {})
+}
+
+fn dry() -> RunOptions {
+    RunOptions {
+        dry_run: true,
+        ..Default::default()
+    }
+}
+
+/// Each run's files as (table, rows, sha256).
+fn files(r: &outreach_workbench::pipeline::RunReport) -> Vec<(String, u64, String)> {
+    r.files
+        .iter()
+        .map(|f| (f.table_name.clone(), f.rows, f.sha256.clone()))
+        .collect()
+}
+
+/// Sequential scans PostgreSQL counted on each source table, once every
+/// other session of the database is gone (a session reports its counts
+/// when it ends, at the latest).
+fn seq_scans(w: &World) -> BTreeMap<String, i64> {
+    let mut pg = w.pg();
+    wait_until(
+        "the other sessions of the test database to end",
+        std::time::Duration::from_secs(30),
+        String::new,
+        || {
+            let others: i64 = pg
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            (others == 0).then_some(())
+        },
+    );
+    pg.batch_execute("SELECT pg_stat_clear_snapshot()").unwrap();
+    pg.query(
+        "SELECT relname::text, seq_scan FROM pg_stat_user_tables WHERE schemaname = 'marketing'",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Every state's files are byte for byte those of a run of that state
+/// alone, from one sequential scan of each source table.
+#[test]
+fn each_state_from_one_read_is_byte_identical_to_its_own_run() {
+    needs_services!();
+    // Through PgBouncer the server sessions outlive the run and report
+    // their scans when they like: counted on direct sessions only.
+    let pooled = std::env::var("OW_TEST_POOLED").is_ok_and(|v| v == "1");
+    let mut w = World::new("all-same");
+    w.config.source.batch_rows = 7; // batches that split chunks, in both paths
+    generate(&w, 600);
+    let before = (!pooled).then(|| seq_scans(&w));
+    let batch = all_states(&w, &dry());
+    assert!(batch.succeeded(), "{}", batch.summary());
+    if let Some(before) = before {
+        let after = seq_scans(&w);
+        for table in ["company_master", "people_master"] {
+            assert_eq!(
+                after[table] - before[table],
+                1,
+                "{table} scanned once: before {before:?}, after {after:?}"
+            );
+        }
+    }
+    assert_eq!(batch.runs.len(), 51, "{}", batch.summary());
+    assert!(batch.invalid.is_empty(), "{:?}", batch.invalid);
+    let ids: std::collections::HashSet<_> = batch.runs.iter().map(|r| r.batch_id.clone()).collect();
+    assert_eq!(ids.len(), 1, "one batch id: {ids:?}");
+    assert_eq!(
+        ids.into_iter().next().flatten(),
+        Some(batch.batch_id.clone())
+    );
+    for r in &batch.runs {
+        let alone = w.run_with(&r.state, &dry());
+        assert!(alone.succeeded(), "{}", alone.summary());
+        assert_eq!(files(r), files(&alone), "{}", r.state);
+        assert!(r
+            .files
+            .iter()
+            .all(|f| f.rows > 0 || f.table_name.ends_with("_bad")));
+    }
+    // The snapshot file is gone with the batch.
+    let left: Vec<_> = std::fs::read_dir(w.dir.path().join("duck"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("snapshot-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Rows whose state value names no state are counted per value, published
+/// nowhere and lost nowhere: with the states' rows they add up to the
+/// source.
+#[test]
+fn rows_of_no_state_are_reported_not_published_not_lost() {
+    needs_services!();
+    let w = World::new("all-invalid");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "c2", Some("B"), Some("b.example"), "PA");
+    add_person(&mut pg, "p1", "c1", Some("x@a.example"), Some("CEO"));
+    for (i, state) in ["", "wv", "WV ", "XX", "W"].iter().enumerate() {
+        add_company(
+            &mut pg,
+            &format!("bad{i}"),
+            Some("C"),
+            Some("c.example"),
+            state,
+        );
+        add_person(
+            &mut pg,
+            &format!("bp{i}"),
+            &format!("bad{i}"),
+            Some("y@c.example"),
+            None,
+        );
+    }
+    pg.batch_execute(
+        "INSERT INTO marketing.company_master
+            (company_unique_id, company_name, website_url, address_state, source_system, promoted_from_intake_at)
+         VALUES ('nul1', 'N', 'n.example', NULL, 'test', now()), ('nul2', 'N', 'n.example', NULL, 'test', now())",
+    )
+    .unwrap();
+    let batch = all_states(&w, &RunOptions::default());
+    assert!(batch.succeeded(), "{}", batch.summary());
+    let states: Vec<_> = batch.runs.iter().map(|r| r.state.as_str()).collect();
+    assert_eq!(states, ["PA", "WV"]);
+    let invalid: Vec<_> = batch
+        .invalid
+        .iter()
+        .map(|v| (v.value.clone(), v.companies, v.people))
+        .collect();
+    assert_eq!(
+        invalid,
+        [
+            (Some(String::new()), 1, 1),
+            (Some("W".into()), 1, 1),
+            (Some("WV ".into()), 1, 1),
+            (Some("XX".into()), 1, 1),
+            (Some("wv".into()), 1, 1),
+            (None, 2, 0),
+        ]
+    );
+    let summary = batch.summary();
+    assert!(
+        summary.contains("\"WV \"") && summary.contains("NULL"),
+        "{summary}"
+    );
+    // Not lost: the states' rows and the reported ones are the source's.
+    let pulled: u64 = batch
+        .runs
+        .iter()
+        .map(|r| r.companies.as_ref().unwrap().raw)
+        .sum();
+    let reported: u64 = batch.invalid.iter().map(|v| v.companies).sum();
+    let total: i64 = pg
+        .query_one("SELECT count(*) FROM marketing.company_master", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!((pulled + reported) as i64, total);
+    // Not published: only the two states' prefixes are in the bucket.
+    let mut prefixes: Vec<String> = list_keys(&w.bucket)
+        .iter()
+        .map(|k| k.split('/').nth(1).unwrap().to_string())
+        .collect();
+    prefixes.dedup();
+    assert_eq!(prefixes, ["pa", "wv"]);
+}
+
+/// A state whose rows all vanished still runs, with an empty snapshot that
+/// its row-delta gate stops; the other states publish, and the batch says
+/// which state was gated.
+#[test]
+fn a_vanished_state_is_gated_while_the_others_publish() {
+    needs_services!();
+    let w = World::new("all-vanish");
+    let mut pg = w.pg();
+    for (c, state) in [("w1", "WV"), ("w2", "WV"), ("p1", "PA"), ("p2", "PA")] {
+        add_company(&mut pg, c, Some("A"), Some("a.example"), state);
+    }
+    let opts = RunOptions {
+        gates: GatesConfig {
+            max_row_delta: Some(0.5),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let first = all_states(&w, &opts);
+    assert!(first.succeeded(), "{}", first.summary());
+    pg.batch_execute(
+        "DELETE FROM marketing.company_master WHERE address_state = 'PA';
+         INSERT INTO marketing.company_master
+            (company_unique_id, company_name, website_url, address_state, source_system, promoted_from_intake_at)
+         VALUES ('w3', 'A', 'a.example', 'WV', 'test', now())",
+    )
+    .unwrap();
+    let second = all_states(&w, &opts);
+    let by_state: BTreeMap<_, _> = second
+        .runs
+        .iter()
+        .map(|r| (r.state.as_str(), r.status))
+        .collect();
+    assert_eq!(
+        by_state,
+        BTreeMap::from([("PA", RunStatus::Gated), ("WV", RunStatus::Success)]),
+        "{}",
+        second.summary()
+    );
+    assert!(
+        !second.succeeded() && !second.failed(),
+        "{}",
+        second.summary()
+    );
+    assert!(second.summary().contains("gated=1"), "{}", second.summary());
+    let pa = second.runs.iter().find(|r| r.state == "PA").unwrap();
+    assert_eq!(pa.companies.as_ref().unwrap().raw, 0);
+    // PA's last good files stay in the bucket; WV's new ones are there.
+    let wv = second.runs.iter().find(|r| r.state == "WV").unwrap();
+    assert_eq!(wv.companies.as_ref().unwrap().raw, 3);
+    assert!(head(
+        &w.bucket,
+        "outreach/pa/companies/good/companies_good.parquet"
+    )
+    .is_some());
+}
