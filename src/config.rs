@@ -326,6 +326,10 @@ pub struct StorageConfig {
     /// part is held in memory at a time. B2 takes parts of 5 MB to 5 GB.
     #[serde(default = "default_part_size")]
     pub part_size_mib: u64,
+    /// An all-states run's states that may be past their read at once
+    /// (validating, uploading): while one uploads, the next is read.
+    #[serde(default = "default_concurrent_uploads")]
+    pub max_concurrent_uploads: usize,
 }
 
 impl StorageConfig {
@@ -338,6 +342,10 @@ impl StorageConfig {
             format!("{}/{rel}", self.prefix)
         }
     }
+}
+
+fn default_concurrent_uploads() -> usize {
+    4
 }
 
 fn default_region() -> String {
@@ -577,6 +585,12 @@ impl Config {
             return Err(invalid(
                 "lease.ttl_secs",
                 "must be at least 3 (the heartbeat renews it every third of it)",
+            ));
+        }
+        if self.storage.max_concurrent_uploads == 0 {
+            return Err(invalid(
+                "storage.max_concurrent_uploads",
+                "must be at least 1",
             ));
         }
         if self.daemon.max_concurrent_runs == 0 {

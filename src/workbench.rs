@@ -37,9 +37,10 @@ pub enum WorkbenchError {
 }
 
 pub struct Workbench {
-    pub conn: Connection,
+    /// Taken only by `drop`, under the lock of the open files.
+    conn: Option<Connection>,
     /// The open database `conn` belongs to, for [`Workbench::raw_connection`].
-    db: Arc<Database>,
+    db: Option<Arc<Database>>,
     pub dir: PathBuf,
     pub path: PathBuf,
 }
@@ -64,6 +65,12 @@ fn open_files() -> &'static Mutex<HashMap<PathBuf, OpenFile>> {
 }
 
 impl Drop for Workbench {
+    /// The last user closes the database while it holds the lock of the
+    /// open files: a run opening the file at that moment waits for the
+    /// close (its checkpoint) to finish, then opens it afresh. Closed after
+    /// the lock, a concurrent open attached the file in a second instance
+    /// mid-checkpoint and read a short block ("Could not read enough bytes",
+    /// seen with four runs at once).
     fn drop(&mut self) {
         let mut open = open_files().lock().unwrap_or_else(|p| p.into_inner());
         if let Some(file) = open.get_mut(&self.path) {
@@ -72,6 +79,8 @@ impl Drop for Workbench {
                 open.remove(&self.path);
             }
         }
+        self.conn.take();
+        self.db.take();
     }
 }
 
@@ -234,6 +243,15 @@ pub fn drop_other_kind(
 }
 
 impl Workbench {
+    /// The workbench's own connection.
+    pub fn conn(&self) -> &Connection {
+        self.conn.as_ref().expect("taken only when dropped")
+    }
+
+    fn db(&self) -> &Arc<Database> {
+        self.db.as_ref().expect("taken only when dropped")
+    }
+
     pub fn db_path(dir: &Path) -> PathBuf {
         dir.join("duck").join("outreach_workbench.duckdb")
     }
@@ -255,8 +273,8 @@ impl Workbench {
         }
         let (db, conn) = Self::connect(cfg, &path, cfg.lock_timeout)?;
         Ok(Workbench {
-            conn,
-            db,
+            conn: Some(conn),
+            db: Some(db),
             dir,
             path,
         })
@@ -365,12 +383,12 @@ impl Workbench {
 
     /// The open database, for connections on other threads.
     pub fn database(&self) -> Arc<Database> {
-        self.db.clone()
+        self.db().clone()
     }
 
     /// Another connection to the workbench, for work on its own thread.
     pub fn connection(&self) -> Result<Connection, WorkbenchError> {
-        self.db.connection().map_err(|e| self.sql_err(e))
+        self.db().connection().map_err(|e| self.sql_err(e))
     }
 
     /// Starts flushing the file's new pages to disk in the background, until
@@ -405,7 +423,7 @@ impl Workbench {
     /// A connection through DuckDB's C API, for the pull's transaction
     /// (see [`raw`]).
     pub fn raw_connection(&self) -> Result<RawConnection, WorkbenchError> {
-        RawConnection::connect(&self.db).map_err(|e| WorkbenchError::Open {
+        RawConnection::connect(self.db()).map_err(|e| WorkbenchError::Open {
             path: self.path.clone(),
             detail: e.to_string(),
         })
@@ -419,7 +437,7 @@ impl Workbench {
         dry_run: bool,
         started_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), WorkbenchError> {
-        self.conn
+        self.conn()
             .execute(
                 "INSERT INTO main.runs (run_id, state, status, dry_run, started_at)
                  VALUES (?, ?, 'running', ?, make_timestamp(?))",
@@ -433,7 +451,7 @@ impl Workbench {
     /// could not be written and waits here to be sent. A run that failed
     /// before the workbench was opened has no row yet and gets one now.
     pub fn run_finished(&self, run: &FinishedRun) -> Result<(), WorkbenchError> {
-        self.conn
+        self.conn()
             .execute(
                 "INSERT INTO main.runs (run_id, state, status, dry_run, started_at, finished_at,
                      audit_id, error, report, audit_pending)
@@ -464,7 +482,7 @@ impl Workbench {
     /// have none), and returns them.
     pub fn take_abandoned(&self) -> Result<Vec<AbandonedRun>, WorkbenchError> {
         let mut stmt = self
-            .conn
+            .conn()
             .prepare(
                 "UPDATE main.runs SET status = 'abandoned', finished_at = make_timestamp(?),
                      error = ?, audit_pending = NOT dry_run
@@ -493,7 +511,7 @@ impl Workbench {
     /// report, or for an abandoned run (which has none) what its row says.
     pub fn pending_audits(&self) -> Result<Vec<PendingAudit>, WorkbenchError> {
         let mut stmt = self
-            .conn
+            .conn()
             .prepare(
                 "SELECT run_id, state, status, epoch_us(started_at), epoch_us(finished_at), error,
                         report
@@ -527,7 +545,7 @@ impl Workbench {
 
     /// The run's audit record is written, as `audit_id`.
     pub fn audited(&self, run_id: &str, audit_id: i64) -> Result<(), WorkbenchError> {
-        self.conn
+        self.conn()
             .execute(
                 "UPDATE main.runs SET audit_id = ?, audit_pending = false WHERE run_id = ?",
                 duckdb::params![audit_id, run_id],
@@ -541,7 +559,7 @@ impl Workbench {
     #[allow(clippy::type_complexity)]
     pub fn last_finished(&self) -> Result<Vec<(String, Option<f64>, Option<f64>)>, WorkbenchError> {
         let mut stmt = self
-            .conn
+            .conn()
             .prepare(
                 "SELECT state, epoch_ms(max(finished_at)) / 1000.0,
                         epoch_ms(max(finished_at) FILTER (WHERE status = 'success'
@@ -560,7 +578,7 @@ impl Workbench {
 
     /// When the last real (not dry) run of `state` started, in epoch µs.
     pub fn last_started(&self, state: &str) -> Result<Option<i64>, WorkbenchError> {
-        self.conn
+        self.conn()
             .query_row(
                 "SELECT epoch_us(max(started_at)) FROM main.runs WHERE state = ? AND NOT dry_run",
                 [state],
@@ -576,7 +594,7 @@ impl Workbench {
         bytes: u64,
         run_id: &str,
     ) -> Result<(), WorkbenchError> {
-        self.conn
+        self.conn()
             .execute(
                 "INSERT OR REPLACE INTO main.upload_manifest
                  VALUES (?, ?, ?, make_timestamp(?), ?)",
@@ -595,7 +613,7 @@ impl Workbench {
     /// Multipart uploads left unfinished by earlier runs, oldest first.
     pub fn unfinished_uploads(&self) -> Result<Vec<(String, String)>, WorkbenchError> {
         let mut stmt = self
-            .conn
+            .conn()
             .prepare("SELECT object_key, upload_id FROM main.unfinished_uploads ORDER BY left_at")
             .map_err(|e| self.sql_err(e))?;
         let rows = stmt
@@ -613,12 +631,12 @@ impl Workbench {
         left: bool,
     ) -> Result<(), WorkbenchError> {
         let done = if left {
-            self.conn.execute(
+            self.conn().execute(
                 "INSERT OR REPLACE INTO main.unfinished_uploads VALUES (?, ?, make_timestamp(?))",
                 duckdb::params![upload_id, key, chrono::Utc::now().timestamp_micros()],
             )
         } else {
-            self.conn.execute(
+            self.conn().execute(
                 "DELETE FROM main.unfinished_uploads WHERE upload_id = ? AND object_key = ?",
                 duckdb::params![upload_id, key],
             )

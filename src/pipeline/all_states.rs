@@ -1,17 +1,20 @@
-//! An all-states run: one read of each source table for the whole
-//! country ([`Snapshot`]), then a run of each state from it.
+//! An all-states run: one read of both source tables for the whole
+//! country ([`Country`]), each state's rows handed to a run of that state
+//! as they arrive.
 //!
 //! Each state's run is [`super::run`] as for a state alone (its checks,
 //! fire claim, lease, gates, files, manifest and audit row), with its rows
-//! from the snapshot instead of a query of its own: its files are
+//! from the one read instead of a query of its own: its files are
 //! byte-for-byte a lone run's. The runs share a batch id. A gate or a
-//! failure stops its own state only.
+//! failure stops its own state only. While a state validates and uploads,
+//! the next ones are read: up to `[storage] max_concurrent_uploads` states
+//! are past their read at once.
 //!
 //! The states are the valid codes in the source now, and every state this
 //! workbench has published before: a state whose rows are all gone gets
-//! its empty snapshot, which its gates judge like any run. Rows whose
-//! state value names no state (NULL, empty, lower case, padded, unknown)
-//! are counted per value in the report and published nowhere.
+//! an empty run, which its gates judge like any run. Rows whose state
+//! value names no state (NULL, empty, lower case, padded, unknown) are
+//! counted per value in the report and published nowhere.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -26,9 +29,19 @@ use crate::config::Config;
 use crate::error::PipelineError;
 use crate::quality::rules;
 use crate::source::connect::Session;
-use crate::source::snapshot::{Snapshot, StateValue};
+use crate::source::country::{Country, Segment};
 use crate::state::StateCode;
 use crate::workbench::Workbench;
+
+/// A state value that names no state, with its rows: not published.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StateValue {
+    /// `None` for NULL.
+    pub value: Option<String>,
+    pub companies: u64,
+    /// People whose company has this value.
+    pub people: u64,
+}
 
 /// What an all-states run did.
 #[derive(Debug, Clone)]
@@ -166,24 +179,107 @@ pub fn run_all_states(
         not_run: Vec::new(),
     };
     let t = Instant::now();
-    let snapshot = match take_snapshot(config, &batch_id, cancel) {
-        Ok(s) => Arc::new(s),
+    let country = match open_country(config, opts.dry_run, cancel) {
+        Ok(c) => c,
         Err(e) => return failed(report, e),
     };
+    let mut published = published_states(config).into_iter().peekable();
+    let workers = config.storage.max_concurrent_uploads;
+    let mut runs: Vec<(usize, RunReport)> = Vec::new();
+    let started = Instant::now();
+    let mut rows = 0u64;
+    let mut seen = 0usize;
+    std::thread::scope(|scope| {
+        let (done, finished) = std::sync::mpsc::channel::<(usize, RunReport)>();
+        let mut running = 0usize;
+        let mut note = |(i, run): (usize, RunReport), runs: &mut Vec<(usize, RunReport)>| {
+            rows += [&run.companies, &run.people]
+                .iter()
+                .filter_map(|c| c.as_ref().map(|c| c.raw))
+                .sum::<u64>();
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            tracing::info!(
+                state = %run.state,
+                status = run.status.as_str(),
+                done = runs.len() + 1,
+                rows_per_sec = (rows as f64 / secs) as u64,
+                "all-states progress"
+            );
+            each(&run);
+            runs.push((i, run));
+        };
+        // Starts `state`'s run on `rows` once fewer than `workers` are past
+        // their read; its rows are drained if it stops before reading them.
+        let mut dispatch = |state: StateCode, rows: Segment, runs: &mut Vec<(usize, RunReport)>| {
+            while running >= workers {
+                let finished_run = finished.recv().expect("a worker is running");
+                running -= 1;
+                note(finished_run, runs);
+            }
+            running += 1;
+            let (i, done, span) = (seen, done.clone(), tracing::Span::current());
+            seen += 1;
+            let opts = RunOptions {
+                batch: Some(Batch {
+                    id: batch_id.clone(),
+                    rows: Arc::new(rows),
+                }),
+                ..opts.clone()
+            };
+            scope.spawn(move || {
+                let _entered = span.enter();
+                let run = super::run(config, &state, cancel, &opts);
+                if let Some(b) = &opts.batch {
+                    b.rows.drain();
+                }
+                let _ = done.send((i, run));
+            });
+        };
+        while let Some(segment) = country.next() {
+            let Some(state) = segment.state() else {
+                let (companies, people) = segment.drain();
+                report.invalid.push(StateValue {
+                    value: segment.value.clone(),
+                    companies,
+                    people,
+                });
+                continue;
+            };
+            if cancel.is_cancelled() {
+                segment.drain();
+                report.not_run.push(state);
+                continue;
+            }
+            // States published before that have no rows now, in order.
+            while let Some(gone) = published.next_if(|p| *p < state) {
+                dispatch(gone.clone(), country.empty(&gone), &mut runs);
+            }
+            published.next_if_eq(&state);
+            dispatch(state, segment, &mut runs);
+        }
+        for gone in published {
+            match cancel.is_cancelled() {
+                true => report.not_run.push(gone),
+                false => dispatch(gone.clone(), country.empty(&gone), &mut runs),
+            }
+        }
+        drop(done);
+        for finished_run in finished {
+            note(finished_run, &mut runs);
+        }
+    });
     let secs = t.elapsed().as_secs_f64();
-    report.read = Some((snapshot.read.companies, snapshot.read.people, secs));
-    tracing::info!(
-        companies = snapshot.read.companies,
-        people = snapshot.read.people,
-        secs = format!("{secs:.1}"),
-        "read the source"
-    );
-    report.invalid = snapshot
-        .state_values()
-        .iter()
-        .filter(|v| v.state().is_none())
-        .cloned()
-        .collect();
+    match country.finish() {
+        Ok((companies, people)) => {
+            report.read = Some((companies, people, secs));
+            tracing::info!(companies, people, "read the source");
+        }
+        Err(e) => {
+            let e = crate::error::with_causes(e.to_string(), &e);
+            tracing::error!(error = %e, "the all-states read of the source failed");
+            report.error = Some(e);
+        }
+    }
     for v in &report.invalid {
         tracing::warn!(
             value = v.value.as_deref().unwrap_or("NULL"),
@@ -192,41 +288,9 @@ pub fn run_all_states(
             "rows whose state value names no state: not published"
         );
     }
-    let states = states_to_run(config, &snapshot);
-
-    let total = states.len();
-    let t = Instant::now();
-    let mut rows = 0u64;
-    let batch = Batch {
-        id: batch_id,
-        snapshot,
-    };
-    for (i, state) in states.iter().enumerate() {
-        if cancel.is_cancelled() {
-            report.not_run = states[i..].to_vec();
-            break;
-        }
-        let opts = RunOptions {
-            batch: Some(batch.clone()),
-            ..opts.clone()
-        };
-        let run = super::run(config, state, cancel, &opts);
-        rows += [&run.companies, &run.people]
-            .iter()
-            .filter_map(|c| c.as_ref().map(|c| c.raw))
-            .sum::<u64>();
-        tracing::info!(
-            state = %state,
-            status = run.status.as_str(),
-            done = i + 1,
-            total,
-            rows_per_sec = (rows as f64 / t.elapsed().as_secs_f64().max(1e-3)) as u64,
-            "all-states progress"
-        );
-        each(&run);
-        report.runs.push(run);
-    }
-    drop(batch);
+    runs.sort_by_key(|(i, _)| *i);
+    report.runs = runs.into_iter().map(|(_, r)| r).collect();
+    report.runs.sort_by(|a, b| a.state.cmp(&b.state));
     report.finished_at = Utc::now();
     let tally = report.tally();
     match report.failed() {
@@ -244,38 +308,40 @@ fn failed(mut report: BatchReport, e: PipelineError) -> BatchReport {
     report
 }
 
-/// The rules checked against the source's columns, then both tables read.
-fn take_snapshot(
+/// The bucket (for a real run) and the rules against the source's columns
+/// checked, then the read started on a connection of its own.
+fn open_country(
     config: &Config,
-    batch_id: &str,
+    dry_run: bool,
     cancel: &CancellationToken,
-) -> Result<Snapshot, PipelineError> {
+) -> Result<Country, PipelineError> {
+    if !dry_run {
+        crate::retry::retry(&config.retry, cancel, "checking the bucket", || {
+            crate::bucket::publish::check_bucket(&config.storage)
+        })?;
+    }
     let mut session = Session::open(&config.source, &config.retry, cancel)?;
     session.run("checking the rules against the source", cancel, |c| {
         rules::check_against_source(c, config)
     })?;
-    let client = session.client(cancel)?;
-    Snapshot::take(client, config, batch_id, cancel)
+    let client = crate::source::connect::connect(&config.source)?;
+    Country::read(client, config, cancel)
 }
 
-/// The valid states in the snapshot, and those the workbench has
-/// published before, in order.
-fn states_to_run(config: &Config, snapshot: &Snapshot) -> Vec<StateCode> {
-    let mut states: BTreeSet<StateCode> = snapshot
-        .state_values()
-        .iter()
-        .filter_map(StateValue::state)
-        .collect();
+/// The states this workbench has published before.
+fn published_states(config: &Config) -> BTreeSet<StateCode> {
     let published = Workbench::open(&config.workbench)
         .map_err(PipelineError::from)
         .and_then(|wb| wb.last_finished().map_err(PipelineError::from));
     match published {
-        Ok(rows) => states.extend(
-            rows.into_iter()
-                .filter(|(_, _, success)| success.is_some())
-                .filter_map(|(s, _, _)| StateCode::parse(&s).ok()),
-        ),
-        Err(e) => tracing::warn!(error = %e, "could not read which states were published before"),
+        Ok(rows) => rows
+            .into_iter()
+            .filter(|(_, _, success)| success.is_some())
+            .filter_map(|(s, _, _)| StateCode::parse(&s).ok())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read which states were published before");
+            BTreeSet::new()
+        }
     }
-    states.into_iter().collect()
 }

@@ -45,7 +45,7 @@ pub use crate::error::PipelineError;
 use crate::ledger::{audit, claim};
 use crate::quality::gates;
 use crate::source::connect::Session;
-use crate::source::snapshot::Snapshot;
+use crate::source::country::Segment;
 use crate::state::StateCode;
 use crate::workbench::{FinishedRun, Workbench};
 pub use report::{EntityCounts, RunReport, RunStatus};
@@ -65,7 +65,7 @@ pub struct RunOptions {
     /// that one fire runs once across every host.
     pub fire_time: Option<DateTime<Utc>>,
     /// The all-states run this run is part of: its rows come from the
-    /// batch's snapshot, not from a query of its own.
+    /// batch's one read of the source, not from a query of its own.
     pub batch: Option<Batch>,
 }
 
@@ -74,7 +74,8 @@ pub struct RunOptions {
 pub struct Batch {
     /// Shared by the audit records of all its runs.
     pub id: String,
-    pub snapshot: Arc<Snapshot>,
+    /// The state's rows, from the batch's one read of the source.
+    pub rows: Arc<Segment>,
 }
 
 impl RunOptions {

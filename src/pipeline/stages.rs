@@ -98,6 +98,12 @@ fn connect<'h>(
         cancel,
         ..
     } = run;
+    // A state of an all-states run: the batch checked the bucket and the
+    // rules before its read, and has the rows; PostgreSQL is reached only
+    // if the run needs it (its claim, gates, audit), not for a dry run.
+    if opts.batch.is_some() {
+        return Ok(slot.insert(Session::lazy(&config.source, &config.retry)));
+    }
     let (bucket, opened, checked) = std::thread::scope(|scope| {
         let span = tracing::Span::current();
         let bucket = (!opts.dry_run).then(|| {
@@ -284,14 +290,14 @@ fn load(
     txn.commit().map_err(|e| workbench_err("COMMIT", e))
 }
 
-/// Where the run's rows come from: PostgreSQL, or the snapshot of the
+/// Where the run's rows come from: PostgreSQL, or the one read of the
 /// all-states run it is part of.
 fn read_from<'s>(
     run: &RunCtx<'s>,
     session: &'s mut Session,
 ) -> Result<source::Read<'s>, PipelineError> {
     Ok(match &run.opts.batch {
-        Some(batch) => source::Read::Stored(&*batch.snapshot, run.state),
+        Some(batch) => source::Read::Stored(&*batch.rows, run.state),
         None => source::Read::State(session.client(run.cancel)?, run.state),
     })
 }
@@ -365,7 +371,7 @@ fn compare_with_bucket(
         .iter()
         .map(|f| (f.clone(), publish::object_key(&config.storage, state, f)))
         .collect();
-    let entries = manifest::entries(&wb.conn, &keyed)?;
+    let entries = manifest::entries(wb.conn(), &keyed)?;
     let previous = publish::read_manifest(&config.storage, &config.retry, &manifest_key, cancel)?;
     if let Some(p) = &previous {
         report.schema_changes = manifest::drift(p, &entries);

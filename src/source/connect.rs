@@ -259,6 +259,8 @@ pub struct PgColumn {
     /// Set when the column has no exact mapping and is carried as text:
     /// its PostgreSQL type's name, for the log line and the report.
     pub fallback_from: Option<String>,
+    /// The column's type as SQL spells it (`numeric(10,2)`, `my_domain`).
+    pub sql_type: String,
 }
 
 /// The columns of `table`, in order, from the catalog: what arrives over
@@ -277,7 +279,8 @@ pub fn describe(
         "SELECT a.attname::text, a.atttypid::int8, a.atttypmod, t.typname::text, t.typtype::text,
                 t.typbasetype::int8, t.typtypmod,
                 e.oid::int8, e.typtype::text, e.typbasetype::int8,
-                format_type(e.typbasetype, e.typtypmod)
+                format_type(e.typbasetype, e.typtypmod),
+                format_type(a.atttypid, a.atttypmod)
          FROM pg_attribute a
          JOIN pg_type t ON t.oid = a.atttypid
          LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A'
@@ -298,12 +301,14 @@ pub fn describe(
         .map(|r| {
             let name: String = r.get(0);
             let typname: String = r.get(3);
+            let sql_type: String = r.get(11);
             let as_is = |ty, typmod| PgColumn {
                 name: name.clone(),
                 ty,
                 typmod,
                 cast: None,
                 fallback_from: None,
+                sql_type: sql_type.clone(),
             };
             let cast = |ty, cast: String| PgColumn {
                 name: name.clone(),
@@ -311,6 +316,7 @@ pub fn describe(
                 typmod: -1,
                 cast: Some(cast),
                 fallback_from: None,
+                sql_type: sql_type.clone(),
             };
             if let Some(ty) = known(r.get(1)) {
                 return as_is(ty, r.get(2));
@@ -348,6 +354,7 @@ fn fallback(name: &str, typname: &str) -> PgColumn {
         typmod: -1,
         cast: Some("text".into()),
         fallback_from: Some(typname.to_string()),
+        sql_type: "text".into(),
     }
 }
 

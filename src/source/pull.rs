@@ -151,16 +151,12 @@ pub type Tap<'a> = Box<dyn FnMut(TableFeed) -> Result<(), PipelineError> + Send 
 pub enum Read<'a> {
     /// One state's rows, queried from PostgreSQL (a run of its own).
     State(&'a mut Client, &'a StateCode),
-    /// Every row of both tables, one query each: an all-states run's one
-    /// read of the source (see [`Snapshot`]).
-    Country(&'a mut Client),
-    /// One state's rows already read from PostgreSQL: an all-states run's
-    /// snapshot.
+    /// One state's rows from an all-states run's one query.
     Stored(&'a dyn StoredRows, &'a StateCode),
 }
 
-/// Rows read from PostgreSQL before the pull, kept elsewhere (see
-/// `source::snapshot`).
+/// Rows read from PostgreSQL by another query than the pull's own (see
+/// `source::country`).
 pub trait StoredRows: Sync {
     /// Hands `state`'s companies, then its people, to `outs` as a pull from
     /// PostgreSQL would: the same columns, in key order, in full chunks.
@@ -168,6 +164,7 @@ pub trait StoredRows: Sync {
         &self,
         state: &StateCode,
         config: &Config,
+        db: &Arc<Database>,
         cancel: &CancellationToken,
         outs: Vec<SyncSender<TableFeed>>,
     ) -> Result<PullStats, PipelineError>;
@@ -246,12 +243,9 @@ pub fn pull(
             let _entered = span.enter();
             match read {
                 Read::State(client, state) => {
-                    read_source(client, config, Some(state), cancel, db, outs, backend)
+                    read_source(client, config, state, cancel, db, outs, backend)
                 }
-                Read::Country(client) => {
-                    read_source(client, config, None, cancel, db, outs, backend)
-                }
-                Read::Stored(rows, state) => rows.read_state(state, config, cancel, outs),
+                Read::Stored(rows, state) => rows.read_state(state, config, db, cancel, outs),
             }
         });
         let loaded = match loading {
@@ -305,7 +299,7 @@ fn load(
 fn read_source(
     client: &mut Client,
     config: &Config,
-    state: Option<&StateCode>,
+    state: &StateCode,
     cancel: &CancellationToken,
     db: &Arc<Database>,
     outs: Vec<SyncSender<TableFeed>>,
@@ -331,20 +325,12 @@ fn read_source(
     }
 
     let mut stats = PullStats::default();
-    // A state's rows in key order, or every row as it lies: the
-    // snapshot orders each state's when it hands them on.
-    let (companies_from, people_from) = match state {
-        Some(_) => {
-            let companies_from = format!("FROM {companies} c WHERE c.{state_col} = $1");
-            let people_from = format!(
-                "FROM {people} p WHERE p.{link} IN (SELECT c.{key} {companies_from})",
-                link = quote_ident(&s.people_company_column),
-                key = quote_ident(&s.company_key),
-            );
-            (companies_from, people_from)
-        }
-        None => (format!("FROM {companies} c"), format!("FROM {people} p")),
-    };
+    let companies_from = format!("FROM {companies} c WHERE c.{state_col} = $1");
+    let people_from = format!(
+        "FROM {people} p WHERE p.{link} IN (SELECT c.{key} {companies_from})",
+        link = quote_ident(&s.people_company_column),
+        key = quote_ident(&s.company_key),
+    );
     for (entity, source_table, from, alias) in [
         (Entity::Companies, companies_table, &companies_from, "c"),
         (Entity::People, people_table, &people_from, "p"),
@@ -379,15 +365,14 @@ fn read_source(
 }
 
 /// One entity's query: `SELECT <alias's columns> <from> ORDER BY <key>`
-/// with the state as `$1`, read in batches of `batch_rows`; without a
-/// state, `SELECT <alias's columns> <from>` as the rows lie.
+/// with the state as `$1`, read in batches of `batch_rows`.
 struct EntityQuery<'a> {
     entity: Entity,
     source_table: &'a QualifiedName,
     from: &'a str,
     alias: &'a str,
     key: &'a str,
-    state: Option<&'a StateCode>,
+    state: &'a StateCode,
     batch_rows: usize,
 }
 
@@ -421,49 +406,22 @@ fn stream_query(
     let table = entity.raw_table();
     let src_err =
         |what: String| move |e: postgres::Error| PipelineError::Source { what, source: e };
-    let described = crate::source::connect::describe(tx, source_table)?;
-
-    let mut types = Vec::new();
-    let mut select = Vec::new();
-    for col in described {
-        let q = quote_ident(&col.name);
-        let as_text = |select: &mut Vec<String>, types: &mut Vec<_>| {
-            select.push(format!("{alias}.{q}::text AS {q}"));
-            types.push((col.name.clone(), ColType::Text));
-        };
-        if let Some(from_type) = &col.fallback_from {
-            warn_fallback(table, &col.name, from_type, fallbacks);
-            as_text(&mut select, &mut types);
-            continue;
-        }
-        match ColType::from_pg(&col.ty, col.typmod) {
-            Some(t) => {
-                select.push(match &col.cast {
-                    Some(cast) => format!("{alias}.{q}::{cast} AS {q}"),
-                    None => format!("{alias}.{q}"),
-                });
-                types.push((col.name.clone(), t));
-            }
-            None => {
-                warn_fallback(table, &col.name, col.ty.name(), fallbacks);
-                as_text(&mut select, &mut types);
-            }
-        }
-    }
+    let SelectList {
+        exprs: select,
+        columns: types,
+        ..
+    } = select_list(tx, source_table, entity, alias, fallbacks)?;
     // `rules::check_against_source` has refused a missing key already.
     let Some((_, key_type)) = types.iter().find(|(n, _)| n == key) else {
         return Err(PipelineError::Workbench(format!(
             "{table}: the key column {key:?} is not in the query"
         )));
     };
-    let sql = match state {
-        Some(_) => format!(
-            "SELECT {} {from} ORDER BY {}",
-            select.join(", "),
-            order_by(alias, key, key_type)
-        ),
-        None => format!("SELECT {} {from}", select.join(", ")),
-    };
+    let sql = format!(
+        "SELECT {} {from} ORDER BY {}",
+        select.join(", "),
+        order_by(alias, key, key_type)
+    );
 
     let arrow_schema = Arc::new(Schema::new(
         types
@@ -499,7 +457,7 @@ fn stream_query(
     // The unnamed statement: nothing is left prepared on the (pooled)
     // server connection, and it costs one round trip less.
     let mut rows = tx
-        .query_typed_raw(&sql, state.map(|s| (s.as_str(), Type::TEXT)))
+        .query_typed_raw(&sql, [(state.as_str(), Type::TEXT)])
         .map_err(src_err(format!("querying {table}")))?;
     let mut n: u64 = 0;
     // Per row and per value: the error (and its message) is built only on
@@ -618,6 +576,62 @@ fn convert_err(table: &'static str) -> impl Fn(DuckError) -> PipelineError {
 
 fn loader_gone() -> PipelineError {
     PipelineError::Workbench("the workbench stopped taking rows".into())
+}
+
+/// A table's select list as the pull reads it: each column's expression
+/// (`alias.col`, cast where its type needs it to arrive as one the driver
+/// knows), that expression's SQL type, and the column as the workbench
+/// types it.
+pub(crate) struct SelectList {
+    pub exprs: Vec<String>,
+    pub sql_types: Vec<String>,
+    pub columns: Columns,
+}
+
+/// Describes `source_table` (`SELECT alias.*` reads all of its columns)
+/// and maps each column; a column without an exact mapping is carried as
+/// text, said once in the log and in `fallbacks`.
+pub(crate) fn select_list(
+    tx: &mut Transaction<'_>,
+    source_table: &QualifiedName,
+    entity: Entity,
+    alias: &str,
+    fallbacks: &mut Vec<String>,
+) -> Result<SelectList, PipelineError> {
+    let table = entity.raw_table();
+    let mut list = SelectList {
+        exprs: Vec::new(),
+        sql_types: Vec::new(),
+        columns: Vec::new(),
+    };
+    for col in crate::source::connect::describe(tx, source_table)? {
+        let q = quote_ident(&col.name);
+        let mapped = match &col.fallback_from {
+            Some(from_type) => {
+                warn_fallback(table, &col.name, from_type, fallbacks);
+                None
+            }
+            None => ColType::from_pg(&col.ty, col.typmod).or_else(|| {
+                warn_fallback(table, &col.name, col.ty.name(), fallbacks);
+                None
+            }),
+        };
+        let (expr, sql_type, t) = match mapped {
+            Some(t) => match &col.cast {
+                Some(cast) => (format!("{alias}.{q}::{cast} AS {q}"), cast.clone(), t),
+                None => (format!("{alias}.{q}"), col.sql_type.clone(), t),
+            },
+            None => (
+                format!("{alias}.{q}::text AS {q}"),
+                "text".into(),
+                ColType::Text,
+            ),
+        };
+        list.exprs.push(expr);
+        list.sql_types.push(sql_type);
+        list.columns.push((col.name, t));
+    }
+    Ok(list)
 }
 
 /// A column carried as text for want of an exact type: said once in the

@@ -7,10 +7,8 @@
 //! benchmark's WV (50k companies, 150k people): `batch_rows` 10000 and 3000
 //! gave other good files than 2048 or 16384 (whose batches are whole
 //! chunks), and the views' `COPY` gives the whole-chunk bytes. With every
-//! chunk full, a state's files depend on its rows alone: not on
-//! `batch_rows`, and not on whether the rows came from PostgreSQL or from
-//! an all-states run's snapshot (whose DuckDB result batches have other
-//! sizes).
+//! chunk full, a state's files depend on its rows alone, not on
+//! `batch_rows` (changing it no longer uploads every file again).
 
 use duckdb::arrow::compute::concat_batches;
 use duckdb::arrow::error::ArrowError;
