@@ -46,6 +46,11 @@ struct Action {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EntityLabel {
+    entity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Stage {
     state: String,
     stage: String,
@@ -63,6 +68,7 @@ pub struct Metrics {
     objects: Family<Action, Counter>,
     duration: Family<Stage, Seconds>,
     next_fire: Family<State, Seconds>,
+    without_state: Family<EntityLabel, Gauge>,
     /// When the scheduler loop last turned (Unix seconds), for `/healthz`.
     alive: AtomicI64,
 }
@@ -85,6 +91,7 @@ impl Metrics {
             objects: Family::default(),
             duration: Family::default(),
             next_fire: Family::default(),
+            without_state: Family::default(),
             alive: AtomicI64::new(now()),
             registry: Registry::default(),
         };
@@ -126,7 +133,24 @@ impl Metrics {
             "The state's next scheduled fire time",
             m.next_fire.clone(),
         );
+        r.register(
+            "rows_without_state",
+            "Rows the last all-states run read whose state value names no state (not published)",
+            m.without_state.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// A finished all-states run: its rows of no state. (Each state's run
+    /// is recorded on its own.)
+    pub fn record_all_states(&self, companies: u64, people: u64) {
+        for (entity, n) in [(Entity::Companies, companies), (Entity::People, people)] {
+            self.without_state
+                .get_or_create(&EntityLabel {
+                    entity: entity.to_string(),
+                })
+                .set(n as i64);
+        }
     }
 
     /// A finished run (not a skipped one: another host did the work).

@@ -65,6 +65,8 @@ pub fn watchdog() {
 pub struct Board {
     next: BTreeMap<String, (DateTime<Utc>, Tz)>,
     last: BTreeMap<String, String>,
+    /// An all-states run's progress while it goes.
+    progress: Option<String>,
 }
 
 impl Board {
@@ -82,6 +84,11 @@ impl Board {
         self.last.insert(state.to_string(), result);
     }
 
+    /// `all states: 12 done, 45000 rows/s`, shown first; `None` once over.
+    pub fn progress(&mut self, progress: Option<String>) {
+        self.progress = progress;
+    }
+
     /// Forgets the fire times (a reload arms the schedules again).
     pub fn clear_next(&mut self) {
         self.next.clear();
@@ -89,7 +96,7 @@ impl Board {
 
     /// `next WV 2026-12-02 06:00 EST; last WV success 05:59 (2 uploaded)`.
     pub fn line(&self) -> String {
-        let mut parts = Vec::new();
+        let mut parts: Vec<String> = self.progress.iter().cloned().collect();
         if let Some((state, (at, tz))) = self.next.iter().min_by_key(|(_, (t, _))| *t) {
             parts.push(format!(
                 "next {state} {}",

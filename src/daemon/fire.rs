@@ -21,6 +21,9 @@ pub(super) fn start_schedules(config: &Config, shared: &Arc<Shared>) -> Vec<Join
         let opts = RunOptions::for_schedule(&schedule);
         if let Some(next) = schedule.timing.next_after(shared.clock.now()) {
             shared.next_fire(&schedule.states, next, schedule.timing.tz);
+            if schedule.all_states {
+                shared.next_fire_all(next, schedule.timing.tz);
+            }
             tracing::info!(
                 schedule = schedule.index,
                 spec = %schedule.timing.spec,
@@ -58,6 +61,9 @@ async fn fire_forever(
         after = next;
         if let Some(then) = schedule.timing.next_after(next) {
             shared.next_fire(&schedule.states, then, schedule.timing.tz);
+            if schedule.all_states {
+                shared.next_fire_all(then, schedule.timing.tz);
+            }
         }
         let mut fired = opts.clone();
         fired.fire_time = Some(next);
@@ -159,9 +165,24 @@ pub(super) fn trigger_all_states(opts: &RunOptions, config: &Arc<Config>, shared
         });
         let (c, s) = (config.clone(), shared.clone());
         let joined = tokio::task::spawn_blocking(move || {
-            let mut each = |r: &pipeline::RunReport| match StateCode::parse(&r.state) {
-                Ok(state) => finished(r, &state, &c, &s),
-                Err(_) => log_report(r),
+            let started = std::time::Instant::now();
+            let (mut done, mut rows) = (0usize, 0u64);
+            let mut each = |r: &pipeline::RunReport| {
+                done += 1;
+                rows += [&r.companies, &r.people]
+                    .iter()
+                    .filter_map(|c| c.as_ref().map(|c| c.raw))
+                    .sum::<u64>();
+                let per_sec = rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                s.update_board(|b| {
+                    b.progress(Some(format!(
+                        "all states: {done} done, {per_sec:.0} rows/s"
+                    )))
+                });
+                match StateCode::parse(&r.state) {
+                    Ok(state) => finished(r, &state, &c, &s),
+                    Err(_) => log_report(r),
+                }
             };
             let batch = pipeline::all_states::run_all_states(&c, &cancel, &opts, &mut each);
             release_run_memory();
@@ -172,8 +193,14 @@ pub(super) fn trigger_all_states(opts: &RunOptions, config: &Arc<Config>, shared
             t.abort();
         }
         drop(permit);
-        if let Err(e) = joined {
-            tracing::error!(error = %e, "all-states run panicked");
+        shared.update_board(|b| b.progress(None));
+        match joined {
+            Ok(batch) => {
+                let (companies, people) = batch.without_state();
+                shared.metrics.record_all_states(companies, people);
+                shared.write_metrics(&config);
+            }
+            Err(e) => tracing::error!(error = %e, "all-states run panicked"),
         }
         shared.all_states_running.store(false, Ordering::SeqCst);
     });

@@ -137,6 +137,11 @@ impl Shared {
         });
     }
 
+    /// The next fire of an all-states schedule, for the status line.
+    fn next_fire_all(&self, at: chrono::DateTime<Utc>, tz: chrono_tz::Tz) {
+        self.update_board(|b| b.next_fire("all states", at, tz));
+    }
+
     fn update_board(&self, f: impl FnOnce(&mut crate::systemd::Board)) {
         let mut board = self.board.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut board);

@@ -242,6 +242,21 @@ pub fn record(
     details: &serde_json::Value,
     cancel: &CancellationToken,
 ) -> Result<i64, PipelineError> {
+    record_event(session, table, EVENT_TYPE, details, cancel)
+}
+
+/// The record of an all-states run as a whole (its states each have their
+/// own): what it read, its states by outcome, its rows of no state.
+pub const ALL_STATES_EVENT_TYPE: &str = "outreach_all_states_run";
+
+/// Writes `details` as an `event_type` record, once per `details.run_id`.
+pub fn record_event(
+    session: &mut Session,
+    table: &QualifiedName,
+    event_type: &str,
+    details: &serde_json::Value,
+    cancel: &CancellationToken,
+) -> Result<i64, PipelineError> {
     let run_id = details["run_id"].as_str().unwrap_or_default().to_string();
     let sql = record_sql(table, None);
     session.run(
@@ -251,7 +266,7 @@ pub fn record(
             c.query_typed_one(
                 &sql,
                 &[
-                    (&EVENT_TYPE, Type::TEXT),
+                    (&event_type, Type::TEXT),
                     (&EVENT_SOURCE, Type::TEXT),
                     (details, Type::JSONB),
                     (&run_id, Type::TEXT),

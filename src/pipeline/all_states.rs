@@ -78,6 +78,45 @@ impl BatchReport {
                 .any(|r| !r.succeeded() && r.status != RunStatus::Gated)
     }
 
+    /// The batch's own audit record (`details` of an
+    /// `outreach_all_states_run` row): each state's run has its own.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut states = std::collections::BTreeMap::<&str, usize>::new();
+        for r in &self.runs {
+            *states.entry(r.status.as_str()).or_default() += 1;
+        }
+        serde_json::json!({
+            "run_id": self.batch_id,
+            "batch_id": self.batch_id,
+            "kind": "all_states",
+            "status": match (self.succeeded(), self.failed()) {
+                (true, _) => "success",
+                (_, true) => "failed",
+                _ => "gated",
+            },
+            "dry_run": self.dry_run,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "read": self.read.map(|(companies, people, secs)| serde_json::json!({
+                "companies": companies, "people": people, "secs": secs,
+            })),
+            "states": states,
+            "state_runs": self.runs.iter().map(|r| serde_json::json!({
+                "state": r.state, "status": r.status.as_str(), "run_id": r.run_id,
+            })).collect::<Vec<_>>(),
+            "not_run": self.not_run.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            "without_state": self.invalid,
+            "error": self.error,
+        })
+    }
+
+    /// Rows whose state value names no state: companies, people.
+    pub fn without_state(&self) -> (u64, u64) {
+        self.invalid
+            .iter()
+            .fold((0, 0), |(c, p), v| (c + v.companies, p + v.people))
+    }
+
     /// States by how their runs ended, as `success=49 gated=1 failed=1`.
     pub fn tally(&self) -> String {
         let mut counts = std::collections::BTreeMap::<&str, usize>::new();
@@ -288,10 +327,33 @@ pub fn run_all_states(
             "rows whose state value names no state: not published"
         );
     }
+    let views = Workbench::open(&config.workbench)
+        .map_err(PipelineError::from)
+        .and_then(|wb| {
+            let duck = wb.raw_connection()?;
+            crate::quality::validate::all_states_views(&duck, &wb.exports_dir())
+        });
+    if let Err(e) = views {
+        tracing::warn!(error = %e, "could not make the all_states views");
+    }
     runs.sort_by_key(|(i, _)| *i);
     report.runs = runs.into_iter().map(|(_, r)| r).collect();
     report.runs.sort_by(|a, b| a.state.cmp(&b.state));
     report.finished_at = Utc::now();
+    if !opts.dry_run {
+        let mut session = Session::lazy(&config.source, &config.retry);
+        let never = CancellationToken::new();
+        let written = crate::ledger::audit::record_event(
+            &mut session,
+            &config.audit_table(),
+            crate::ledger::audit::ALL_STATES_EVENT_TYPE,
+            &report.to_json(),
+            &never,
+        );
+        if let Err(e) = written {
+            tracing::error!(error = %e, "could not write the all-states run's own audit record");
+        }
+    }
     let tally = report.tally();
     match report.failed() {
         true => tracing::error!(states = %tally, "all-states run finished"),

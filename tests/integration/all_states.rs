@@ -108,6 +108,27 @@ fn each_state_from_one_read_is_byte_identical_to_its_own_run() {
         ids.into_iter().next().flatten(),
         Some(batch.batch_id.clone())
     );
+    // The views over every state's files: each state's good rows.
+    {
+        let wb = outreach_workbench::workbench::Workbench::open(&w.config.workbench).unwrap();
+        let mut stmt = wb
+            .conn()
+            .prepare(
+                "SELECT state_code, count(*) FROM all_states.companies_good GROUP BY ALL ORDER BY 1",
+            )
+            .unwrap();
+        let in_views: Vec<(String, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let in_runs: Vec<(String, i64)> = batch
+            .runs
+            .iter()
+            .map(|r| (r.state.clone(), r.companies.as_ref().unwrap().good as i64))
+            .collect();
+        assert_eq!(in_views, in_runs);
+    }
     for r in &batch.runs {
         let alone = w.run_with(&r.state, &dry());
         assert!(alone.succeeded(), "{}", alone.summary());
@@ -173,6 +194,22 @@ fn rows_of_no_state_are_reported_not_published_not_lost() {
         ]
     );
     let summary = batch.summary();
+    // The batch's own audit record says so too.
+    let details: serde_json::Value = pg
+        .query_one(
+            "SELECT details FROM shq.audit_log WHERE event_type = 'outreach_all_states_run'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(details["batch_id"], batch.batch_id.as_str());
+    assert_eq!(
+        details["without_state"].as_array().unwrap().len(),
+        6,
+        "{details}"
+    );
+    assert_eq!(details["without_state"][5]["companies"], 2, "{details}");
+    assert_eq!(details["states"]["success"], 2, "{details}");
     assert!(
         summary.contains("\"WV \"") && summary.contains("NULL"),
         "{summary}"

@@ -340,12 +340,17 @@ fn two_daemons_with_all_states_run_each_state_once_per_fire() {
     needs_services!();
     let w = World::new("dall2");
     let mut pg = w.pg();
-    for (c, state) in [("w1", "WV"), ("w2", "WV"), ("p1", "PA")] {
+    for (c, state) in [("w1", "WV"), ("w2", "WV"), ("p1", "PA"), ("x1", "wv")] {
         add_company(&mut pg, c, Some("A"), Some("a.example"), state);
     }
+    let textfile = w.dir.path().join("metrics").join("outreach.prom");
+    std::fs::create_dir_all(textfile.parent().unwrap()).unwrap();
     let cfg = config_with(
         &w,
-        "\n[[schedule]]\nstates = \"all\"\ncron = \"*/2 * * * * *\"\n",
+        &format!(
+            "\n[metrics]\ntextfile = \"{}\"\n\n[[schedule]]\nstates = \"all\"\ncron = \"*/2 * * * * *\"\n",
+            textfile.display()
+        ),
     );
     let dir2 = w.dir.path().join("host2").to_string_lossy().to_string();
     let d1 = Daemon::start(&w, &cfg, "d1", &[]);
@@ -355,12 +360,18 @@ fn two_daemons_with_all_states_run_each_state_once_per_fire() {
     let (c1, _) = d1.stop();
     let (c2, _) = d2.stop();
     assert_eq!((c1, c2), (Some(0), Some(0)));
+    // The metrics count the row of no state ('wv').
+    let metrics = std::fs::read_to_string(&textfile).unwrap();
+    assert!(
+        metrics.contains("outreach_workbench_rows_without_state{entity=\"companies\"} 1"),
+        "{metrics}"
+    );
     let rows: Vec<(String, Option<String>, Option<String>, String)> = w
         .pg()
         .query(
             "SELECT details->>'state', details->>'fire_time', details->>'batch_id',
                     details->>'status'
-             FROM shq.audit_log ORDER BY id",
+             FROM shq.audit_log WHERE event_type = 'outreach_validation_run' ORDER BY id",
             &[],
         )
         .unwrap()
