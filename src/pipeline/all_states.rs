@@ -313,6 +313,11 @@ pub fn run_all_states(
             report.read = Some((companies, people, secs));
             tracing::info!(companies, people, "read the source");
         }
+        // A stop asked for (shutdown, the run timeout) pages nobody.
+        Err(PipelineError::Cancelled) => {
+            tracing::warn!("the all-states read of the source was cancelled");
+            report.error = Some(PipelineError::Cancelled.to_string());
+        }
         Err(e) => {
             let e = crate::error::with_causes(e.to_string(), &e);
             tracing::error!(error = %e, "the all-states read of the source failed");
@@ -356,6 +361,9 @@ pub fn run_all_states(
     }
     let tally = report.tally();
     match report.failed() {
+        true if cancel.is_cancelled() => {
+            tracing::warn!(states = %tally, "all-states run cancelled")
+        }
         true => tracing::error!(states = %tally, "all-states run finished"),
         false => tracing::info!(states = %tally, "all-states run finished"),
     }

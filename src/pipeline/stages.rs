@@ -461,6 +461,14 @@ fn publish(
         cancel,
         ..
     } = run;
+    // A stop asked for before the first upload publishes nothing; once the
+    // first object is replaced, the files and the manifest go up to the
+    // end, stop or not: the state is whole or untouched, never half new
+    // files under the old manifest. (Seen in the all-states SIGTERM test:
+    // one file replaced, no manifest.) A lost lease still stops it.
+    check_cancel(cancel)?;
+    let stop_asked = cancel;
+    let cancel = &CancellationToken::new();
     let t = Instant::now();
     let leftovers: Vec<publish::Unfinished> = wb
         .unfinished_uploads()?
@@ -520,5 +528,10 @@ fn publish(
         report.manifest = Some(format!("written {url}"));
     }
     report.stages.publish = Some(t.elapsed().as_secs_f64());
+    if stop_asked.is_cancelled() {
+        tracing::warn!(
+            "a stop came while publishing; the state's files and manifest went up whole first"
+        );
+    }
     Ok(())
 }

@@ -389,6 +389,109 @@ fn two_daemons_with_all_states_run_each_state_once_per_fire() {
     }
 }
 
+/// SIGTERM in the middle of an all-states run: every state's objects are
+/// either whole (its manifest, written last, names exactly what is there)
+/// or untouched; the daemon exits 0 and logs nothing at ERROR.
+#[test]
+fn sigterm_during_an_all_states_run_leaves_each_state_whole_or_untouched() {
+    needs_services!();
+    let w = World::new("dallterm");
+    let mut pg = w.pg();
+    let states = ["AK", "AL", "AR", "AZ", "CA", "CO"];
+    for (i, state) in states.iter().enumerate() {
+        add_company(
+            &mut pg,
+            &format!("c{i}"),
+            Some("A"),
+            Some("a.example"),
+            state,
+        );
+        add_person(
+            &mut pg,
+            &format!("p{i}"),
+            &format!("c{i}"),
+            Some("x@a.example"),
+            Some("CEO"),
+        );
+    }
+    // Every S3 request waits (the fault proxy takes one request per
+    // connection, the slow proxy holds each new connection): each state
+    // takes seconds to publish.
+    let proxy = crate::s3proxy::FaultProxy::start();
+    let slow = format!(
+        "http://127.0.0.1:{}",
+        slow_proxy(
+            proxy.endpoint.trim_start_matches("http://").to_string(),
+            Duration::from_millis(300)
+        )
+    );
+    let cfg = config_with(
+        &w,
+        "\n[daemon]\nshutdown_grace_secs = 1\n\n[[schedule]]\nstates = \"all\"\ncron = \"*/2 * * * * *\"\n",
+    );
+    let d = Daemon::start(
+        &w,
+        &cfg,
+        "d",
+        &[
+            ("OUTREACH_STORAGE__ENDPOINT", &slow),
+            ("OUTREACH_STORAGE__MAX_CONCURRENT_UPLOADS", "1"),
+        ],
+    );
+    wait_until(
+        "the first state's manifest",
+        Duration::from_secs(60),
+        || d.output(),
+        || head(&w.bucket, "outreach/ak/_manifest.json"),
+    );
+    let log = d.log.clone();
+    let (code, _) = d.stop();
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, Some(0), "{output}");
+    assert!(!output.lines().any(|l| l.contains(" ERROR ")), "{output}");
+    let keys = list_keys(&w.bucket);
+    let (mut whole, mut untouched) = (0, 0);
+    for state in states {
+        let prefix = format!("outreach/{}/", state.to_lowercase());
+        let mut objects: Vec<&String> = keys.iter().filter(|k| k.starts_with(&prefix)).collect();
+        if objects.is_empty() {
+            untouched += 1;
+            continue;
+        }
+        let manifest_key = format!("{prefix}_manifest.json");
+        assert!(
+            objects.contains(&&manifest_key),
+            "{state}: files without a manifest: {objects:?}"
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&get(&w.bucket, &manifest_key)).unwrap();
+        let mut named: Vec<String> = manifest["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let key = f["key"].as_str().unwrap().to_string();
+                let meta = head(&w.bucket, &key).unwrap_or_default();
+                assert_eq!(
+                    meta.get("sha256").map(String::as_str),
+                    f["sha256"].as_str(),
+                    "{key}"
+                );
+                key
+            })
+            .collect();
+        named.push(manifest_key);
+        named.sort();
+        objects.sort();
+        assert_eq!(objects, named.iter().collect::<Vec<_>>(), "{state}");
+        whole += 1;
+    }
+    assert!(
+        whole >= 1 && untouched >= 1,
+        "whole {whole}, untouched {untouched}: {output}"
+    );
+}
+
 #[test]
 fn a_run_killed_mid_way_is_audited_as_abandoned_at_the_next_start() {
     needs_services!();
