@@ -302,6 +302,7 @@ fn read_country(
         &mut fallbacks,
     )?;
     let sql = country_query(config, &companies, &people)?;
+    tracing::debug!(%sql, "the all-states query");
     let schema = |list: &SelectList| {
         Arc::new(Schema::new(
             list.columns
