@@ -327,7 +327,10 @@ pub struct StorageConfig {
     #[serde(default = "default_part_size")]
     pub part_size_mib: u64,
     /// An all-states run's states that may be past their read at once
-    /// (validating, uploading): while one uploads, the next is read.
+    /// (validating, uploading): while one uploads, the next is read. Each
+    /// holds at most one part (`part_size_mib`) in memory. Measured at
+    /// 200k companies with 50 ms each way to S3: 4 took 32 s, 8 took 22 s,
+    /// 16 took 17 s.
     #[serde(default = "default_concurrent_uploads")]
     pub max_concurrent_uploads: usize,
 }
@@ -345,7 +348,7 @@ impl StorageConfig {
 }
 
 fn default_concurrent_uploads() -> usize {
-    4
+    8
 }
 
 fn default_region() -> String {
