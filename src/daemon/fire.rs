@@ -99,17 +99,7 @@ pub(super) fn trigger(
             return;
         }
         let cancel = shared.cancel_runs.child_token();
-        // The overall timeout cancels the run the way a shutdown does.
-        let timeout = config.daemon.run_timeout;
-        let timer = (!timeout.is_zero()).then(|| {
-            let (cancel, state) = (cancel.clone(), state.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(timeout).await;
-                let timeout_secs = timeout.as_secs();
-                tracing::error!(state = %state, timeout_secs, "run timed out; cancelling it");
-                cancel.cancel();
-            })
-        });
+        let timer = start_timer(&config, &cancel, state.as_str());
         let st = state.clone();
         let config_for_notify = config.clone();
         let joined = tokio::task::spawn_blocking(move || {
@@ -153,16 +143,7 @@ pub(super) fn trigger_all_states(opts: &RunOptions, config: &Arc<Config>, shared
             return;
         }
         let cancel = shared.cancel_runs.child_token();
-        let timeout = config.daemon.run_timeout;
-        let timer = (!timeout.is_zero()).then(|| {
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(timeout).await;
-                let timeout_secs = timeout.as_secs();
-                tracing::error!(timeout_secs, "all-states run timed out; cancelling it");
-                cancel.cancel();
-            })
-        });
+        let timer = start_timer(&config, &cancel, "all states");
         let (c, s) = (config.clone(), shared.clone());
         let joined = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
@@ -204,6 +185,25 @@ pub(super) fn trigger_all_states(opts: &RunOptions, config: &Arc<Config>, shared
         }
         shared.all_states_running.store(false, Ordering::SeqCst);
     });
+}
+
+/// The run timeout, if set: it cancels the run (`what`: its state, or
+/// all states) the way a shutdown does.
+fn start_timer(
+    config: &Config,
+    cancel: &tokio_util::sync::CancellationToken,
+    what: &str,
+) -> Option<JoinHandle<()>> {
+    let timeout = config.daemon.run_timeout;
+    (!timeout.is_zero()).then(|| {
+        let (cancel, what) = (cancel.clone(), what.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let timeout_secs = timeout.as_secs();
+            tracing::error!(state = %what, timeout_secs, "run timed out; cancelling it");
+            cancel.cancel();
+        })
+    })
 }
 
 /// A run's report to the log, the metrics, the webhooks, systemd's status

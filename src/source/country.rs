@@ -26,7 +26,7 @@ use std::time::Duration;
 use duckdb::arrow::datatypes::Schema;
 use duckdb::arrow::record_batch::RecordBatch;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::{FromSql, Type};
+use postgres::types::Type;
 use postgres::{Client, IsolationLevel};
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +36,7 @@ use crate::names::Entity;
 use crate::source::connect::Backend;
 use crate::source::pgtypes::{ColType, ColumnBuilder};
 use crate::source::pull::{
-    select_list, Columns, PullStats, SelectList, StoredRows, TableFeed, TableSender,
+    select_list, Columns, PullStats, Raw, SelectList, StoredRows, TableFeed, TableSender,
 };
 use crate::state::StateCode;
 use crate::workbench::Database;
@@ -250,18 +250,6 @@ impl Country {
     }
 }
 
-/// A raw column value, decoded by its [`ColumnBuilder`].
-struct Raw<'a>(&'a [u8]);
-
-impl<'a> FromSql<'a> for Raw<'a> {
-    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(Raw(raw))
-    }
-    fn accepts(_: &Type) -> bool {
-        true
-    }
-}
-
 fn src_err(what: &str) -> impl Fn(postgres::Error) -> PipelineError + '_ {
     move |e| PipelineError::Source {
         what: what.to_string(),
@@ -440,8 +428,12 @@ fn stream_rows(
             .map(|(_, t)| ColumnBuilder::new(t, batch_rows))
             .collect()
     };
-    let mut cb = builders(&shape.companies.1);
-    let mut pb = builders(&shape.people.1);
+    // Indexed by `slot(entity)`.
+    let mut built = [builders(&shape.companies.1), builders(&shape.people.1)];
+    let slot = |e: Entity| match e {
+        Entity::Companies => 0,
+        Entity::People => 1,
+    };
     let gone = || PipelineError::Workbench("the all-states run stopped taking rows".into());
     // Hands the built rows of `entity` on as one batch.
     let flush = |entity: Entity,
@@ -485,15 +477,7 @@ fn stream_rows(
         };
         if current.as_ref().is_none_or(|(v, _)| v.as_deref() != value) {
             if let Some((_, to)) = current.take() {
-                flush(
-                    entity,
-                    if entity == Entity::Companies {
-                        &mut cb
-                    } else {
-                        &mut pb
-                    },
-                    &to,
-                )?;
+                flush(entity, &mut built[slot(entity)], &to)?;
                 to.send(Piece::End).map_err(|_| gone())?;
             }
             let (to, pieces) = std::sync::mpsc::sync_channel(QUEUED_BATCHES);
@@ -510,20 +494,12 @@ fn stream_rows(
         }
         let to = &current.as_ref().expect("set above").1;
         if row_entity != entity {
-            flush(
-                entity,
-                if entity == Entity::Companies {
-                    &mut cb
-                } else {
-                    &mut pb
-                },
-                to,
-            )?;
+            flush(entity, &mut built[slot(entity)], to)?;
             entity = row_entity;
         }
         let (b, offset, count) = match row_entity {
-            Entity::Companies => (&mut cb, 2, nc),
-            Entity::People => (&mut pb, 2 + nc, np),
+            Entity::Companies => (&mut built[0], 2, nc),
+            Entity::People => (&mut built[1], 2 + nc, np),
         };
         for (i, builder) in b.iter_mut().enumerate() {
             let v: Option<Raw> = row.try_get(offset + i).map_err(&read_err)?;
@@ -552,15 +528,7 @@ fn stream_rows(
         }
     }
     if let Some((_, to)) = current.take() {
-        flush(
-            entity,
-            if entity == Entity::Companies {
-                &mut cb
-            } else {
-                &mut pb
-            },
-            &to,
-        )?;
+        flush(entity, &mut built[slot(entity)], &to)?;
         to.send(Piece::End).map_err(|_| gone())?;
     }
     Ok(total)

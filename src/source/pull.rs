@@ -34,7 +34,7 @@ use crate::workbench::{
 
 /// A raw column value, borrowed from the row buffer; decoding happens in
 /// [`ColumnBuilder::append`], which knows the column's type.
-struct Raw<'a>(&'a [u8]);
+pub(crate) struct Raw<'a>(pub(crate) &'a [u8]);
 
 impl<'a> FromSql<'a> for Raw<'a> {
     fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
