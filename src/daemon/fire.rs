@@ -150,10 +150,7 @@ pub(super) fn trigger_all_states(opts: &RunOptions, config: &Arc<Config>, shared
             let (mut done, mut rows) = (0usize, 0u64);
             let mut each = |r: &pipeline::RunReport| {
                 done += 1;
-                rows += [&r.companies, &r.people]
-                    .iter()
-                    .filter_map(|c| c.as_ref().map(|c| c.raw))
-                    .sum::<u64>();
+                rows += r.rows_pulled();
                 let per_sec = rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
                 s.update_board(|b| {
                     b.progress(Some(format!(

@@ -232,10 +232,7 @@ pub fn run_all_states(
         let (done, finished) = std::sync::mpsc::channel::<(usize, RunReport)>();
         let mut running = 0usize;
         let mut note = |(i, run): (usize, RunReport), runs: &mut Vec<(usize, RunReport)>| {
-            rows += [&run.companies, &run.people]
-                .iter()
-                .filter_map(|c| c.as_ref().map(|c| c.raw))
-                .sum::<u64>();
+            rows += run.rows_pulled();
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             tracing::info!(
                 state = %run.state,

@@ -188,6 +188,14 @@ impl RunReport {
         self.status == RunStatus::Success && self.audit_error.is_none()
     }
 
+    /// Rows the run pulled, companies and people.
+    pub fn rows_pulled(&self) -> u64 {
+        [&self.companies, &self.people]
+            .iter()
+            .filter_map(|c| c.as_ref().map(|c| c.raw))
+            .sum()
+    }
+
     /// The few lines a person reads after `run`.
     pub fn summary(&self) -> String {
         let mut s = String::new();
