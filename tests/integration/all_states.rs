@@ -291,3 +291,27 @@ fn a_vanished_state_is_gated_while_the_others_publish() {
     )
     .is_some());
 }
+
+/// With the link rule the rows are loaded into the workbench first: the
+/// same bytes as a run of the state alone.
+#[test]
+fn the_link_rule_gives_each_state_its_own_runs_bytes() {
+    needs_services!();
+    let w = World::new("all-link");
+    generate(&w, 120);
+    let link = RunOptions {
+        dry_run: true,
+        link_rule: true,
+        ..Default::default()
+    };
+    let batch = all_states(&w, &link);
+    assert!(batch.succeeded(), "{}", batch.summary());
+    for r in batch
+        .runs
+        .iter()
+        .filter(|r| ["WV", "TX"].contains(&r.state.as_str()))
+    {
+        let alone = w.run_with(&r.state, &link);
+        assert_eq!(files(r), files(&alone), "{}", r.state);
+    }
+}
