@@ -306,6 +306,7 @@ fn the_link_rule_gives_each_state_its_own_runs_bytes() {
     };
     let batch = all_states(&w, &link);
     assert!(batch.succeeded(), "{}", batch.summary());
+    let mut compared = 0;
     for r in batch
         .runs
         .iter()
@@ -313,5 +314,7 @@ fn the_link_rule_gives_each_state_its_own_runs_bytes() {
     {
         let alone = w.run_with(&r.state, &link);
         assert_eq!(files(r), files(&alone), "{}", r.state);
+        compared += 1;
     }
+    assert_eq!(compared, 2, "{}", batch.summary());
 }
