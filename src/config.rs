@@ -33,7 +33,9 @@ mod secs;
 pub use gates::GatesConfig;
 pub use notify::NotifyConfig;
 pub(crate) use rules::rule;
-pub use rules::{default_company_rules, default_people_rules, Rule, RulesConfig, LINK_RULE_CODE};
+pub use rules::{
+    default_company_rules, default_people_rules, Rule, RulesConfig, Severity, LINK_RULE_CODE,
+};
 pub use schedule::Schedule;
 use schedule::ScheduleConfig;
 

@@ -10,12 +10,32 @@ use crate::names::Entity;
 pub struct Rule {
     pub code: String,
     pub condition: String,
+    /// `error` (the default): a failing row is bad. `warn`: a failing row
+    /// is counted and carries the code in `validation_warnings`, but a
+    /// warning alone does not make it bad.
+    #[serde(default, skip_serializing_if = "Severity::is_error")]
+    pub severity: Severity,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    #[default]
+    Error,
+    Warn,
+}
+
+impl Severity {
+    pub fn is_error(&self) -> bool {
+        *self == Severity::Error
+    }
 }
 
 pub(crate) fn rule(code: &str, condition: &str) -> Rule {
     Rule {
         code: code.into(),
         condition: condition.into(),
+        severity: Severity::Error,
     }
 }
 

@@ -215,6 +215,12 @@ impl RunReport {
                     .iter()
                     .filter(|(_, n)| **n > 0)
                     .map(|(k, n)| format!("{k}={n}"))
+                    .chain(
+                        c.warnings
+                            .iter()
+                            .filter(|(_, n)| **n > 0)
+                            .map(|(k, n)| format!("warn:{k}={n}")),
+                    )
                     .collect();
                 let _ = writeln!(
                     s,

@@ -176,6 +176,7 @@ mod tests {
             bad,
             null_keys,
             errors: Default::default(),
+            warnings: Default::default(),
         }
     }
 

@@ -1,13 +1,16 @@
 //! Step 3: split each raw table into good and bad rows with SQL in DuckDB.
 //!
 //! A rule is a code and a DuckDB boolean that is TRUE for a failing row. A
-//! row is good when no rule fails; bad rows carry `validation_errors`, the
-//! failing codes in rule order. NULL from a condition counts as "not
-//! failing" (`coalesce(..., false)`) so that good and bad are exact
-//! complements and every raw row lands in exactly one of them.
+//! row is good when no error rule fails; bad rows carry `validation_errors`,
+//! the failing codes in rule order. Rules of `severity = "warn"` decide
+//! nothing: when there are any, every row carries `validation_warnings`,
+//! their failing codes. NULL from a condition counts as "not failing"
+//! (`coalesce(..., false)`) so that good and bad are exact complements and
+//! every raw row lands in exactly one of them.
 
 use std::collections::BTreeMap;
 
+use crate::config::Severity;
 use crate::config::{quote_ident, Config};
 use crate::error::PipelineError;
 use crate::files::ExportedFile;
@@ -22,8 +25,19 @@ pub struct Validation {
     pub bad: u64,
     /// Rows whose primary key is NULL (for the `no_null_ids` gate).
     pub null_keys: u64,
-    /// Rows failing each rule (a row can fail several).
+    /// Rows failing each error rule (a row can fail several).
     pub errors: BTreeMap<String, u64>,
+    /// Rows failing each warning rule, good and bad alike.
+    pub warnings: BTreeMap<String, u64>,
+}
+
+/// The rules of one severity, in order.
+fn of(rules: &[Rule], severity: Severity) -> Vec<Rule> {
+    rules
+        .iter()
+        .filter(|r| r.severity == severity)
+        .cloned()
+        .collect()
 }
 
 /// Each rule's condition as a plain boolean: TRUE when the row fails it.
@@ -32,6 +46,33 @@ fn failing(rules: &[Rule]) -> Vec<String> {
         .iter()
         .map(|r| format!("coalesce(({}), false)", r.condition))
         .collect()
+}
+
+/// The codes of the rules in `rules` a row fails, in rule order.
+fn codes(rules: &[Rule]) -> String {
+    if rules.is_empty() {
+        return "[]::VARCHAR[]".to_string();
+    }
+    failing(rules)
+        .iter()
+        .zip(rules)
+        .map(|(f, r)| {
+            format!(
+                "(CASE WHEN {f} THEN ['{}'] ELSE []::VARCHAR[] END)",
+                r.code.replace('\'', "''")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" || ")
+}
+
+/// `, <codes> AS validation_warnings` when there are warning rules.
+fn warnings_column(rules: &[Rule]) -> String {
+    let warn = of(rules, Severity::Warn);
+    match warn.is_empty() {
+        true => String::new(),
+        false => format!(", {} AS validation_warnings", codes(&warn)),
+    }
 }
 
 fn any_fails(fails: &[String]) -> String {
@@ -46,33 +87,21 @@ fn any_fails(fails: &[String]) -> String {
 /// alias): the `_good` view's, and what the export writes.
 pub fn good_rows(rows: &str, rules: &[Rule]) -> String {
     format!(
-        "SELECT * FROM {rows} WHERE NOT ({})",
-        any_fails(&failing(rules))
+        "SELECT *{} FROM {rows} WHERE NOT ({})",
+        warnings_column(rules),
+        any_fails(&failing(&of(rules, Severity::Error)))
     )
 }
 
 /// The query for the bad rows of `rows`, each with its `validation_errors`
 /// in rule order: the `_bad` view's, and what the export writes.
 pub fn bad_rows(rows: &str, rules: &[Rule]) -> String {
-    let fails = failing(rules);
-    let errors = if rules.is_empty() {
-        "[]::VARCHAR[]".to_string()
-    } else {
-        fails
-            .iter()
-            .zip(rules)
-            .map(|(f, r)| {
-                format!(
-                    "(CASE WHEN {f} THEN ['{}'] ELSE []::VARCHAR[] END)",
-                    r.code.replace('\'', "''")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" || ")
-    };
+    let errors = of(rules, Severity::Error);
     format!(
-        "SELECT *, {errors} AS validation_errors FROM {rows} WHERE {}",
-        any_fails(&fails)
+        "SELECT *, {} AS validation_errors{} FROM {rows} WHERE {}",
+        codes(&errors),
+        warnings_column(rules),
+        any_fails(&failing(&errors))
     )
 }
 
@@ -103,6 +132,7 @@ pub fn split(
     ))
     .map_err(err)?;
     let fails = failing(rules);
+    let is_error: Vec<bool> = rules.iter().map(|r| r.severity.is_error()).collect();
 
     // One pass over the raw rows for every count, each rule evaluated once
     // per row: the inner query names each rule's verdict, the outer one
@@ -116,10 +146,20 @@ pub fn split(
             .zip(&verdicts)
             .map(|(f, v)| format!("{f} AS {v}")),
     );
-    let any_verdict = if verdicts.is_empty() {
+    let error_verdicts: Vec<&String> = verdicts
+        .iter()
+        .zip(&is_error)
+        .filter(|(_, e)| **e)
+        .map(|(v, _)| v)
+        .collect();
+    let any_verdict = if error_verdicts.is_empty() {
         "false".to_string()
     } else {
-        verdicts.join(" OR ")
+        error_verdicts
+            .iter()
+            .map(|v| v.as_str())
+            .collect::<Vec<_>>()
+            .join(" OR ")
     };
     let mut counts = vec![
         "count(*)".to_string(),
@@ -140,11 +180,13 @@ pub fn split(
         .map_err(err)?;
     let (total, per_rule) = (row[0] as u64, &row[1..]);
     let bad_rows = per_rule[0] as u64;
+    let (errors, warnings) = by_severity(rules, &per_rule[2..]);
     Ok(Validation {
         good: total - bad_rows,
         bad: bad_rows,
         null_keys: per_rule[1] as u64,
-        errors: by_code(rules, &per_rule[2..]),
+        errors,
+        warnings,
     })
 }
 
@@ -210,9 +252,15 @@ pub fn over_files(
         (entity.table(FileKind::Bad), format!("SELECT * FROM {bad_file}")),
         (
             entity.raw_table().to_string(),
-            format!(
-                "SELECT * FROM {good_file} UNION ALL SELECT * EXCLUDE (validation_errors) FROM {bad_file}"
-            ),
+            match of(rules, Severity::Warn).is_empty() {
+                true => format!(
+                    "SELECT * FROM {good_file} UNION ALL SELECT * EXCLUDE (validation_errors) FROM {bad_file}"
+                ),
+                false => format!(
+                    "SELECT * EXCLUDE (validation_warnings) FROM {good_file} UNION ALL
+                     SELECT * EXCLUDE (validation_errors, validation_warnings) FROM {bad_file}"
+                ),
+            },
         ),
     ];
     for (name, query) in &views {
@@ -234,7 +282,8 @@ pub fn over_files(
             quote_ident(key)
         ),
     ];
-    counts.extend(rules.iter().map(|r| {
+    let errors = of(rules, Severity::Error);
+    counts.extend(errors.iter().map(|r| {
         format!(
             "count(*) FILTER (WHERE list_contains(validation_errors, {}))",
             quote_literal(&r.code)
@@ -243,15 +292,34 @@ pub fn over_files(
     let row = duck
         .query_row_i64(&format!("SELECT {} FROM {bad_file}", counts.join(", ")))
         .map_err(err)?;
+    // Warnings from the codes every row carries, good or bad.
+    let warn = of(rules, Severity::Warn);
+    let warned = match warn.is_empty() {
+        true => Vec::new(),
+        false => duck
+            .query_row_i64(&format!(
+                "SELECT count(*), {} FROM (SELECT validation_warnings FROM {good_file}
+                                        UNION ALL SELECT validation_warnings FROM {bad_file})",
+                warn.iter()
+                    .map(|r| format!(
+                        "count(*) FILTER (WHERE list_contains(validation_warnings, {}))",
+                        quote_literal(&r.code)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .map_err(err)?
+            .split_off(1),
+    };
     Ok(Validation {
         good: good.rows,
         bad: bad.rows,
         null_keys: row[1] as u64,
-        errors: by_code(rules, &row[2..]),
+        errors: by_code(&errors, &row[2..]),
+        warnings: by_code(&warn, &warned),
     })
 }
 
-/// Each rule's count of failing rows, by its code: `counts` in rule order.
 /// The schema of the views over every state's files.
 pub const ALL_STATES_SCHEMA: &str = "all_states";
 
@@ -294,6 +362,21 @@ pub fn all_states_views(
     Ok(())
 }
 
+/// `counts` in rule order, split into the error rules' and the warning
+/// rules', by code.
+fn by_severity(rules: &[Rule], counts: &[i64]) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
+    let pick = |s: Severity| {
+        rules
+            .iter()
+            .zip(counts)
+            .filter(|(r, _)| r.severity == s)
+            .map(|(r, n)| (r.code.clone(), *n as u64))
+            .collect()
+    };
+    (pick(Severity::Error), pick(Severity::Warn))
+}
+
+/// Each rule's count of failing rows, by its code: `counts` in rule order.
 fn by_code(rules: &[Rule], counts: &[i64]) -> BTreeMap<String, u64> {
     rules
         .iter()
@@ -313,6 +396,9 @@ pub struct EntityCounts {
     pub null_keys: u64,
     /// Rows failing each rule code.
     pub errors: BTreeMap<String, u64>,
+    /// Rows failing each warning rule (`severity = "warn"`), good or bad.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub warnings: BTreeMap<String, u64>,
 }
 
 impl EntityCounts {
@@ -323,6 +409,7 @@ impl EntityCounts {
             bad: v.bad,
             null_keys: v.null_keys,
             errors: v.errors,
+            warnings: v.warnings,
         }
     }
 }

@@ -889,3 +889,63 @@ fn a_lease_of_a_dead_process_of_this_host_is_taken_over_at_once() {
     assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
     assert!(leases(&w).is_empty(), "{:?}", leases(&w));
 }
+
+/// A rule of `severity = "warn"` counts its rows and lists its code in
+/// `validation_warnings`, good rows and bad alike, but leaves a good row
+/// good: the same whether the files are written while the rows load or
+/// from the workbench's tables (the link rule).
+#[test]
+fn a_warning_rule_leaves_good_rows_good() {
+    needs_services!();
+    let mut w = World::new("warn");
+    w.config
+        .rules
+        .companies
+        .push(outreach_workbench::config::Rule {
+            code: "name_short".into(),
+            condition: "length(company_name) < 3".into(),
+            severity: outreach_workbench::config::Severity::Warn,
+        });
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV"); // good, warned
+    add_company(&mut pg, "c2", Some("Bcde"), Some("b.example"), "WV"); // good
+    add_company(&mut pg, "c3", None, Some("c.example"), "WV"); // bad, not warned
+    add_company(&mut pg, "c4", Some("AB"), None, "WV"); // bad, warned
+    for link_rule in [false, true] {
+        let r = w.run_with(
+            "WV",
+            &RunOptions {
+                dry_run: true,
+                link_rule,
+                ..Default::default()
+            },
+        );
+        assert!(r.succeeded(), "{}", r.summary());
+        let c = r.companies.as_ref().unwrap();
+        assert_eq!(
+            (c.good, c.bad),
+            (2, 2),
+            "link rule {link_rule}: {}",
+            r.summary()
+        );
+        assert_eq!(c.warnings.get("name_short"), Some(&2), "{}", r.summary());
+        assert!(!c.errors.contains_key("name_short"), "{:?}", c.errors);
+        assert!(r.summary().contains("warn:name_short=2"), "{}", r.summary());
+        let good = w.export_path("wv", "companies", "good");
+        assert_eq!(
+            parquet_rows(&good, "company_unique_id, validation_warnings"),
+            ["c1|[name_short]", "c2|[]"]
+        );
+        let bad = w.export_path("wv", "companies", "bad");
+        assert_eq!(
+            parquet_rows(
+                &bad,
+                "company_unique_id, validation_errors, validation_warnings"
+            ),
+            [
+                "c3|[company_name_missing]|[]",
+                "c4|[website_url_missing]|[name_short]"
+            ]
+        );
+    }
+}
