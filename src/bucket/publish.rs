@@ -69,6 +69,22 @@ pub fn check_bucket(cfg: &StorageConfig) -> Result<(), PipelineError> {
         })
 }
 
+/// The states that have objects under the prefix (`<prefix>/wv/…`): what
+/// an all-states run counts as published before, whoever published them.
+pub fn published_states(cfg: &StorageConfig) -> Result<Vec<StateCode>, PipelineError> {
+    let bucket = bucket(cfg)?;
+    let under = cfg.key("");
+    let folders = runtime(&under)?
+        .block_on(wire::list_folders(&bucket, &under, "listing the states"))
+        .map_err(|f| failed(&under, f))?;
+    Ok(folders
+        .iter()
+        .filter_map(|f| f.strip_prefix(&under)?.strip_suffix('/'))
+        .filter(|s| s.len() == 2 && s.chars().all(|c| c.is_ascii_lowercase()))
+        .filter_map(|s| StateCode::parse(&s.to_ascii_uppercase()).ok())
+        .collect())
+}
+
 /// Writes and deletes a small object under the prefix: proves the key may
 /// write, which listing alone does not.
 pub fn probe_write(cfg: &StorageConfig) -> Result<(), PipelineError> {

@@ -218,11 +218,14 @@ pub fn run_all_states(
         not_run: Vec::new(),
     };
     let t = Instant::now();
+    let mut published = match published_states(config, opts.dry_run, cancel) {
+        Ok(states) => states.into_iter().peekable(),
+        Err(e) => return failed(report, e),
+    };
     let country = match open_country(config, opts.dry_run, cancel) {
         Ok(c) => c,
         Err(e) => return failed(report, e),
     };
-    let mut published = published_states(config).into_iter().peekable();
     let workers = config.storage.max_concurrent_uploads;
     let mut runs: Vec<(usize, RunReport)> = Vec::new();
     let started = Instant::now();
@@ -395,20 +398,35 @@ fn open_country(
     Country::read(client, config, cancel)
 }
 
-/// The states this workbench has published before.
-fn published_states(config: &Config) -> BTreeSet<StateCode> {
+/// The states this workbench has published before, and (for a real run;
+/// a dry run does not look at the bucket) those with objects in the bucket,
+/// whoever put them there.
+fn published_states(
+    config: &Config,
+    dry_run: bool,
+    cancel: &CancellationToken,
+) -> Result<BTreeSet<StateCode>, PipelineError> {
+    let mut states = BTreeSet::new();
     let published = Workbench::open(&config.workbench)
         .map_err(PipelineError::from)
         .and_then(|wb| wb.last_finished().map_err(PipelineError::from));
     match published {
-        Ok(rows) => rows
-            .into_iter()
-            .filter(|(_, _, success)| success.is_some())
-            .filter_map(|(s, _, _)| StateCode::parse(&s).ok())
-            .collect(),
+        Ok(rows) => states.extend(
+            rows.into_iter()
+                .filter(|(_, _, success)| success.is_some())
+                .filter_map(|(s, _, _)| StateCode::parse(&s).ok()),
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "could not read which states were published before");
-            BTreeSet::new()
         }
     }
+    if !dry_run {
+        states.extend(crate::retry::retry(
+            &config.retry,
+            cancel,
+            "listing the states in the bucket",
+            || crate::bucket::publish::published_states(&config.storage),
+        )?);
+    }
+    Ok(states)
 }
