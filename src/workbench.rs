@@ -587,6 +587,19 @@ impl Workbench {
             .map_err(|e| self.sql_err(e))
     }
 
+    /// When the last real run that was part of an all-states run started,
+    /// in epoch µs.
+    pub fn last_all_states_started(&self) -> Result<Option<i64>, WorkbenchError> {
+        self.conn()
+            .query_row(
+                "SELECT epoch_us(max(started_at)) FROM main.runs
+                 WHERE NOT dry_run AND report LIKE '%\"batch_id\":%'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.sql_err(e))
+    }
+
     pub fn record_upload(
         &self,
         key: &str,

@@ -269,8 +269,18 @@ pub async fn serve(
     let mut tasks = fire::start_schedules(&config, &shared);
     let config_arc = Arc::new(config.clone());
     for (state, opts) in missed {
-        tracing::info!(state = %state, "catching up a fire time missed while the daemon was down");
-        fire::trigger(state, &opts, &config_arc, &shared);
+        match state {
+            Some(state) => {
+                tracing::info!(state = %state, "catching up a fire time missed while the daemon was down");
+                fire::trigger(state, &opts, &config_arc, &shared);
+            }
+            None => {
+                tracing::info!(
+                    "catching up an all-states fire time missed while the daemon was down"
+                );
+                fire::trigger_all_states(&opts, &config_arc, &shared);
+            }
+        }
     }
     tracing::info!(
         config = %config_path.display(),

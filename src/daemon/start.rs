@@ -16,7 +16,7 @@ use crate::state::StateCode;
 pub(super) async fn before_first_fire(
     config: &Config,
     shared: &Shared,
-) -> anyhow::Result<Vec<(StateCode, RunOptions)>> {
+) -> anyhow::Result<Vec<(Option<StateCode>, RunOptions)>> {
     let cfg = config.clone();
     let metrics = shared.metrics.clone();
     let now = shared.clock.now();
@@ -120,15 +120,30 @@ fn audit_abandoned_runs(config: &Config, wb: &crate::workbench::Workbench) {
 /// States of `catch_up` schedules whose last run started before a fire
 /// time that has passed: the daemon was down then. A state with no run
 /// history is not caught up (as systemd's `Persistent=` with no stamp).
+/// `None` for an all-states schedule, judged by its last all-states run.
 fn missed_runs(
     config: &Config,
     wb: &crate::workbench::Workbench,
     now: DateTime<Utc>,
-) -> Vec<(StateCode, RunOptions)> {
-    let mut missed: Vec<(StateCode, RunOptions)> = Vec::new();
+) -> Vec<(Option<StateCode>, RunOptions)> {
+    let mut missed: Vec<(Option<StateCode>, RunOptions)> = Vec::new();
     for schedule in &config.schedules {
         if !schedule.catch_up {
             continue;
+        }
+        if schedule.all_states {
+            let last = match wb.last_all_states_started() {
+                Ok(Some(us)) => DateTime::from_timestamp_micros(us),
+                _ => None,
+            };
+            let due = last
+                .and_then(|t| schedule.timing.next_after(t))
+                .filter(|fire| *fire <= now);
+            if let Some(fire) = due.filter(|_| !missed.iter().any(|(s, _)| s.is_none())) {
+                let mut opts = RunOptions::for_schedule(schedule);
+                opts.fire_time = Some(fire);
+                missed.push((None, opts));
+            }
         }
         for state in &schedule.states {
             let last = match wb.last_started(state.as_str()) {
@@ -138,12 +153,14 @@ fn missed_runs(
             let due = last
                 .and_then(|t| schedule.timing.next_after(t))
                 .filter(|fire| *fire <= now);
-            if let Some(fire) = due.filter(|_| !missed.iter().any(|(s, _)| s == state)) {
+            if let Some(fire) =
+                due.filter(|_| !missed.iter().any(|(s, _)| s.as_ref() == Some(state)))
+            {
                 // The first fire time missed is the one claimed: a host that
                 // was up then has run it, and this one skips it.
                 let mut opts = RunOptions::for_schedule(schedule);
                 opts.fire_time = Some(fire);
-                missed.push((state.clone(), opts));
+                missed.push((Some(state.clone()), opts));
             }
         }
     }

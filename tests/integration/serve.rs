@@ -267,3 +267,50 @@ fn catch_up_runs_the_first_missed_fire_time_once_and_only_where_asked() {
         );
     });
 }
+
+/// An all-states schedule with `catch_up` runs every state once at start
+/// for the first fire time it missed, judged by its last all-states run.
+#[test]
+fn catch_up_of_an_all_states_schedule_runs_every_state_once() {
+    needs_services!();
+    let w = World::new("scatchall");
+    good_company_in_wv_and_pa(&w);
+    std::fs::create_dir_all(w.dir.path().join("duck")).unwrap();
+    {
+        let duck =
+            duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
+        duck.execute_batch(
+            "CREATE TABLE main.runs (run_id VARCHAR PRIMARY KEY, state VARCHAR NOT NULL, status VARCHAR NOT NULL,
+                 dry_run BOOLEAN NOT NULL, started_at TIMESTAMP NOT NULL, finished_at TIMESTAMP, audit_id BIGINT,
+                 error VARCHAR, report VARCHAR);
+             INSERT INTO main.runs VALUES
+                 ('old-wv', 'WV', 'success', false, TIMESTAMP '2026-05-29 12:00:00', NULL, NULL, NULL,
+                  '{\"batch_id\":\"b1\",\"state\":\"WV\"}');",
+        )
+        .unwrap();
+    }
+    let path = config_file(
+        &w,
+        "[[schedule]]\nstates = \"all\"\ncadence = \"daily\"\ncatch_up = true\n",
+    );
+    paused_runtime().block_on(async {
+        let mut d = InProcess::start(&path, utc("2026-06-01T10:00:00Z")).await;
+        let mut reports = Vec::new();
+        while reports.len() < 2 {
+            reports.push(d.next_run().await);
+        }
+        d.stop().await;
+        let ok = RunStatus::Success;
+        let missed = "2026-05-30T00:00:00+00:00";
+        assert_eq!(
+            fired(&reports),
+            [
+                ("PA".into(), missed.into(), ok),
+                ("WV".into(), missed.into(), ok),
+            ],
+            "{:?}",
+            reports.iter().map(|r| &r.error).collect::<Vec<_>>()
+        );
+        assert!(reports.iter().all(|r| r.batch_id.is_some()));
+    });
+}
