@@ -25,6 +25,21 @@ pub enum Severity {
     Warn,
 }
 
+impl Rule {
+    /// Whether the condition reads other rows than the one it judges: a
+    /// window function, `… OVER (…)`, evaluated over every row of the
+    /// state. (A literal that spells `over (` counts too: it only costs the
+    /// rule the whole-state way of evaluating.)
+    pub fn reads_the_state(&self) -> bool {
+        let c = self.condition.to_ascii_lowercase();
+        let b = c.as_bytes();
+        c.match_indices("over").any(|(i, _)| {
+            let word_starts = i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_');
+            word_starts && c[i + 4..].trim_start().starts_with('(')
+        })
+    }
+}
+
 impl Severity {
     pub fn is_error(&self) -> bool {
         *self == Severity::Error

@@ -33,8 +33,8 @@ pub struct StreamedExport<'a> {
     state: &'a StateCode,
     exports_dir: PathBuf,
     cfg: &'a ExportConfig,
-    /// Each entity's rules.
-    rules: Vec<(Entity, &'a [Rule])>,
+    /// Each entity's key and rules.
+    rules: Vec<(Entity, &'a str, &'a [Rule])>,
     written: Mutex<Vec<Written>>,
 }
 
@@ -59,7 +59,7 @@ impl<'a> StreamedExport<'a> {
         wb: &Workbench,
         state: &'a StateCode,
         cfg: &'a ExportConfig,
-        rules: Vec<(Entity, &'a [Rule])>,
+        rules: Vec<(Entity, &'a str, &'a [Rule])>,
     ) -> StreamedExport<'a> {
         StreamedExport {
             db: wb.database(),
@@ -81,11 +81,11 @@ impl<'a> StreamedExport<'a> {
 
     fn write(&self, kind: FileKind, feed: TableFeed) -> Result<(), PipelineError> {
         let (entity, raw) = (feed.entity, feed.name());
-        let rules = self
+        let (key, rules) = self
             .rules
             .iter()
-            .find(|(e, _)| *e == entity)
-            .map_or(&[][..], |(_, r)| *r);
+            .find(|(e, _, _)| *e == entity)
+            .map_or(("", &[][..]), |(_, k, r)| (*k, *r));
         let path = self
             .exports_dir
             .join(ExportedFile::relative_path(self.state, entity, kind));
@@ -124,8 +124,8 @@ impl<'a> StreamedExport<'a> {
                 |rows| {
                     let rows = format!("(SELECT {columns} FROM {rows}) AS {}", quote_ident(raw));
                     let query = match kind {
-                        FileKind::Good => validate::good_rows(&rows, rules),
-                        FileKind::Bad => validate::bad_rows(&rows, rules),
+                        FileKind::Good => validate::good_rows(&rows, rules, key),
+                        FileKind::Bad => validate::bad_rows(&rows, rules, key),
                     };
                     copy_sql(&query, &tmp, self.cfg)
                 },

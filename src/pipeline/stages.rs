@@ -185,7 +185,9 @@ fn pull_to_files(
         wb,
         state,
         &config.export,
-        Entity::ALL.map(|e| (e, config.rules.of(e))).to_vec(),
+        Entity::ALL
+            .map(|e| (e, config.source.key(e), config.rules.of(e)))
+            .to_vec(),
     );
     let t = Instant::now();
     let db = wb.database();

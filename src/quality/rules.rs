@@ -60,6 +60,9 @@ pub fn company_not_valid_rule(schema: &str, link_column: &str, company_key: &str
     )
 }
 
+const NO_AGGREGATE: &str = "an aggregate judges no single row; to compare a row with the rest of \
+     the state use a window function, e.g. `count(*) OVER (PARTITION BY lower(email)) > 1`";
+
 fn rule_error(entity: &str, index: usize, code: &str, message: impl Into<String>) -> RuleError {
     RuleError {
         entity: entity.into(),
@@ -169,6 +172,18 @@ impl Checker {
                     return Err(rule_error(entity, i, &r.code, first_line(&e)));
                 }
             }
+            // An aggregate without OVER judges no row: its value would be
+            // the batch's or nothing. A window function reads the state.
+            if !r.reads_the_state() {
+                if let Err(e) = self
+                    .db
+                    .prepare(&format!("SELECT 1 WHERE ({})", r.condition))
+                {
+                    if e.to_string().contains("aggregate") {
+                        return Err(rule_error(entity, i, &r.code, NO_AGGREGATE));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -192,6 +207,17 @@ impl Checker {
             ))
             .map_err(|e| rule_error(entity, 0, "", format!("describing {table}: {e}")))?;
         for (i, r) in rules.iter().enumerate() {
+            // As at the load, now with the columns bound (`count(email)`).
+            if !r.reads_the_state() {
+                if let Err(e) = self.db.prepare(&format!(
+                    "SELECT count(*) FROM source_row WHERE ({})",
+                    r.condition
+                )) {
+                    if e.to_string().contains("aggregate") {
+                        return Err(rule_error(entity, i, &r.code, NO_AGGREGATE));
+                    }
+                }
+            }
             let typ: Result<String, duckdb::Error> = self.db.query_row(
                 &format!("SELECT typeof(({})) FROM source_row", r.condition),
                 [],
@@ -273,6 +299,40 @@ mod tests {
         c.syntax("people", &default_people_rules()).unwrap();
         c.columns("companies", "t", &cols(), &default_company_rules())
             .unwrap();
+    }
+
+    /// A window function reads the whole state and passes; an aggregate
+    /// without OVER is refused when the config loads, or, when it names a
+    /// column, against the columns, naming the rule either way.
+    #[test]
+    fn whole_state_rules_need_a_window() {
+        let c = Checker::new().unwrap();
+        let window = vec![rule(
+            "name_duplicate",
+            "count(*) OVER (PARTITION BY lower(company_name)) > 1",
+        )];
+        assert!(window[0].reads_the_state());
+        c.syntax("companies", &window).unwrap();
+        c.columns("companies", "t", &cols(), &window).unwrap();
+        for (i, rules) in [
+            vec![rule("many", "count(*) > 1")],
+            vec![
+                rule("ok", "employees > 1"),
+                rule("many_names", "count(company_name) > 1"),
+            ],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let e = match c.syntax("companies", &rules) {
+                Err(e) => e,
+                Ok(()) => c.columns("companies", "t", &cols(), &rules).unwrap_err(),
+            };
+            assert_eq!(e.index, i, "{e}");
+            assert!(e.message.contains("window function"), "{e}");
+        }
+        assert!(!rule("r", "takeover_date IS NULL").reads_the_state());
+        assert!(rule("r", "rank() over(ORDER BY x) = 1").reads_the_state());
     }
 
     #[test]

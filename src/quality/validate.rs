@@ -48,12 +48,13 @@ fn failing(rules: &[Rule]) -> Vec<String> {
         .collect()
 }
 
-/// The codes of the rules in `rules` a row fails, in rule order.
-fn codes(rules: &[Rule]) -> String {
+/// The codes of the rules whose verdict (`fails`, in the rules' order) is
+/// TRUE for the row, in rule order.
+fn codes(rules: &[&Rule], fails: &[&String]) -> String {
     if rules.is_empty() {
         return "[]::VARCHAR[]".to_string();
     }
-    failing(rules)
+    fails
         .iter()
         .zip(rules)
         .map(|(f, r)| {
@@ -66,42 +67,107 @@ fn codes(rules: &[Rule]) -> String {
         .join(" || ")
 }
 
-/// `, <codes> AS validation_warnings` when there are warning rules.
-fn warnings_column(rules: &[Rule]) -> String {
-    let warn = of(rules, Severity::Warn);
-    match warn.is_empty() {
-        true => String::new(),
-        false => format!(", {} AS validation_warnings", codes(&warn)),
-    }
-}
-
-fn any_fails(fails: &[String]) -> String {
+fn any_fails(fails: &[&String]) -> String {
     if fails.is_empty() {
         "false".to_string()
     } else {
-        fails.join(" OR ")
+        fails
+            .iter()
+            .map(|f| f.as_str())
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    }
+}
+
+/// How the good and bad rows of `rows` are selected. Rules that judge each
+/// row alone are conditions in a `WHERE`. When one reads the whole state
+/// (a window function), every verdict is computed first in an inner
+/// `SELECT` (where window functions are allowed) over all of `rows`, and
+/// the rows come out ordered by `key` again, which the window may not keep.
+struct Split {
+    from: String,
+    /// Each rule's verdict, in rule order.
+    fails: Vec<String>,
+    /// `EXCLUDE (…)` of the verdict columns, or nothing.
+    exclude: String,
+    order: String,
+}
+
+impl Split {
+    fn new(rows: &str, rules: &[Rule], key: &str) -> Split {
+        if !rules.iter().any(Rule::reads_the_state) {
+            return Split {
+                from: rows.to_string(),
+                fails: failing(rules),
+                exclude: String::new(),
+                order: String::new(),
+            };
+        }
+        let names: Vec<String> = (0..rules.len()).map(|i| format!("_ow_v{i}")).collect();
+        let verdicts = rules
+            .iter()
+            .zip(&names)
+            .map(|(r, n)| format!("({}) AS {n}", r.condition))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Split {
+            from: format!("(SELECT *, {verdicts} FROM {rows}) AS judged"),
+            fails: names
+                .iter()
+                .map(|n| format!("coalesce({n}, false)"))
+                .collect(),
+            exclude: format!(" EXCLUDE ({})", names.join(", ")),
+            order: format!(" ORDER BY {}", quote_ident(key)),
+        }
+    }
+
+    /// The verdicts of the rules of `severity`, with those rules.
+    fn of<'a>(&'a self, rules: &'a [Rule], severity: Severity) -> (Vec<&'a Rule>, Vec<&'a String>) {
+        rules
+            .iter()
+            .zip(&self.fails)
+            .filter(|(r, _)| r.severity == severity)
+            .unzip()
+    }
+
+    /// `, <codes> AS validation_warnings` when there are warning rules.
+    fn warnings_column(&self, rules: &[Rule]) -> String {
+        let (warn, fails) = self.of(rules, Severity::Warn);
+        match warn.is_empty() {
+            true => String::new(),
+            false => format!(", {} AS validation_warnings", codes(&warn, &fails)),
+        }
     }
 }
 
 /// The query for the good rows of `rows` (a table, or a subquery with an
-/// alias): the `_good` view's, and what the export writes.
-pub fn good_rows(rows: &str, rules: &[Rule]) -> String {
+/// alias) in `key` order: the `_good` view's, and what the export writes.
+pub fn good_rows(rows: &str, rules: &[Rule], key: &str) -> String {
+    let split = Split::new(rows, rules, key);
+    let (_, errors) = split.of(rules, Severity::Error);
     format!(
-        "SELECT *{} FROM {rows} WHERE NOT ({})",
-        warnings_column(rules),
-        any_fails(&failing(&of(rules, Severity::Error)))
+        "SELECT *{}{} FROM {} WHERE NOT ({}){}",
+        split.exclude,
+        split.warnings_column(rules),
+        split.from,
+        any_fails(&errors),
+        split.order
     )
 }
 
 /// The query for the bad rows of `rows`, each with its `validation_errors`
 /// in rule order: the `_bad` view's, and what the export writes.
-pub fn bad_rows(rows: &str, rules: &[Rule]) -> String {
-    let errors = of(rules, Severity::Error);
+pub fn bad_rows(rows: &str, rules: &[Rule], key: &str) -> String {
+    let split = Split::new(rows, rules, key);
+    let (error_rules, errors) = split.of(rules, Severity::Error);
     format!(
-        "SELECT *, {} AS validation_errors{} FROM {rows} WHERE {}",
-        codes(&errors),
-        warnings_column(rules),
-        any_fails(&failing(&errors))
+        "SELECT *{}, {} AS validation_errors{} FROM {} WHERE {}{}",
+        split.exclude,
+        codes(&error_rules, &errors),
+        split.warnings_column(rules),
+        split.from,
+        any_fails(&errors),
+        split.order
     )
 }
 
@@ -127,8 +193,8 @@ pub fn split(
     duck.execute(&format!(
         "CREATE OR REPLACE VIEW {good} AS {};
          CREATE OR REPLACE VIEW {bad} AS {};",
-        good_rows(&raw, rules),
-        bad_rows(&raw, rules)
+        good_rows(&raw, rules, key),
+        bad_rows(&raw, rules, key)
     ))
     .map_err(err)?;
     let fails = failing(rules);

@@ -949,3 +949,56 @@ fn a_warning_rule_leaves_good_rows_good() {
         );
     }
 }
+
+/// A rule with a window function judges each row against the whole state:
+/// a duplicate email is found the same in one batch and in a batch per
+/// row, written while the rows load or from the link rule's tables, and
+/// the files stay in key order.
+#[test]
+fn a_duplicate_email_rule_reads_the_whole_state() {
+    needs_services!();
+    let mut w = World::new("dup");
+    w.config
+        .rules
+        .people
+        .push(outreach_workbench::config::Rule {
+            code: "email_duplicate".into(),
+            condition: "count(*) OVER (PARTITION BY lower(email)) > 1".into(),
+            severity: Default::default(),
+        });
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    for (id, email) in [
+        ("p4", "z@b.example"),
+        ("p1", "x@a.example"),
+        ("p3", "y@b.example"),
+        ("p2", "X@A.example"),
+    ] {
+        add_person(&mut pg, id, "c1", Some(email), Some("CEO"));
+    }
+    let mut seen = Vec::new();
+    for (batch_rows, link_rule) in [(16_384, false), (1, false), (1, true)] {
+        w.config.source.batch_rows = batch_rows;
+        let r = w.run_with(
+            "WV",
+            &RunOptions {
+                dry_run: true,
+                link_rule,
+                ..Default::default()
+            },
+        );
+        assert!(r.succeeded(), "{}", r.summary());
+        let p = r.people.as_ref().unwrap();
+        assert_eq!(p.errors.get("email_duplicate"), Some(&2), "{}", r.summary());
+        let good = w.export_path("wv", "people", "good");
+        let bad = w.export_path("wv", "people", "bad");
+        assert_eq!(parquet_rows(&good, "unique_id"), ["p3", "p4"]);
+        assert_eq!(
+            parquet_rows(&bad, "unique_id, validation_errors"),
+            ["p1|[email_duplicate]", "p2|[email_duplicate]"]
+        );
+        seen.push(r.files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>());
+    }
+    assert_eq!(seen[0], seen[1], "one batch or many");
+    assert_eq!(seen[0], seen[2], "streamed or from the tables");
+}
