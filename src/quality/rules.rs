@@ -335,6 +335,39 @@ mod tests {
         assert!(rule("r", "rank() over(ORDER BY x) = 1").reads_the_state());
     }
 
+    /// The examples in docs/rules.md load and bind against the production
+    /// columns they name.
+    #[test]
+    fn the_documented_examples_check() {
+        let doc = include_str!("../../docs/rules.md");
+        let start = doc
+            .find("[[rules.people]]            # duplicate email")
+            .unwrap();
+        let block = &doc[start..];
+        let block = &block[..block.find("```").unwrap()];
+        let parsed = crate::config::Config::from_toml_str(&format!(
+            "[source]\nhost = \"h\"\ndatabase = \"d\"\nuser = \"u\"\n\
+             [storage]\nendpoint = \"http://s\"\nbucket = \"b\"\n{block}"
+        ))
+        .unwrap();
+        let text = |n: &str| (n.to_string(), ColType::Text);
+        let c = Checker::new().unwrap();
+        let companies = [text("company_unique_id"), text("industry")];
+        let people = [text("email"), text("work_phone_e164")];
+        for (entity, rules, columns) in [
+            ("companies", &parsed.rules.companies, &companies[..]),
+            ("people", &parsed.rules.people, &people[..]),
+        ] {
+            assert!(!rules.is_empty());
+            c.syntax(entity, rules).unwrap();
+            c.columns(entity, "t", columns, rules).unwrap();
+        }
+        assert_eq!(
+            parsed.rules.people[2].severity,
+            crate::config::Severity::Warn
+        );
+    }
+
     #[test]
     fn syntax_errors_name_the_rule() {
         let rules = vec![
