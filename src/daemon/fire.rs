@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::{release_run_memory, Event, Shared, MAX_SLEEP};
 use crate::config::{Config, Schedule};
@@ -93,31 +94,43 @@ pub(super) fn trigger(
     let (opts, config, shared) = (opts.clone(), config.clone(), shared.clone());
     let tracker = shared.runs.clone();
     tracker.spawn(async move {
-        let permit = shared.permits.clone().acquire_owned().await;
-        if shared.stopping.is_cancelled() {
-            shared.running.lock().unwrap().remove(&state);
-            return;
-        }
-        let cancel = shared.cancel_runs.child_token();
-        let timer = start_timer(&config, &cancel, state.as_str());
-        let st = state.clone();
-        let config_for_notify = config.clone();
-        let joined = tokio::task::spawn_blocking(move || {
-            let report = pipeline::run(&config, &st, &cancel, &opts);
-            release_run_memory();
-            report
-        })
-        .await;
-        if let Some(t) = timer {
-            t.abort();
-        }
-        drop(permit);
-        match joined {
-            Ok(report) => finished(&report, &state, &config_for_notify, &shared),
-            Err(e) => tracing::error!(state = %state, error = %e, "run panicked"),
+        let (c, st) = (config.clone(), state.clone());
+        let work = move |cancel: CancellationToken| pipeline::run(&c, &st, &cancel, &opts);
+        match run_blocking(&shared, &config, state.as_str(), work).await {
+            None => {}
+            Some(Ok(report)) => finished(&report, &state, &config, &shared),
+            Some(Err(e)) => tracing::error!(state = %state, error = %e, "run panicked"),
         }
         shared.running.lock().unwrap().remove(&state);
     });
+}
+
+/// Waits for a permit, then runs `work` on a blocking thread (the pipeline
+/// blocks) with a token that a shutdown's grace period or the run timeout
+/// cancels. `None` when the daemon began stopping before it could start.
+async fn run_blocking<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    config: &Config,
+    what: &str,
+    work: impl FnOnce(CancellationToken) -> T + Send + 'static,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    let permit = shared.permits.clone().acquire_owned().await;
+    if shared.stopping.is_cancelled() {
+        return None;
+    }
+    let cancel = shared.cancel_runs.child_token();
+    let timer = start_timer(config, &cancel, what);
+    let joined = tokio::task::spawn_blocking(move || {
+        let done = work(cancel);
+        release_run_memory();
+        done
+    })
+    .await;
+    if let Some(t) = timer {
+        t.abort();
+    }
+    drop(permit);
+    Some(joined)
 }
 
 /// Starts an all-states run (see [`pipeline::all_states`]) unless one is
@@ -137,15 +150,8 @@ pub(super) fn trigger_all_states(opts: &RunOptions, config: &Arc<Config>, shared
     let (opts, config, shared) = (opts.clone(), config.clone(), shared.clone());
     let tracker = shared.runs.clone();
     tracker.spawn(async move {
-        let permit = shared.permits.clone().acquire_owned().await;
-        if shared.stopping.is_cancelled() {
-            shared.all_states_running.store(false, Ordering::SeqCst);
-            return;
-        }
-        let cancel = shared.cancel_runs.child_token();
-        let timer = start_timer(&config, &cancel, "all states");
         let (c, s) = (config.clone(), shared.clone());
-        let joined = tokio::task::spawn_blocking(move || {
+        let work = move |cancel: CancellationToken| {
             let started = std::time::Instant::now();
             let (mut done, mut rows) = (0usize, 0u64);
             let mut each = |r: &pipeline::RunReport| {
@@ -162,23 +168,18 @@ pub(super) fn trigger_all_states(opts: &RunOptions, config: &Arc<Config>, shared
                     Err(_) => log_report(r),
                 }
             };
-            let batch = pipeline::all_states::run_all_states(&c, &cancel, &opts, &mut each);
-            release_run_memory();
-            batch
-        })
-        .await;
-        if let Some(t) = timer {
-            t.abort();
-        }
-        drop(permit);
+            pipeline::all_states::run_all_states(&c, &cancel, &opts, &mut each)
+        };
+        let joined = run_blocking(&shared, &config, "all states", work).await;
         shared.update_board(|b| b.progress(None));
         match joined {
-            Ok(batch) => {
+            None => {}
+            Some(Ok(batch)) => {
                 let (companies, people) = batch.without_state();
                 shared.metrics.record_all_states(companies, people);
                 shared.write_metrics(&config);
             }
-            Err(e) => tracing::error!(error = %e, "all-states run panicked"),
+            Some(Err(e)) => tracing::error!(error = %e, "all-states run panicked"),
         }
         shared.all_states_running.store(false, Ordering::SeqCst);
     });
@@ -186,11 +187,7 @@ pub(super) fn trigger_all_states(opts: &RunOptions, config: &Arc<Config>, shared
 
 /// The run timeout, if set: it cancels the run (`what`: its state, or
 /// all states) the way a shutdown does.
-fn start_timer(
-    config: &Config,
-    cancel: &tokio_util::sync::CancellationToken,
-    what: &str,
-) -> Option<JoinHandle<()>> {
+fn start_timer(config: &Config, cancel: &CancellationToken, what: &str) -> Option<JoinHandle<()>> {
     let timeout = config.daemon.run_timeout;
     (!timeout.is_zero()).then(|| {
         let (cancel, what) = (cancel.clone(), what.to_string());

@@ -227,14 +227,13 @@ pub fn run_all_states(
         Err(e) => return failed(report, e),
     };
     let workers = config.storage.max_concurrent_uploads;
-    let mut runs: Vec<(usize, RunReport)> = Vec::new();
+    let mut runs: Vec<RunReport> = Vec::new();
     let started = Instant::now();
     let mut rows = 0u64;
-    let mut seen = 0usize;
     std::thread::scope(|scope| {
-        let (done, finished) = std::sync::mpsc::channel::<(usize, RunReport)>();
+        let (done, finished) = std::sync::mpsc::channel::<RunReport>();
         let mut running = 0usize;
-        let mut note = |(i, run): (usize, RunReport), runs: &mut Vec<(usize, RunReport)>| {
+        let mut note = |run: RunReport, runs: &mut Vec<RunReport>| {
             rows += run.rows_pulled();
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             tracing::info!(
@@ -245,19 +244,18 @@ pub fn run_all_states(
                 "all-states progress"
             );
             each(&run);
-            runs.push((i, run));
+            runs.push(run);
         };
         // Starts `state`'s run on `rows` once fewer than `workers` are past
         // their read; its rows are drained if it stops before reading them.
-        let mut dispatch = |state: StateCode, rows: Segment, runs: &mut Vec<(usize, RunReport)>| {
+        let mut dispatch = |state: StateCode, rows: Segment, runs: &mut Vec<RunReport>| {
             while running >= workers {
                 let finished_run = finished.recv().expect("a worker is running");
                 running -= 1;
                 note(finished_run, runs);
             }
             running += 1;
-            let (i, done, span) = (seen, done.clone(), tracing::Span::current());
-            seen += 1;
+            let (done, span) = (done.clone(), tracing::Span::current());
             let opts = RunOptions {
                 batch: Some(Batch {
                     id: batch_id.clone(),
@@ -271,7 +269,7 @@ pub fn run_all_states(
                 if let Some(b) = &opts.batch {
                     b.rows.drain();
                 }
-                let _ = done.send((i, run));
+                let _ = done.send(run);
             });
         };
         while let Some(segment) = country.next() {
@@ -341,9 +339,9 @@ pub fn run_all_states(
     if let Err(e) = views {
         tracing::warn!(error = %e, "could not make the all_states views");
     }
-    runs.sort_by_key(|(i, _)| *i);
-    report.runs = runs.into_iter().map(|(_, r)| r).collect();
-    report.runs.sort_by(|a, b| a.state.cmp(&b.state));
+    // They finish in any order; the report lists them by state.
+    runs.sort_by(|a, b| a.state.cmp(&b.state));
+    report.runs = runs;
     report.finished_at = Utc::now();
     if !opts.dry_run {
         let mut session = Session::lazy(&config.source, &config.retry);
