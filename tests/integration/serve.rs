@@ -115,6 +115,21 @@ fn good_company_in_wv_and_pa(w: &World) {
     add_company(&mut pg, "c2", Some("B"), Some("b.example"), "PA");
 }
 
+/// A workbench whose history holds the runs `values` (rows of
+/// `main.runs` as SQL): the daemon finds them at its start.
+fn past_runs(w: &World, values: &str) {
+    std::fs::create_dir_all(w.dir.path().join("duck")).unwrap();
+    let duck =
+        duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
+    duck.execute_batch(&format!(
+        "CREATE TABLE main.runs (run_id VARCHAR PRIMARY KEY, state VARCHAR NOT NULL, status VARCHAR NOT NULL,
+             dry_run BOOLEAN NOT NULL, started_at TIMESTAMP NOT NULL, finished_at TIMESTAMP, audit_id BIGINT,
+             error VARCHAR, report VARCHAR);
+         INSERT INTO main.runs VALUES {values};"
+    ))
+    .unwrap();
+}
+
 fn paused_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -222,20 +237,11 @@ fn catch_up_runs_the_first_missed_fire_time_once_and_only_where_asked() {
     // History: both states last ran at noon on 2026-05-29; the daily 00:00
     // UTC fire times since were missed. Only the catch_up schedule runs at
     // start, for the first fire time it missed.
-    std::fs::create_dir_all(w.dir.path().join("duck")).unwrap();
-    {
-        let duck =
-            duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
-        duck.execute_batch(
-            "CREATE TABLE main.runs (run_id VARCHAR PRIMARY KEY, state VARCHAR NOT NULL, status VARCHAR NOT NULL,
-                 dry_run BOOLEAN NOT NULL, started_at TIMESTAMP NOT NULL, finished_at TIMESTAMP, audit_id BIGINT,
-                 error VARCHAR, report VARCHAR);
-             INSERT INTO main.runs VALUES
-                 ('old-wv', 'WV', 'success', false, TIMESTAMP '2026-05-29 12:00:00', NULL, NULL, NULL, NULL),
-                 ('old-pa', 'PA', 'success', false, TIMESTAMP '2026-05-29 12:00:00', NULL, NULL, NULL, NULL);",
-        )
-        .unwrap();
-    }
+    past_runs(
+        &w,
+        "('old-wv', 'WV', 'success', false, TIMESTAMP '2026-05-29 12:00:00', NULL, NULL, NULL, NULL),
+                 ('old-pa', 'PA', 'success', false, TIMESTAMP '2026-05-29 12:00:00', NULL, NULL, NULL, NULL)",
+    );
     let path = config_file(
         &w,
         "[[schedule]]\nstates = [\"WV\"]\ncadence = \"daily\"\ncatch_up = true\n\n[[schedule]]\nstates = [\"PA\"]\ncadence = \"daily\"\n",
@@ -275,20 +281,11 @@ fn catch_up_of_an_all_states_schedule_runs_every_state_once() {
     needs_services!();
     let w = World::new("scatchall");
     good_company_in_wv_and_pa(&w);
-    std::fs::create_dir_all(w.dir.path().join("duck")).unwrap();
-    {
-        let duck =
-            duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
-        duck.execute_batch(
-            "CREATE TABLE main.runs (run_id VARCHAR PRIMARY KEY, state VARCHAR NOT NULL, status VARCHAR NOT NULL,
-                 dry_run BOOLEAN NOT NULL, started_at TIMESTAMP NOT NULL, finished_at TIMESTAMP, audit_id BIGINT,
-                 error VARCHAR, report VARCHAR);
-             INSERT INTO main.runs VALUES
-                 ('old-wv', 'WV', 'success', false, TIMESTAMP '2026-05-29 12:00:00', NULL, NULL, NULL,
-                  '{\"batch_id\":\"b1\",\"state\":\"WV\"}');",
-        )
-        .unwrap();
-    }
+    past_runs(
+        &w,
+        "('old-wv', 'WV', 'success', false, TIMESTAMP '2026-05-29 12:00:00', NULL, NULL, NULL,
+                  '{\"batch_id\":\"b1\",\"state\":\"WV\"}')",
+    );
     let path = config_file(
         &w,
         "[[schedule]]\nstates = \"all\"\ncadence = \"daily\"\ncatch_up = true\n",
