@@ -94,6 +94,8 @@ pub struct Config {
     pub rules: RulesConfig,
     #[serde(default)]
     pub gates: GatesConfig,
+    #[serde(default)]
+    pub report: ReportConfig,
     /// `[[schedule]]` as written; parsed into `schedules` at load.
     #[serde(default, rename = "schedule")]
     schedule_entries: Vec<ScheduleConfig>,
@@ -402,6 +404,29 @@ impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
             table: QualifiedName::new("shq", "audit_log"),
+        }
+    }
+}
+
+/// `[report]`: the HTML page every run writes (see `pipeline::page`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportConfig {
+    /// Write the page (and publish it beside the manifest).
+    pub enabled: bool,
+    /// Rows shown per failing rule: their key and the columns the rule
+    /// reads. They may hold personal data; 0 shows none and keeps none.
+    pub sample_rows: usize,
+    /// How many of the state's runs the charts draw.
+    pub chart_runs: usize,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        ReportConfig {
+            enabled: true,
+            sample_rows: 5,
+            chart_runs: 30,
         }
     }
 }

@@ -9,7 +9,8 @@ use chrono::DateTime;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::pipeline::{EntityCounts, RunReport, RunStatus};
+use crate::pipeline::report::{EntityCounts, RunReport, RunStatus};
+use crate::quality::samples::RuleSample;
 use crate::state::StateCode;
 use crate::workbench::{self, WorkbenchError};
 
@@ -33,14 +34,20 @@ pub fn read(
     state: Option<&StateCode>,
     limit: usize,
 ) -> Result<Vec<Entry>, WorkbenchError> {
-    let path = workbench::Workbench::db_path(&config.workbench.dir);
     let Some(conn) = workbench::open_read_only(&config.workbench)? else {
         return Ok(Vec::new());
     };
-    let err = |e: duckdb::Error| WorkbenchError::Sql {
-        path: path.clone(),
-        detail: e.to_string(),
-    };
+    read_from(&conn, &config.workbench.dir, state, limit)
+}
+
+/// [`read`], on a connection already open (a run's own, for its page).
+pub fn read_from(
+    conn: &duckdb::Connection,
+    dir: &std::path::Path,
+    state: Option<&StateCode>,
+    limit: usize,
+) -> Result<Vec<Entry>, WorkbenchError> {
+    let err = sql_err(dir);
     let mut stmt = conn
         .prepare(
             "SELECT run_id, state, status, dry_run, epoch_us(started_at), epoch_us(finished_at),
@@ -48,7 +55,7 @@ pub fn read(
              FROM main.runs WHERE ?::VARCHAR IS NULL OR state = ?
              ORDER BY started_at DESC, run_id LIMIT ?",
         )
-        .map_err(err)?;
+        .map_err(&err)?;
     let state = state.map(|s| s.as_str().to_string());
     let rows = stmt
         .query_map(duckdb::params![state, state, limit as i64], |r| {
@@ -78,8 +85,48 @@ pub fn read(
                 audit_pending: r.get(9)?,
             })
         })
-        .map_err(err)?;
+        .map_err(&err)?;
     rows.collect::<Result<Vec<_>, _>>().map_err(err)
+}
+
+/// The failing rows a run kept for its page (none for a run made with
+/// `sample_rows = 0`, or by a version before them).
+pub fn samples(
+    conn: &duckdb::Connection,
+    dir: &std::path::Path,
+    run_id: &str,
+) -> Result<Vec<RuleSample>, WorkbenchError> {
+    // A workbench made before samples has no table of them.
+    let err = sql_err(dir);
+    let made: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM duckdb_tables()
+             WHERE schema_name = 'main' AND table_name = 'run_samples'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(&err)?;
+    if !made {
+        return Ok(Vec::new());
+    }
+    let json: Option<String> = conn
+        .query_row(
+            "SELECT max(samples) FROM main.run_samples WHERE run_id = ?",
+            [run_id],
+            |r| r.get(0),
+        )
+        .map_err(&err)?;
+    Ok(json
+        .and_then(|j| serde_json::from_str(&j).ok())
+        .unwrap_or_default())
+}
+
+fn sql_err(dir: &std::path::Path) -> impl Fn(duckdb::Error) -> WorkbenchError {
+    let path = workbench::Workbench::db_path(dir);
+    move |e| WorkbenchError::Sql {
+        path: path.clone(),
+        detail: e.to_string(),
+    }
 }
 
 /// One line per run, plus a line for a run's error.

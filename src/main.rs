@@ -71,6 +71,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Render a run's report page from the workbench's history, without
+    /// a database: the newest run of the state, or the one named.
+    Report {
+        /// Two-letter state code, e.g. WV.
+        #[arg(long)]
+        state: StateCode,
+        /// The run's id (`history --state WV` lists them).
+        #[arg(long)]
+        run: Option<String>,
+        /// Write the page here [default: standard output].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Run the schedules until SIGTERM (what the systemd unit starts).
     Daemon,
     /// Check the config, then tell the running daemon to reload it
@@ -133,7 +146,10 @@ fn main() -> ExitCode {
     let path = config_path(&cli);
     // Commands that run or check rules refuse one DuckDB cannot parse;
     // `schedule` and `history` start no DuckDB for that.
-    let runs_rules = !matches!(cli.command, Command::History { .. } | Command::Schedule);
+    let runs_rules = !matches!(
+        cli.command,
+        Command::History { .. } | Command::Report { .. } | Command::Schedule
+    );
     let loaded = match runs_rules {
         true => outreach_workbench::quality::rules::load_config(&path),
         false => Config::load(&path).map_err(anyhow::Error::from),
@@ -157,6 +173,7 @@ fn main() -> ExitCode {
             (None, _) => run_all_states(&config, dry_run, link_rule, force),
         },
         Command::History { state, limit, json } => history(&config, state.as_ref(), limit, json),
+        Command::Report { state, run, out } => report(&config, &state, run.as_deref(), out),
         Command::Daemon => daemon(path, config),
         Command::Reload { pid } => reload(&path, pid),
         Command::Schedule => schedule(&path, &config),
@@ -227,6 +244,35 @@ fn history(config: &Config, state: Option<&StateCode>, limit: usize, json: bool)
         }
         Err(e) => {
             eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// `report`: a run's page, rendered again from the workbench.
+fn report(config: &Config, state: &StateCode, run: Option<&str>, out: Option<PathBuf>) -> ExitCode {
+    let html = match pipeline::page::render_from_history(config, state, run) {
+        Ok(html) => html,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let written = match &out {
+        Some(path) => std::fs::write(path, &html)
+            .with_context(|| format!("could not write {}", path.display())),
+        None => std::io::Write::write_all(&mut std::io::stdout(), html.as_bytes())
+            .context("could not write to standard output"),
+    };
+    match written {
+        Ok(()) => {
+            if let Some(path) = out {
+                eprintln!("wrote {}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
             ExitCode::from(EXIT_FAILED)
         }
     }

@@ -62,6 +62,10 @@ pub fn body(format: &str, event: &str, details: &serde_json::Value) -> serde_jso
         Some(id) => text.push_str(&format!("; audit id {id}")),
         None => text.push_str(&format!("; run {}", s("run_id"))),
     }
+    // A gated run's page is only on this host: say where.
+    if let Some(page) = details["page"].as_str() {
+        text.push_str(&format!("; report page {page}"));
+    }
     serde_json::json!({ "text": text })
 }
 

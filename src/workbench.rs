@@ -336,6 +336,11 @@ impl Workbench {
                  object_key VARCHAR NOT NULL,
                  left_at TIMESTAMP NOT NULL       -- UTC
              );
+             -- A few failing rows per rule, for the run's report page (JSON).
+             CREATE TABLE IF NOT EXISTS main.run_samples (
+                 run_id VARCHAR PRIMARY KEY,
+                 samples VARCHAR NOT NULL
+             );
              CREATE TABLE IF NOT EXISTS main.upload_manifest (
                  object_key VARCHAR PRIMARY KEY,
                  sha256 VARCHAR NOT NULL,
@@ -472,6 +477,17 @@ impl Workbench {
                     run.report.to_string(),
                     run.audit_pending,
                 ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.sql_err(e))
+    }
+
+    /// Keeps the run's failing-row samples (JSON) for its report page.
+    pub fn record_samples(&self, run_id: &str, samples: &str) -> Result<(), WorkbenchError> {
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO main.run_samples (run_id, samples) VALUES (?, ?)",
+                duckdb::params![run_id, samples],
             )
             .map(|_| ())
             .map_err(|e| self.sql_err(e))

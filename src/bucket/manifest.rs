@@ -83,6 +83,12 @@ pub fn key(storage: &crate::config::StorageConfig, state: &crate::state::StateCo
     storage.key(&format!("{}/_manifest.json", state.lower()))
 }
 
+/// `<prefix>/<state>/_report.html`: the run's report page, beside the
+/// manifest (written after it).
+pub fn page_key(storage: &crate::config::StorageConfig, state: &crate::state::StateCode) -> String {
+    storage.key(&format!("{}/_report.html", state.lower()))
+}
+
 /// The manifest entries of `files` (with their object keys), their schemas
 /// read back from the Parquet files themselves.
 pub fn entries(

@@ -237,6 +237,44 @@ pub fn read_manifest(
     }))
 }
 
+/// Puts a run's report page (a small HTML file) at `key`, after the
+/// manifest; with the `sha256` metadata of every object. Not stopped by a
+/// shutdown: it is one small request, and the state's data is up already.
+pub fn write_page(
+    cfg: &StorageConfig,
+    retry_cfg: &RetryConfig,
+    key: &str,
+    path: &std::path::Path,
+) -> Result<(), PipelineError> {
+    use sha2::{Digest, Sha256};
+    let body = std::fs::read(path).map_err(|e| PipelineError::Publish {
+        key: key.to_string(),
+        transient: false,
+        retry_after: None,
+        message: format!("could not read {}: {e}", path.display()),
+    })?;
+    let sha256 = hex::encode(Sha256::digest(&body));
+    let rt = runtime(key)?;
+    let never = CancellationToken::new();
+    retry(retry_cfg, &never, &format!("writing {key}"), || {
+        let bucket = with_metadata(
+            &*bucket(cfg)?,
+            &[
+                ("pipeline", PIPELINE_NAME.to_string()),
+                ("sha256", sha256.clone()),
+            ],
+        )?;
+        rt.block_on(wire::put(
+            &bucket,
+            key,
+            &body,
+            "text/html; charset=utf-8",
+            "writing the report page",
+        ))
+        .map_err(|f| failed(key, f))
+    })
+}
+
 /// Writes the manifest (after the files it names), and reads its size back.
 pub fn write_manifest(
     cfg: &StorageConfig,

@@ -60,6 +60,8 @@ pub struct BatchReport {
     pub runs: Vec<RunReport>,
     /// States not run: the batch was cancelled before their turn.
     pub not_run: Vec<StateCode>,
+    /// The overview page of every state (`[report]`).
+    pub page: Option<String>,
 }
 
 impl BatchReport {
@@ -154,6 +156,9 @@ impl BatchReport {
                 "  read {companies} companies and {people} people in {secs:.1} s"
             );
         }
+        if let Some(p) = &self.page {
+            let _ = writeln!(s, "  overview page {p}");
+        }
         if !self.invalid.is_empty() {
             let _ = writeln!(s, "  not published, the state value names no state:");
             for v in &self.invalid {
@@ -216,6 +221,7 @@ pub fn run_all_states(
         invalid: Vec::new(),
         runs: Vec::new(),
         not_run: Vec::new(),
+        page: None,
     };
     let t = Instant::now();
     let mut published = match published_states(config, opts.dry_run, cancel) {
@@ -343,6 +349,9 @@ pub fn run_all_states(
     runs.sort_by(|a, b| a.state.cmp(&b.state));
     report.runs = runs;
     report.finished_at = Utc::now();
+    if config.report.enabled {
+        report.page = write_overview(config, &report);
+    }
     if !opts.dry_run {
         let mut session = Session::lazy(&config.source, &config.retry);
         let never = CancellationToken::new();
@@ -366,6 +375,40 @@ pub fn run_all_states(
         false => tracing::info!(states = %tally, "all-states run finished"),
     }
     report
+}
+
+/// The overview page of the batch, linking each state's own page.
+fn write_overview(config: &Config, report: &BatchReport) -> Option<String> {
+    let overview = super::page::Overview {
+        batch_id: &report.batch_id,
+        dry_run: report.dry_run,
+        started_at: report.started_at,
+        error: report.error.as_deref(),
+        runs: &report.runs,
+        invalid: report
+            .invalid
+            .iter()
+            .map(|v| {
+                let value = v
+                    .value
+                    .as_deref()
+                    .map_or("NULL".into(), |v| format!("{v:?}"));
+                (value, v.companies, v.people)
+            })
+            .collect(),
+        not_run: report.not_run.iter().map(|s| s.to_string()).collect(),
+        link: &super::page::link_from_overview,
+    };
+    match super::page::write_overview(config, &overview) {
+        Ok(path) => {
+            tracing::info!(page = %path.display(), "wrote the all-states overview page");
+            Some(path.display().to_string())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not write the all-states overview page");
+            None
+        }
+    }
 }
 
 fn failed(mut report: BatchReport, e: PipelineError) -> BatchReport {

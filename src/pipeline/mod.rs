@@ -29,6 +29,7 @@
 //! whatever came of them.
 
 pub mod all_states;
+pub mod page;
 pub mod report;
 mod stages;
 
@@ -127,6 +128,8 @@ pub(crate) struct Held {
     workbench: Option<Workbench>,
     /// The audit, lease and fire-claim tables have been checked.
     tables_ready: bool,
+    /// A few failing rows per rule, for the run's page.
+    samples: Vec<crate::quality::samples::RuleSample>,
 }
 
 /// Runs the whole pipeline for `state` and reports what happened.
@@ -159,23 +162,24 @@ pub fn run(
     .unwrap_or_else(|panic| Err(PipelineError::Panicked(panic_text(&panic))));
     let (skipped, auditable) = audit_and_release(config, opts, outcome, &mut report, &mut held);
     if !skipped {
-        record_in_workbench(config, &report, auditable, &mut held);
+        record_in_workbench(config, &mut report, auditable, &mut held);
     }
+    let status = report.status.as_str();
+    let page = report.page.as_deref().unwrap_or("none");
     match &report.error {
-        None if report.audit_error.is_none() => {
-            tracing::info!(status = report.status.as_str(), "run finished")
-        }
+        None if report.audit_error.is_none() => tracing::info!(status, page, "run finished"),
         None => tracing::error!(
-            status = report.status.as_str(),
+            status,
+            page,
             "run finished, but its audit record is not written yet"
         ),
         // A stop asked for (shutdown, the run timeout) or a state another
         // run holds is no fault: whoever alerts on `journalctl -p err` is
         // not paged for a deploy.
         Some(e) if matches!(report.status, RunStatus::Cancelled | RunStatus::Skipped) => {
-            tracing::warn!(status = report.status.as_str(), error = %e, "run finished")
+            tracing::warn!(status, page, error = %e, "run finished")
         }
-        Some(e) => tracing::error!(status = report.status.as_str(), error = %e, "run finished"),
+        Some(e) => tracing::error!(status, page, error = %e, "run finished"),
     }
     report
 }
@@ -266,11 +270,13 @@ fn audit_and_release(
     (skipped, auditable)
 }
 
-/// The run's row in the workbench history, with its audit still pending
-/// when it could not be written; then, PostgreSQL having answered, the
-/// pending records of earlier runs. A run that failed before it opened the
-/// workbench (PostgreSQL down) opens it now, so that it is in `history`.
-fn record_in_workbench(config: &Config, report: &RunReport, auditable: bool, held: &mut Held) {
+/// The run's page (`[report]`), then its row in the workbench history,
+/// with its audit still pending when it could not be written; then,
+/// PostgreSQL having answered, the pending records of earlier runs. A run
+/// that failed before it opened the workbench (PostgreSQL down) opens it
+/// now, so that it is in `history`. A run that published puts its page
+/// beside its manifest last.
+fn record_in_workbench(config: &Config, report: &mut RunReport, auditable: bool, held: &mut Held) {
     let wb = match held.workbench.take() {
         Some(wb) => wb,
         None => match Workbench::open(&config.workbench) {
@@ -281,6 +287,22 @@ fn record_in_workbench(config: &Config, report: &RunReport, auditable: bool, hel
             }
         },
     };
+    let mut page = None;
+    if config.report.enabled {
+        match page::write_run_page(config, wb.conn(), report, &held.samples) {
+            Ok(path) => {
+                report.page = Some(path.display().to_string());
+                page = Some(path);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not write the run's report page"),
+        }
+    }
+    if !held.samples.is_empty() {
+        let json = serde_json::to_string(&held.samples).expect("plain data");
+        if let Err(e) = wb.record_samples(&report.run_id, &json) {
+            tracing::warn!(error = %e, "could not keep the failing rows for the report page");
+        }
+    }
     let row = FinishedRun {
         run_id: &report.run_id,
         state: report.state.as_str(),
@@ -300,6 +322,16 @@ fn record_in_workbench(config: &Config, report: &RunReport, auditable: bool, hel
         let never = CancellationToken::new();
         if let Err(e) = audit::send_pending(session, config, &wb, &never) {
             tracing::warn!(error = %e, "could not write the pending audit records of earlier runs; they stay pending");
+        }
+    }
+    let published = report.succeeded() && !report.dry_run && report.manifest.is_some();
+    if let Some(path) = page.filter(|_| published) {
+        let state: StateCode = report.state.parse().expect("a run's own state");
+        let key = crate::bucket::manifest::page_key(&config.storage, &state);
+        if let Err(e) =
+            crate::bucket::publish::write_page(&config.storage, &config.retry, &key, &path)
+        {
+            tracing::warn!(error = %e, "could not publish the run's report page; the data and manifest are published");
         }
     }
 }

@@ -106,6 +106,9 @@ pub struct RunReport {
     /// `written s3://…/_manifest.json` or `unchanged …`; none when the run
     /// did not get that far.
     pub manifest: Option<String>,
+    /// The run's report page in the workbench (`[report]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page: Option<String>,
     pub error: Option<String>,
     /// Not part of the audit record (it is written before the id exists).
     #[serde(skip)]
@@ -140,6 +143,7 @@ impl RunReport {
             schema_changes: Vec::new(),
             stale_uploads_aborted: Vec::new(),
             manifest: None,
+            page: None,
             error: None,
             audit_id: None,
             audit_error: None,
@@ -285,6 +289,9 @@ impl RunReport {
         }
         if let Some(m) = &self.manifest {
             let _ = writeln!(s, "  manifest {m}");
+        }
+        if let Some(p) = &self.page {
+            let _ = writeln!(s, "  report page {p}");
         }
         if !self.text_fallbacks.is_empty() {
             let _ = writeln!(s, "  carried as text: {}", self.text_fallbacks.join(", "));

@@ -17,6 +17,7 @@ use crate::error::{check_cancel, PipelineError};
 use crate::files::{self as export, ExportedFile, StreamedExport};
 use crate::ledger::{audit, claim};
 use crate::names::{Entity, FileKind, PublishAction};
+use crate::quality::samples::{self, RuleSample};
 use crate::quality::{gates, rules, validate};
 use crate::retry;
 use crate::source::connect::Session;
@@ -70,6 +71,7 @@ pub(super) fn all(
         pull_to_files(run, session, wb, report)?;
     }
     check_cancel(cancel)?;
+    held.samples = sample_failing_rows(run, wb, report);
 
     let bucket = compare_with_bucket(run, wb, report)?;
     gate(run, session, held.tables_ready, report)?;
@@ -290,6 +292,53 @@ fn load(
     report.companies = Some(EntityCounts::new(pulled.companies, companies));
     report.people = Some(EntityCounts::new(pulled.people, people));
     txn.commit().map_err(|e| workbench_err("COMMIT", e))
+}
+
+/// A few of the rows each rule caught, for the run's page, read from the
+/// state's views; none when `[report]` is off or asks for none. A sample
+/// that cannot be read costs the page its samples, not the run.
+fn sample_failing_rows(run: &RunCtx, wb: &Workbench, report: &RunReport) -> Vec<RuleSample> {
+    let &RunCtx {
+        config,
+        state,
+        opts,
+        ..
+    } = run;
+    let n = config.report.sample_rows;
+    if !config.report.enabled || n == 0 {
+        return Vec::new();
+    }
+    let schema = state.lower();
+    let mut samples = Vec::new();
+    for entity in Entity::ALL {
+        let Some(counts) = report.counts(entity) else {
+            continue;
+        };
+        let mut of_entity = config.rules.of(entity).to_vec();
+        if entity == Entity::People && opts.link_rule {
+            of_entity.push(rules::company_not_valid_rule(
+                &schema,
+                &config.source.people_company_column,
+                config.source.key(Entity::Companies),
+            ));
+        }
+        let caught = |code: &str| {
+            counts
+                .errors
+                .get(code)
+                .or(counts.warnings.get(code))
+                .copied()
+                .unwrap_or(0)
+        };
+        let key = config.source.key(entity);
+        match samples::collect(wb.conn(), &schema, entity, key, &of_entity, caught, n) {
+            Ok(s) => samples.extend(s),
+            Err(e) => {
+                tracing::warn!(%entity, error = %e, "could not read the failing rows for the report page")
+            }
+        }
+    }
+    samples
 }
 
 /// Where the run's rows come from: PostgreSQL, or the one read of the

@@ -1,6 +1,7 @@
 //! Data quality: the rules (SQL conditions a row must meet, checked when
 //! the config loads), splitting the rows into good and bad with them, and
-//! the gates that stop a run before it publishes data that looks wrong.
+//! the gates that stop a run before it publishes data that looks wrong, and
+//! a few of the rows each rule caught, for the report page.
 //!
 //! May call: the config, the workbench, [`crate::source`] (to check rules
 //! against the source's columns), [`crate::files`]' file records,
@@ -8,4 +9,5 @@
 
 pub mod gates;
 pub mod rules;
+pub mod samples;
 pub mod validate;
