@@ -58,8 +58,29 @@ ow_ensure_test_packages() {
     command -v promtool >/dev/null || missing+=(prometheus)
     command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    # The report page is checked in a real browser.
+    command -v chromium >/dev/null || missing+=(chromium)
     [ ${#missing[@]} -eq 0 ] || ow_install --no-install-recommends "${missing[@]}" ||
         ow_log "could not install ${missing[*]}: the tests that need them skip"
+    ow_ensure_playwright
+}
+
+# playwright-core drives Debian's Chromium for the report page's tests
+# (tests/browser/check_page.cjs); it downloads no browser of its own.
+# Installed once per machine, outside the checkout.
+PLAYWRIGHT_VERSION=1.64.1
+ow_ensure_playwright() {
+    local dir=$OW_CACHE/tools/browser
+    if [ ! -f "$dir/node_modules/playwright-core/package.json" ] ||
+        ! grep -q "\"version\": \"$PLAYWRIGHT_VERSION\"" "$dir/node_modules/playwright-core/package.json"; then
+        ow_log "installing playwright-core $PLAYWRIGHT_VERSION (once per machine)"
+        mkdir -p "$dir"
+        [ -f "$dir/package.json" ] || echo '{"private": true}' >"$dir/package.json"
+        (cd "$dir" && npm install --no-audit --no-fund --silent "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null) ||
+            ow_log "could not install playwright-core: the report page's browser tests skip"
+    fi
+    [ ! -f "$dir/node_modules/playwright-core/package.json" ] ||
+        export OW_PLAYWRIGHT=$dir/node_modules/playwright-core
 }
 
 ow_install() {

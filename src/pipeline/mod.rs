@@ -324,7 +324,12 @@ fn record_in_workbench(config: &Config, report: &mut RunReport, auditable: bool,
             tracing::warn!(error = %e, "could not write the pending audit records of earlier runs; they stay pending");
         }
     }
-    let published = report.succeeded() && !report.dry_run && report.manifest.is_some();
+    // Only a run that wrote a new manifest replaces the page in the
+    // bucket: it stays the page of the run whose data is there, and a run
+    // that found nothing changed sends nothing.
+    let published = report.succeeded()
+        && !report.dry_run
+        && report.manifest.as_deref().is_some_and(|m| m.starts_with("written"));
     if let Some(path) = page.filter(|_| published) {
         let state: StateCode = report.state.parse().expect("a run's own state");
         let key = crate::bucket::manifest::page_key(&config.storage, &state);

@@ -38,7 +38,8 @@ function figures() {
       .map(r => Array.from(r.cells).map(c => c.textContent));
   }
   const states = Array.from(document.querySelectorAll('tr[data-state]')).map(r => r.getAttribute('data-state'));
-  return { metrics, status: status && status.textContent, charts, samples, states,
+  const links = Array.from(document.querySelectorAll('tr[data-state] a')).map(a => a.href);
+  return { metrics, status: status && status.textContent, charts, samples, states, links,
            text: document.body.innerText };
 }
 

@@ -14,6 +14,7 @@ mod packaging;
 mod pipeline;
 mod pooled;
 mod publish;
+mod report_page;
 mod s3proxy;
 mod serve;
 mod systemd_boot;
