@@ -329,7 +329,10 @@ fn record_in_workbench(config: &Config, report: &mut RunReport, auditable: bool,
     // that found nothing changed sends nothing.
     let published = report.succeeded()
         && !report.dry_run
-        && report.manifest.as_deref().is_some_and(|m| m.starts_with("written"));
+        && report
+            .manifest
+            .as_deref()
+            .is_some_and(|m| m.starts_with("written"));
     if let Some(path) = page.filter(|_| published) {
         let state: StateCode = report.state.parse().expect("a run's own state");
         let key = crate::bucket::manifest::page_key(&config.storage, &state);

@@ -45,7 +45,12 @@ fn open(playwright: &Path, page: &Path, screenshot: Option<&Path>, sort: Option<
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
     // The page stands alone: nothing fetched, nothing failed.
     for list in ["console_errors", "page_errors", "requests"] {
-        assert_eq!(seen[list], serde_json::json!([]), "{list} on {}", page.display());
+        assert_eq!(
+            seen[list],
+            serde_json::json!([]),
+            "{list} on {}",
+            page.display()
+        );
     }
     seen
 }
@@ -72,7 +77,12 @@ fn series(seen: &Value, chart: &str, name: &str) -> Vec<(String, u64)> {
         .as_array()
         .unwrap_or_else(|| panic!("no series {name} in chart {chart}: {}", seen["charts"]))
         .iter()
-        .map(|p| (p["run"].as_str().unwrap().to_string(), p["value"].as_u64().unwrap()))
+        .map(|p| {
+            (
+                p["run"].as_str().unwrap().to_string(),
+                p["value"].as_u64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -125,7 +135,9 @@ fn a_run_page_shows_its_report_in_a_browser() {
     assert!(r.succeeded(), "{}", r.summary());
 
     let page = PathBuf::from(r.page.as_deref().expect("the run wrote its page"));
-    assert!(r.summary().contains(&format!("report page {}", page.display())));
+    assert!(r
+        .summary()
+        .contains(&format!("report page {}", page.display())));
     let html = std::fs::read(&page).unwrap();
     let latest = page.with_file_name("latest.html");
     assert_eq!(std::fs::read(&latest).unwrap(), html, "latest.html");
@@ -139,7 +151,10 @@ fn a_run_page_shows_its_report_in_a_browser() {
 
     let shot = w.dir.path().join("page.png");
     let seen = open(&playwright, &page, Some(&shot), None);
-    assert!(std::fs::read(&shot).unwrap().starts_with(b"\x89PNG"), "a screenshot");
+    assert!(
+        std::fs::read(&shot).unwrap().starts_with(b"\x89PNG"),
+        "a screenshot"
+    );
     assert_eq!(seen["status"], "success");
     let shown = seen["metrics"].as_object().unwrap();
     for (k, v) in expected_metrics(&r) {
@@ -160,10 +175,7 @@ fn a_run_page_shows_its_report_in_a_browser() {
     );
     // The failing rows, by key, with the columns the rule reads; the
     // markup of a value is shown as text.
-    assert_eq!(
-        sample_keys(&seen, "companies.company_name_missing"),
-        ["c3"]
-    );
+    assert_eq!(sample_keys(&seen, "companies.company_name_missing"), ["c3"]);
     assert_eq!(
         sample_keys(&seen, "companies.name_short"),
         ["c1", "c4", "c5"]
@@ -192,7 +204,9 @@ fn a_gated_run_keeps_its_page_local_and_says_where() {
     let page = PathBuf::from(r.page.as_deref().expect("a gated run writes its page"));
     assert!(r.summary().contains(&page.display().to_string()));
     assert!(
-        !list_keys(&w.bucket).iter().any(|k| k.ends_with("_report.html")),
+        !list_keys(&w.bucket)
+            .iter()
+            .any(|k| k.ends_with("_report.html")),
         "a gated run publishes no page: {:?}",
         list_keys(&w.bucket)
     );
@@ -210,12 +224,20 @@ fn report_renders_any_run_from_the_workbench_alone() {
     let first = w.run("WV");
     add_company(&mut w.pg(), "c5", Some("Five"), Some("e.example"), "WV");
     let second = w.run("WV");
-    assert!(first.succeeded() && second.succeeded(), "{}", second.summary());
+    assert!(
+        first.succeeded() && second.succeeded(),
+        "{}",
+        second.summary()
+    );
     // No database: the config points PostgreSQL at a closed port.
     let config = w.write_config_file_with("");
     let toml = std::fs::read_to_string(&config).unwrap();
     let port = format!("port = {}", services().source_port);
-    std::fs::write(&config, toml.replace(&port, &format!("port = {}", free_port()))).unwrap();
+    std::fs::write(
+        &config,
+        toml.replace(&port, &format!("port = {}", free_port())),
+    )
+    .unwrap();
     let render = |run: Option<&str>| {
         let out_file = w.dir.path().join("rendered.html");
         let mut cmd = bin();
@@ -230,15 +252,23 @@ fn report_renders_any_run_from_the_workbench_alone() {
         assert!(out.status.success(), "{}", text(&out));
         std::fs::read_to_string(out_file).unwrap()
     };
-    for (page, r) in [(render(Some(&first.run_id)), &first), (render(None), &second)] {
+    for (page, r) in [
+        (render(Some(&first.run_id)), &first),
+        (render(None), &second),
+    ] {
         assert!(page.contains(&format!("data-metric=\"run_id\">{}<", r.run_id)));
         let good = r.companies.as_ref().unwrap().good;
         assert!(
-            page.contains(&format!("data-metric=\"companies.good\" data-value=\"{good}\"")),
+            page.contains(&format!(
+                "data-metric=\"companies.good\" data-value=\"{good}\""
+            )),
             "{page}"
         );
         // The samples the run kept.
-        assert!(page.contains("table data-sample=\"companies.name_short\""), "{page}");
+        assert!(
+            page.contains("table data-sample=\"companies.name_short\""),
+            "{page}"
+        );
     }
     let out = bin()
         .args(["report", "--state", "WV", "--run", "nope", "--config"])
@@ -275,7 +305,13 @@ fn the_all_states_overview_links_every_state_and_sorts() {
     let mut pg = w.pg();
     for (i, state) in ["OH", "WV", "VA"].iter().enumerate() {
         for n in 0..=i * 2 {
-            add_company(&mut pg, &format!("{state}{n}"), Some("Name"), Some("x.example"), state);
+            add_company(
+                &mut pg,
+                &format!("{state}{n}"),
+                Some("Name"),
+                Some("x.example"),
+                state,
+            );
         }
     }
     add_company(&mut pg, "nowhere", Some("Name"), Some("x.example"), "zz");
