@@ -12,6 +12,8 @@
 # front of PostgreSQL, a database in another region (20 ms round trip), and
 # compares a full run of unchanged data (connections, claims, lease, checks,
 # HEADs, audit) with the dry run, paired the same way.
+# At each scale (REPORT=0 skips it) the cost of the report page: dry runs
+# with `[report] enabled = false` and with the page, paired the same way.
 # Then, at each scale (ALL_STATES=0 skips it), `run --all-states --dry-run`
 # against streaming both whole tables with psql's binary COPY, paired the
 # same way; and a full all-states run into a fresh bucket reached through a
@@ -24,6 +26,7 @@ RUNS=${RUNS:-5}
 SCALES=${SCALES:-${COMPANIES:-200000}}
 LATENCY_MS=${LATENCY_MS:-10}
 ALL_STATES=${ALL_STATES:-1}
+REPORT=${REPORT:-1}
 S3_LATENCY_MS=${S3_LATENCY_MS:-50}
 
 ow_prepare
@@ -153,6 +156,36 @@ for scale in $SCALES; do
     printf '%-44s %8.2f x\n' "ratio run / COPY (median of each run's)" "$ratio_paired"
     printf '%-44s %8.0f MiB (max %.0f MiB)\n' "peak RSS of run" "$(echo "$rss_med / 1024" | bc -l)" "$(echo "$rss_max / 1024" | bc -l)"
     summary+=("$(printf '%-10s %8.2f s %8.2f s %7.2fx %7.2fx %7.0f MiB' "$scale" "$copy_med" "$run_med" "$ratio_med" "$ratio_paired" "$(echo "$rss_med / 1024" | bc -l)")")
+    if [ "$REPORT" != 0 ]; then
+        # Pairs of runs without and with the page, which goes first taking
+        # turns; each pair's own ratio. And the page's own time, as the run
+        # measures it (its samples and the page: `report` in the summary).
+        off_times=() on_times=() page_ratios=() page_secs=()
+        for i in $(seq 1 "$RUNS"); do
+            for which in $( ((i % 2)) && echo "off on" || echo "on off"); do
+                t0=$(now)
+                if [ "$which" = off ]; then
+                    OUTREACH_REPORT__ENABLED=false "$OW_BIN" run --state WV --dry-run --config "$config" >/dev/null 2>&1
+                    off=$(echo "$(now) - $t0" | bc -l)
+                else
+                    "$OW_BIN" run --state WV --dry-run --config "$config" >"$dir/page.txt" 2>/dev/null
+                    on=$(echo "$(now) - $t0" | bc -l)
+                fi
+            done
+            off_times+=("$off")
+            on_times+=("$on")
+            page_ratios+=("$(echo "$on / $off" | bc -l)")
+            page_secs+=("$(sed -n 's/^  time .*report \([0-9.]*\)s.*/\1/p' "$dir/page.txt")")
+        done
+        page_ratio=$(printf '%s\n' "${page_ratios[@]}" | median)
+        echo
+        echo "the report page, companies=$scale ($RUNS pairs, medians)"
+        grep -E '^  report page' "$dir/page.txt" | sed 's/^  //'
+        printf '%-44s %8.2f s\n' "run --state WV --dry-run, [report] off" "$(printf '%s\n' "${off_times[@]}" | median)"
+        printf '%-44s %8.2f s\n' "run --state WV --dry-run, with the page" "$(printf '%s\n' "${on_times[@]}" | median)"
+        printf '%-44s %8.3f x (%+.1f %%)\n' "ratio with / without (median of each pair's)" "$page_ratio" "$(echo "($page_ratio - 1) * 100" | bc -l)"
+        printf '%-44s %8.3f s\n' "the page's own time (samples + page)" "$(printf '%s\n' "${page_secs[@]}" | median)"
+    fi
     if [ "$LATENCY_MS" != 0 ] && [ "$scale" = "${SCALES%% *}" ]; then
         far_port=$(ow_free_port)
         python3 "$OW_ROOT/scripts/lib/latency_proxy.py" "$far_port" "$OW_PG_HOST" "$OW_PG_PORT" "$LATENCY_MS" >"$dir/proxy.txt" &

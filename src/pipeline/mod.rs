@@ -289,7 +289,11 @@ fn record_in_workbench(config: &Config, report: &mut RunReport, auditable: bool,
     };
     let mut page = None;
     if config.report.enabled {
-        match page::write_run_page(config, wb.conn(), report, &held.samples) {
+        let t = Instant::now();
+        let written = page::write_run_page(config, wb.conn(), report, &held.samples);
+        let secs = t.elapsed().as_secs_f64();
+        report.stages.report = Some(report.stages.report.unwrap_or(0.0) + secs);
+        match written {
             Ok(path) => {
                 report.page = Some(path.display().to_string());
                 page = Some(path);

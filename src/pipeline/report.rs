@@ -60,6 +60,9 @@ pub struct StageTimes {
     pub export: Option<f64>,
     pub publish: Option<f64>,
     pub audit: Option<f64>,
+    /// The report page: its failing-row samples and the page itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<f64>,
 }
 
 /// One run's record: what `run` prints, the audit `details`, the
@@ -263,6 +266,7 @@ impl RunReport {
             ("export", st.export),
             ("publish", st.publish),
             ("audit", st.audit),
+            ("report", st.report),
         ]
         .iter()
         .filter_map(|(n, t)| t.map(|t| format!("{n} {t:.2}s")))

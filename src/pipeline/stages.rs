@@ -71,7 +71,9 @@ pub(super) fn all(
         pull_to_files(run, session, wb, report)?;
     }
     check_cancel(cancel)?;
+    let t = Instant::now();
     held.samples = sample_failing_rows(run, wb, report);
+    report.stages.report = Some(t.elapsed().as_secs_f64());
 
     let bucket = compare_with_bucket(run, wb, report)?;
     gate(run, session, held.tables_ready, report)?;
