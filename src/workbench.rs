@@ -89,6 +89,85 @@ struct OpenFile {
     users: usize,
 }
 
+/// Run endings this process could not write into a workbench (its disk
+/// was full, say), oldest first: written before anything else the next
+/// time that file is written to, so the run's row does not stay `running`
+/// and is not taken for an abandoned one.
+fn unrecorded() -> &'static Mutex<HashMap<PathBuf, Vec<FinishedRun>>> {
+    static RUNS: OnceLock<Mutex<HashMap<PathBuf, Vec<FinishedRun>>>> = OnceLock::new();
+    RUNS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Runs found abandoned when the file was opened, not yet handed to
+/// [`Workbench::take_abandoned`].
+fn found_abandoned() -> &'static Mutex<HashMap<PathBuf, Vec<AbandonedRun>>> {
+    static RUNS: OnceLock<Mutex<HashMap<PathBuf, Vec<AbandonedRun>>>> = OnceLock::new();
+    RUNS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Writes the run endings kept for `path`, oldest first, each removed
+/// once written; stops at the first that fails.
+fn record_unrecorded(conn: &Connection, path: &Path) -> Result<(), duckdb::Error> {
+    let mut all = unrecorded().lock().unwrap_or_else(|p| p.into_inner());
+    let Some(runs) = all.get_mut(path) else {
+        return Ok(());
+    };
+    while let Some(run) = runs.first() {
+        insert_finished(conn, run)?;
+        runs.remove(0);
+    }
+    all.remove(path);
+    Ok(())
+}
+
+fn insert_finished(conn: &Connection, run: &FinishedRun) -> Result<(), duckdb::Error> {
+    conn.execute(
+        "INSERT INTO main.runs (run_id, state, status, dry_run, started_at, finished_at,
+             audit_id, error, report, audit_pending)
+         VALUES (?, ?, ?, ?, make_timestamp(?), make_timestamp(?), ?, ?, ?, ?)
+         ON CONFLICT (run_id) DO UPDATE SET status = excluded.status,
+             finished_at = excluded.finished_at, audit_id = excluded.audit_id,
+             error = excluded.error, report = excluded.report,
+             audit_pending = excluded.audit_pending",
+        duckdb::params![
+            run.run_id,
+            run.state,
+            run.status,
+            run.dry_run,
+            run.started_at.timestamp_micros(),
+            run.finished_at.map(|t| t.timestamp_micros()),
+            run.audit_id,
+            run.error,
+            run.report.to_string(),
+            run.audit_pending,
+        ],
+    )
+    .map(drop)
+}
+
+/// Marks every run row still `running` as `abandoned`, its audit record
+/// pending (dry runs have none), and returns them.
+fn mark_abandoned(conn: &Connection) -> Result<Vec<AbandonedRun>, duckdb::Error> {
+    let mut stmt = conn.prepare(
+        "UPDATE main.runs SET status = 'abandoned', finished_at = make_timestamp(?),
+             error = ?, audit_pending = NOT dry_run
+         WHERE status = 'running'
+         RETURNING run_id, state, dry_run, epoch_us(started_at)",
+    )?;
+    let rows = stmt.query_map(
+        duckdb::params![chrono::Utc::now().timestamp_micros(), ABANDONED],
+        |r| {
+            Ok(AbandonedRun {
+                run_id: r.get(0)?,
+                state: r.get(1)?,
+                dry_run: r.get(2)?,
+                started_at_us: r.get(3)?,
+            })
+        },
+    )?;
+    rows.collect()
+}
+
 /// Opens `path` with `open`, retrying while another process holds the
 /// file's lock, up to `lock_timeout`.
 fn wait_for_lock<T>(
@@ -146,15 +225,16 @@ pub const ABANDONED: &str =
 /// How a run ended, as its row in `main.runs` keeps it (the run's report
 /// is stored whole, as JSON, beside the columns `history` sorts and filters
 /// on).
-pub struct FinishedRun<'a> {
-    pub run_id: &'a str,
-    pub state: &'a str,
-    pub status: &'a str,
+#[derive(Debug, Clone)]
+pub struct FinishedRun {
+    pub run_id: String,
+    pub state: String,
+    pub status: String,
     pub dry_run: bool,
     pub started_at: chrono::DateTime<chrono::Utc>,
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     pub audit_id: Option<i64>,
-    pub error: Option<&'a str>,
+    pub error: Option<String>,
     pub report: serde_json::Value,
     /// Its audit record could not be written and waits here to be sent.
     pub audit_pending: bool,
@@ -376,6 +456,26 @@ impl Workbench {
                 detail: e.to_string(),
             })?;
         }
+        // Opened afresh, by this process alone (the file's lock keeps
+        // others out, and no run of this process has it open): a run row
+        // still `running` belongs to a process that died. Endings this
+        // process could not write go in first; while they cannot, nothing
+        // is taken for abandoned.
+        if record_unrecorded(&conn, &path).is_ok() {
+            match mark_abandoned(&conn) {
+                Ok(runs) => {
+                    for run in &runs {
+                        let started = chrono::DateTime::from_timestamp_micros(run.started_at_us)
+                            .unwrap_or_default();
+                        tracing::warn!(state = %run.state, run_id = %run.run_id, started_at = %started,
+                            "run abandoned by a previous process (crash, kill -9); its audit record is pending");
+                    }
+                    let mut found = found_abandoned().lock().unwrap_or_else(|p| p.into_inner());
+                    found.entry(path.clone()).or_default().extend(runs);
+                }
+                Err(e) => tracing::warn!(error = %e, "could not look for abandoned runs"),
+            }
+        }
         open.insert(
             path,
             OpenFile {
@@ -455,31 +555,14 @@ impl Workbench {
     /// Records how the run ended; `audit_pending` when its audit record
     /// could not be written and waits here to be sent. A run that failed
     /// before the workbench was opened has no row yet and gets one now.
-    pub fn run_finished(&self, run: &FinishedRun) -> Result<(), WorkbenchError> {
-        self.conn()
-            .execute(
-                "INSERT INTO main.runs (run_id, state, status, dry_run, started_at, finished_at,
-                     audit_id, error, report, audit_pending)
-                 VALUES (?, ?, ?, ?, make_timestamp(?), make_timestamp(?), ?, ?, ?, ?)
-                 ON CONFLICT (run_id) DO UPDATE SET status = excluded.status,
-                     finished_at = excluded.finished_at, audit_id = excluded.audit_id,
-                     error = excluded.error, report = excluded.report,
-                     audit_pending = excluded.audit_pending",
-                duckdb::params![
-                    run.run_id,
-                    run.state,
-                    run.status,
-                    run.dry_run,
-                    run.started_at.timestamp_micros(),
-                    run.finished_at.map(|t| t.timestamp_micros()),
-                    run.audit_id,
-                    run.error,
-                    run.report.to_string(),
-                    run.audit_pending,
-                ],
-            )
-            .map(|_| ())
-            .map_err(|e| self.sql_err(e))
+    /// Endings that could not be written before go first; one that cannot
+    /// be written now is kept, and written with the next.
+    pub fn run_finished(&self, run: FinishedRun) -> Result<(), WorkbenchError> {
+        {
+            let mut all = unrecorded().lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(self.path.clone()).or_default().push(run);
+        }
+        record_unrecorded(self.conn(), &self.path).map_err(|e| self.sql_err(e))
     }
 
     /// Keeps the run's failing-row samples (JSON) for its report page.
@@ -493,34 +576,13 @@ impl Workbench {
             .map_err(|e| self.sql_err(e))
     }
 
-    /// Runs left `running` by a process that died (kill -9, power loss):
-    /// marks them `abandoned`, with their audit record pending (dry runs
-    /// have none), and returns them.
-    pub fn take_abandoned(&self) -> Result<Vec<AbandonedRun>, WorkbenchError> {
-        let mut stmt = self
-            .conn()
-            .prepare(
-                "UPDATE main.runs SET status = 'abandoned', finished_at = make_timestamp(?),
-                     error = ?, audit_pending = NOT dry_run
-                 WHERE status = 'running'
-                 RETURNING run_id, state, dry_run, epoch_us(started_at)",
-            )
-            .map_err(|e| self.sql_err(e))?;
-        let rows = stmt
-            .query_map(
-                duckdb::params![chrono::Utc::now().timestamp_micros(), ABANDONED],
-                |r| {
-                    Ok(AbandonedRun {
-                        run_id: r.get(0)?,
-                        state: r.get(1)?,
-                        dry_run: r.get(2)?,
-                        started_at_us: r.get(3)?,
-                    })
-                },
-            )
-            .map_err(|e| self.sql_err(e))?;
-        rows.collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.sql_err(e))
+    /// Runs left `running` by a process that died (kill -9, power loss),
+    /// found when this process opened the file and marked `abandoned`
+    /// there, with their audit records pending (dry runs have none); each
+    /// is handed out once.
+    pub fn take_abandoned(&self) -> Vec<AbandonedRun> {
+        let mut found = found_abandoned().lock().unwrap_or_else(|p| p.into_inner());
+        found.remove(&self.path).unwrap_or_default()
     }
 
     /// The audit records still to be written, oldest first: the run's own

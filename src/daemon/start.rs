@@ -82,35 +82,25 @@ fn audit_abandoned_runs(config: &Config, wb: &crate::workbench::Workbench) {
     let mut session =
         crate::source::connect::Session::lazy(&config.source, &config.retry.single_try());
     let never = CancellationToken::new();
-    match wb.take_abandoned() {
-        Ok(runs) => {
-            for run in &runs {
-                let started =
-                    DateTime::from_timestamp_micros(run.started_at_us).unwrap_or_default();
-                tracing::warn!(state = %run.state, run_id = %run.run_id, started_at = %started, "run abandoned by a previous process");
-            }
-            // Told with the same details the audit gets (the pending record
-            // `take_abandoned` made of each real run).
-            if !runs.is_empty() && !config.notify.is_empty() {
-                for p in wb.pending_audits().unwrap_or_default() {
-                    if runs.iter().any(|r| r.run_id == p.run_id) {
-                        crate::notify::send(&config.notify, "abandoned", p.details);
-                    }
-                }
-            }
-            // Their leases are known dead (this process holds the
-            // workbench, so no other has them running): free the states
-            // now instead of after the TTL.
-            let ids: Vec<String> = runs.iter().map(|r| r.run_id.clone()).collect();
-            if !ids.is_empty() {
-                if let Err(e) =
-                    crate::ledger::claim::release_dead(&mut session, config, &ids, &never)
-                {
-                    tracing::warn!(error = %e, "could not release the abandoned runs' leases; they expire by themselves");
-                }
+    // Found and logged when the workbench was opened.
+    let runs = wb.take_abandoned();
+    // Told with the same details the audit gets (the pending record the
+    // open made of each real run).
+    if !runs.is_empty() && !config.notify.is_empty() {
+        for p in wb.pending_audits().unwrap_or_default() {
+            if runs.iter().any(|r| r.run_id == p.run_id) {
+                crate::notify::send(&config.notify, "abandoned", p.details);
             }
         }
-        Err(e) => tracing::warn!(error = %e, "could not look for abandoned runs"),
+    }
+    // Their leases are known dead (this process holds the workbench, so
+    // no other has them running): free the states now instead of after
+    // the TTL.
+    let ids: Vec<String> = runs.iter().map(|r| r.run_id.clone()).collect();
+    if !ids.is_empty() {
+        if let Err(e) = crate::ledger::claim::release_dead(&mut session, config, &ids, &never) {
+            tracing::warn!(error = %e, "could not release the abandoned runs' leases; they expire by themselves");
+        }
     }
     if let Err(e) = crate::ledger::audit::send_pending(&mut session, config, wb, &never) {
         tracing::warn!(error = %e, "could not write the pending audit records now; the next run that reaches PostgreSQL does");

@@ -308,19 +308,19 @@ fn record_in_workbench(config: &Config, report: &mut RunReport, auditable: bool,
         }
     }
     let row = FinishedRun {
-        run_id: &report.run_id,
-        state: report.state.as_str(),
-        status: report.status.as_str(),
+        run_id: report.run_id.clone(),
+        state: report.state.clone(),
+        status: report.status.as_str().to_string(),
         dry_run: report.dry_run,
         started_at: report.started_at,
         finished_at: report.finished_at,
         audit_id: report.audit_id,
-        error: report.error.as_deref(),
+        error: report.error.clone(),
         report: report.to_json(),
         audit_pending: auditable && report.audit_id.is_none(),
     };
-    if let Err(e) = wb.run_finished(&row) {
-        tracing::error!(error = %e, "could not record the run in the workbench history");
+    if let Err(e) = wb.run_finished(row) {
+        tracing::error!(error = %e, "could not record the run in the workbench history; it is kept, and written with the next run");
     }
     if let (Some(_), Some(session)) = (report.audit_id, held.session.as_mut()) {
         let never = CancellationToken::new();

@@ -890,6 +890,83 @@ fn a_lease_of_a_dead_process_of_this_host_is_taken_over_at_once() {
     assert!(leases(&w).is_empty(), "{:?}", leases(&w));
 }
 
+/// A one-shot run killed with -9 leaves its row `running` in the
+/// workbench. The next process to open the file alone (here another
+/// one-shot run; a daemon's next run does the same) marks it abandoned and
+/// its record reaches the audit, once: before, only a daemon's start did,
+/// and a workbench used by one-shot runs kept the row `running` for good
+/// (found by scripts/soak.sh).
+#[test]
+fn a_one_shot_run_killed_with_9_is_audited_as_abandoned_by_the_next_run() {
+    needs_services!();
+    let w = World::new("oneshotkill");
+    add_slow_view(&w, 1.0);
+    for i in 0..20 {
+        add_company(
+            &mut w.pg(),
+            &format!("c{i:02}"),
+            Some("A"),
+            Some("a.example"),
+            "WV",
+        );
+    }
+    let cfg = w.write_config_file();
+    let log = w.dir.path().join("killed.log");
+    let mut child = bin_with_secrets()
+        .args(["run", "--state", "WV", "--config"])
+        .arg(&cfg)
+        .env(
+            "OUTREACH_SOURCE__COMPANIES_TABLE",
+            "marketing.slow_companies",
+        )
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(w.dir.path().join("killed.err")).unwrap())
+        .spawn()
+        .unwrap();
+    // Killed during its pull: the slow view's query is running.
+    wait_until(
+        "the one-shot run's pull",
+        std::time::Duration::from_secs(30),
+        || std::fs::read_to_string(w.dir.path().join("killed.err")).unwrap_or_default(),
+        || {
+            let pulling: i64 = w
+                .pg()
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE query LIKE '%slow_companies%' AND query NOT LIKE '%pg_attribute%'
+                       AND query NOT LIKE '%pg_stat_activity%' AND state = 'active'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            (pulling > 0).then_some(())
+        },
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let history = outreach_workbench::history::read(&w.config, None, 10).unwrap();
+    let killed = history[0].report.run_id.clone();
+    assert_eq!(history[0].report.status, RunStatus::Running, "{history:?}");
+
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    let history = outreach_workbench::history::read(&w.config, None, 10).unwrap();
+    let row = history.iter().find(|e| e.report.run_id == killed).unwrap();
+    assert_eq!(row.report.status, RunStatus::Abandoned);
+    assert!(!row.audit_pending, "its record was sent with the next run");
+    let audited: Vec<String> = w
+        .pg()
+        .query(
+            "SELECT details->>'status' FROM shq.audit_log WHERE details->>'run_id' = $1",
+            &[&killed],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(audited, ["abandoned"]);
+}
+
 /// A rule of `severity = "warn"` counts its rows and lists its code in
 /// `validation_warnings`, good rows and bad alike, but leaves a good row
 /// good: the same whether the files are written while the rows load or
