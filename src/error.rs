@@ -142,7 +142,23 @@ pub fn pg_message(e: &postgres::Error) -> String {
 pub fn pg_is_transient(e: &postgres::Error) -> bool {
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
-        // Not 08P01: PgBouncer reports a wrong password with it.
+        // PgBouncer says everything with 08P01, a wrong password too: only
+        // its messages of a server it cannot reach (yet) are retried. After
+        // a failed server login it turns clients away for
+        // `server_login_retry` (15 s) with "server login has been failing"
+        // (seen in scripts/soak.sh after each PostgreSQL restart).
+        if code == "08P01" {
+            let m = db.message();
+            return [
+                "server login has been failing",
+                "pgbouncer cannot connect to server",
+                "query_wait_timeout",
+                "no more connections allowed",
+                "server conn crashed",
+            ]
+            .iter()
+            .any(|t| m.contains(t));
+        }
         return matches!(
             code,
             "08000" | "08001" | "08003" | "08006" | "57P01" | "57P02" | "57P03" | "53300"
