@@ -742,3 +742,73 @@ impl Workbench {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(run_id: &str, status: &str) -> FinishedRun {
+        FinishedRun {
+            run_id: run_id.into(),
+            state: "WV".into(),
+            status: status.into(),
+            dry_run: false,
+            started_at: chrono::Utc::now(),
+            finished_at: Some(chrono::Utc::now()),
+            audit_id: Some(1),
+            error: None,
+            report: serde_json::json!({}),
+            audit_pending: false,
+        }
+    }
+
+    fn status(wb: &Workbench, run_id: &str) -> String {
+        wb.conn()
+            .query_row(
+                "SELECT status FROM main.runs WHERE run_id = ?",
+                [run_id],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    /// A run's ending that cannot be written (here another writer holds its
+    /// row; in the fault soak, a full disk) is kept and written before the
+    /// next: its row neither stays `running` nor is taken for abandoned.
+    #[test]
+    fn an_ending_that_cannot_be_written_is_written_with_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = WorkbenchConfig {
+            dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let wb = Workbench::open(&cfg).unwrap();
+        let now = chrono::Utc::now();
+        wb.run_started("r1", "WV", false, now).unwrap();
+        let other = wb.connection().unwrap();
+        other
+            .execute_batch("BEGIN; UPDATE main.runs SET error = 'x' WHERE run_id = 'r1'")
+            .unwrap();
+        assert!(wb.run_finished(ended("r1", "success")).is_err());
+        other.execute_batch("ROLLBACK").unwrap();
+        drop(other);
+        assert_eq!(status(&wb, "r1"), "running");
+        wb.run_started("r2", "WV", false, now).unwrap();
+        wb.run_finished(ended("r2", "failed")).unwrap();
+        assert_eq!(status(&wb, "r1"), "success");
+        assert_eq!(status(&wb, "r2"), "failed");
+        drop(wb);
+
+        // A row left running by a process that died is abandoned at the
+        // next opening of the file, and handed out once.
+        let wb = Workbench::open(&cfg).unwrap();
+        wb.run_started("r3", "WV", false, now).unwrap();
+        drop(wb);
+        let wb = Workbench::open(&cfg).unwrap();
+        let taken: Vec<String> = wb.take_abandoned().into_iter().map(|r| r.run_id).collect();
+        assert_eq!(taken, ["r3"]);
+        assert!(wb.take_abandoned().is_empty());
+        assert_eq!(status(&wb, "r3"), "abandoned");
+        assert_eq!(status(&wb, "r1"), "success");
+    }
+}
