@@ -7,7 +7,9 @@
 # The one-shot tests (pipeline, gates, cli, types), the in-process daemon
 # (serve) and the daemon tests that cancel a pull run a second time with
 # every run going through PgBouncer in transaction mode, as production
-# reaches Neon's pooled endpoint.
+# reaches Neon's pooled endpoint. Without a filter it ends with a short
+# fault soak (scripts/soak.sh, 2 minutes, a fixed seed; SOAK_MINUTES=0
+# skips it).
 set -euo pipefail
 source "$(dirname "$0")/lib/services.sh"
 cd "$OW_ROOT"
@@ -33,4 +35,8 @@ if [ -n "${OW_PGB_PORT:-}" ]; then
     OW_TEST_POOLED=1 cargo test --release --locked --no-fail-fast "${OW_FEATURES[@]}" -- "${filters[@]}"
 else
     ow_log "PgBouncer is not running: the pooled pass is skipped"
+fi
+if [ $# -eq 0 ] && [ "${SOAK_MINUTES:-2}" != 0 ]; then
+    ow_log "the fault soak, ${SOAK_MINUTES:-2} minutes, seed ${SOAK_SEED:-20261207}"
+    bash "$OW_ROOT/scripts/soak.sh" --minutes "${SOAK_MINUTES:-2}" --seed "${SOAK_SEED:-20261207}"
 fi
