@@ -82,9 +82,9 @@ td.null { color: var(--muted); font-style: italic; }
 .tripped { color: #8a1c1c; font-weight: 600; } .ok { color: #135c2b; }
 .note { color: var(--muted); }
 .charts { display: flex; flex-wrap: wrap; gap: 16px; }
-figure { margin: 0; } figcaption { font-weight: 600; margin-bottom: 4px; }
+figure { margin: 0; width: 500px; } figcaption { font-weight: 600; margin-bottom: 4px; }
 svg text { font: 11px system-ui, sans-serif; fill: var(--muted); }
-.legend span { margin-right: 14px; white-space: nowrap; }
+.legend { display: flex; flex-wrap: wrap; gap: 2px 14px; } .legend span { white-space: nowrap; }
 .legend i { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 4px; }
 th[data-sort] { cursor: pointer; }
 footer { margin-top: 32px; color: var(--muted); font-size: 13px; }
