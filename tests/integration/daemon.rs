@@ -1196,7 +1196,12 @@ max_bad_ratio = 0.0
         "{text}"
     );
     assert!(text.contains("max_bad_ratio"), "the reason: {text}");
+    // A gated run's page is only on this host: both say where.
+    let page = report["page"].as_str().expect("the page's path");
+    assert!(std::path::Path::new(page).exists(), "{page}");
+    assert!(text.contains(&format!("report page {page}")), "{text}");
     let out = d_output_of(&w, "d");
+    assert!(out.contains(&format!("page=\"{page}\"")), "{out}");
     assert!(out.contains("notification failed; retrying"), "{out}");
     assert!(
         !out.contains("secret-token"),
