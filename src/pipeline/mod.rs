@@ -26,7 +26,9 @@
 //!   unchanged content
 //!
 //! Then [`run`] here writes the audit record ([`crate::ledger::audit`]),
-//! whatever came of them.
+//! whatever came of them; then the run's report page ([`page`]), its row
+//! in the workbench history, and, for a run that wrote a new manifest, the
+//! page beside it in the bucket.
 
 pub mod all_states;
 pub mod page;
@@ -162,7 +164,15 @@ pub fn run(
     .unwrap_or_else(|panic| Err(PipelineError::Panicked(panic_text(&panic))));
     let (skipped, auditable) = audit_and_release(config, opts, outcome, &mut report, &mut held);
     if !skipped {
-        record_in_workbench(config, &mut report, auditable, &mut held);
+        if let Some(wb) = workbench_for_the_end(config, &mut held) {
+            let page = write_page(config, state, &wb, &mut report, &held.samples);
+            record_in_workbench(config, &report, auditable, &wb, &mut held);
+            // Let go of the file before the bucket, which may retry.
+            drop(wb);
+            if let Some(page) = page {
+                publish_page(config, state, &report, &page);
+            }
+        }
     }
     let status = report.status.as_str();
     let page = report.page.as_deref().unwrap_or("none");
@@ -270,37 +280,60 @@ fn audit_and_release(
     (skipped, auditable)
 }
 
-/// The run's page (`[report]`), then its row in the workbench history,
-/// with its audit still pending when it could not be written; then,
-/// PostgreSQL having answered, the pending records of earlier runs. A run
-/// that failed before it opened the workbench (PostgreSQL down) opens it
-/// now, so that it is in `history`. A run that published puts its page
-/// beside its manifest last.
-fn record_in_workbench(config: &Config, report: &mut RunReport, auditable: bool, held: &mut Held) {
-    let wb = match held.workbench.take() {
-        Some(wb) => wb,
+/// The run's workbench, to record its end in: the one it opened, or, for
+/// a run that failed before it did (PostgreSQL down), opened now so that
+/// the run is in `history`.
+fn workbench_for_the_end(config: &Config, held: &mut Held) -> Option<Workbench> {
+    match held.workbench.take() {
+        Some(wb) => Some(wb),
         None => match Workbench::open(&config.workbench) {
-            Ok(wb) => wb,
+            Ok(wb) => Some(wb),
             Err(e) => {
                 tracing::error!(error = %e, "could not record the run in the workbench history");
-                return;
+                None
             }
         },
-    };
-    let mut page = None;
-    if config.report.enabled {
-        let t = Instant::now();
-        let written = page::write_run_page(config, wb.conn(), report, &held.samples);
-        let secs = t.elapsed().as_secs_f64();
-        report.stages.report = Some(report.stages.report.unwrap_or(0.0) + secs);
-        match written {
-            Ok(path) => {
-                report.page = Some(path.display().to_string());
-                page = Some(path);
-            }
-            Err(e) => tracing::warn!(error = %e, "could not write the run's report page"),
+    }
+}
+
+/// The run's report page (`[report]`), from its report, its samples and
+/// the state's history; its path goes into the report. A page that cannot
+/// be written is a warning, not a failed run.
+fn write_page(
+    config: &Config,
+    state: &StateCode,
+    wb: &Workbench,
+    report: &mut RunReport,
+    samples: &[crate::quality::samples::RuleSample],
+) -> Option<std::path::PathBuf> {
+    if !config.report.enabled {
+        return None;
+    }
+    let t = Instant::now();
+    let written = page::write_run_page(config, state, wb.conn(), report, samples);
+    report.stages.report = Some(report.stages.report.unwrap_or(0.0) + t.elapsed().as_secs_f64());
+    match written {
+        Ok(path) => {
+            report.page = Some(path.display().to_string());
+            Some(path)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not write the run's report page");
+            None
         }
     }
+}
+
+/// The run's failing-row samples and its row in the workbench history,
+/// with its audit still pending when it could not be written; then,
+/// PostgreSQL having answered, the pending records of earlier runs.
+fn record_in_workbench(
+    config: &Config,
+    report: &RunReport,
+    auditable: bool,
+    wb: &Workbench,
+    held: &mut Held,
+) {
     if !held.samples.is_empty() {
         let json = serde_json::to_string(&held.samples).expect("plain data");
         if let Err(e) = wb.record_samples(&report.run_id, &json) {
@@ -324,26 +357,25 @@ fn record_in_workbench(config: &Config, report: &mut RunReport, auditable: bool,
     }
     if let (Some(_), Some(session)) = (report.audit_id, held.session.as_mut()) {
         let never = CancellationToken::new();
-        if let Err(e) = audit::send_pending(session, config, &wb, &never) {
+        if let Err(e) = audit::send_pending(session, config, wb, &never) {
             tracing::warn!(error = %e, "could not write the pending audit records of earlier runs; they stay pending");
         }
     }
-    // Only a run that wrote a new manifest replaces the page in the
-    // bucket: it stays the page of the run whose data is there, and a run
-    // that found nothing changed sends nothing.
-    let published = report.succeeded()
-        && !report.dry_run
-        && report
-            .manifest
-            .as_deref()
-            .is_some_and(|m| m.starts_with("written"));
-    if let Some(path) = page.filter(|_| published) {
-        let state: StateCode = report.state.parse().expect("a run's own state");
-        let key = crate::bucket::manifest::page_key(&config.storage, &state);
-        if let Err(e) =
-            crate::bucket::publish::write_page(&config.storage, &config.retry, &key, &path)
-        {
-            tracing::warn!(error = %e, "could not publish the run's report page; the data and manifest are published");
-        }
+}
+
+/// The page beside the manifest, last. Only a run that wrote a new
+/// manifest replaces it: the bucket's page stays the page of the run whose
+/// data is there, and a run that found nothing changed sends nothing.
+fn publish_page(config: &Config, state: &StateCode, report: &RunReport, page: &std::path::Path) {
+    let wrote_manifest = report
+        .manifest
+        .as_deref()
+        .is_some_and(|m| m.starts_with("written"));
+    if !(report.succeeded() && !report.dry_run && wrote_manifest) {
+        return;
+    }
+    let key = crate::bucket::manifest::page_key(&config.storage, state);
+    if let Err(e) = crate::bucket::publish::write_page(&config.storage, &config.retry, &key, page) {
+        tracing::warn!(error = %e, "could not publish the run's report page; the data and manifest are published");
     }
 }

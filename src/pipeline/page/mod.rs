@@ -77,15 +77,15 @@ fn chart_runs(entries: Vec<history::Entry>, report: &RunReport, n: usize) -> Vec
 /// state's `latest.html`. Returns the page's path.
 pub fn write_run_page(
     config: &Config,
+    state: &StateCode,
     conn: &duckdb::Connection,
     report: &RunReport,
     samples: &[RuleSample],
 ) -> Result<PathBuf, String> {
-    let state: StateCode = report.state.parse().map_err(|e| format!("{e}"))?;
     let entries = history::read_from(
         conn,
         &config.workbench.dir,
-        Some(&state),
+        Some(state),
         config.report.chart_runs + 1,
     )
     .map_err(|e| e.to_string())?;
