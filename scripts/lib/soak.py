@@ -198,6 +198,8 @@ class World:
             env=env, capture_output=True, text=True, timeout=60)
 
     def start_s3(self):
+        if self.s3 is not None and self.s3.poll() is None:
+            return
         self.s3_root.mkdir(parents=True, exist_ok=True)
         out = open(self.work / "s3s.log", "a")
         self.s3 = subprocess.Popen(
@@ -357,17 +359,20 @@ timezone = "UTC"
     def inject(self, kind, rng):
         if kind in self.skipped_kinds:
             return
-        self.faults[kind] += 1
         detail = ""
         if kind == "pg_restart":
             subprocess.run(["pg_ctlcluster", self.cluster[0], self.cluster[1], "restart", "-m", "fast"],
                            capture_output=True, timeout=60)
         elif kind == "pgbouncer_restart":
+            if self.pgb.poll() is not None:
+                return  # down already
             self.stop_pgbouncer()
             secs = rng.uniform(0.5, 3)
             detail = f"back in {secs:.1f} s"
             self.after(secs, "pgbouncer up", self.start_pgbouncer)
         elif kind == "s3_down":
+            if self.s3.poll() is not None:
+                return  # down already
             self.s3.kill()
             self.s3.wait()
             secs = rng.uniform(1, 6)
@@ -430,6 +435,7 @@ timezone = "UTC"
                           f"WHERE company_unique_id IN (SELECT company_unique_id FROM marketing.company_master "
                           f"WHERE address_state = '{state}' ORDER BY random() LIMIT 3)")
             detail = f"{state} {'ok' if r.returncode == 0 else r.stderr.strip()}"
+        self.faults[kind] += 1
         log(f"fault {kind} {detail}")
 
     def stop_all(self):
