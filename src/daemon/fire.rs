@@ -217,6 +217,16 @@ fn finished(report: &pipeline::RunReport, state: &StateCode, config: &Config, sh
             crate::notify::send(&config.notify, event, details);
         }
     }
+    // Runs of dead processes (a one-shot run killed with -9) this run found
+    // in the workbench, told as the daemon's start tells its own.
+    for run in report.abandoned_found.iter().filter(|r| !r.dry_run) {
+        let started = chrono::DateTime::from_timestamp_micros(run.started_at_us);
+        let details = serde_json::json!({
+            "state": run.state, "run_id": run.run_id, "status": "abandoned",
+            "started_at": started, "error": crate::workbench::ABANDONED,
+        });
+        crate::notify::send(&config.notify, "abandoned", details);
+    }
     shared.write_metrics(config);
     if report.status != RunStatus::Skipped {
         let result = format!(

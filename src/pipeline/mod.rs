@@ -167,6 +167,7 @@ pub fn run(
         if let Some(wb) = workbench_for_the_end(config, &mut held) {
             let page = write_page(config, state, &wb, &mut report, &held.samples);
             record_in_workbench(config, &report, auditable, &wb, &mut held);
+            report.abandoned_found = wb.take_abandoned();
             // Let go of the file before the bucket, which may retry.
             drop(wb);
             if let Some(page) = page {

@@ -118,6 +118,11 @@ pub struct RunReport {
     pub audit_id: Option<i64>,
     #[serde(skip)]
     pub audit_error: Option<String>,
+    /// Runs of dead processes this run found still `running` in the
+    /// workbench and marked abandoned (their records go to the audit with
+    /// this run's): the daemon tells the webhooks.
+    #[serde(skip)]
+    pub abandoned_found: Vec<crate::workbench::AbandonedRun>,
 }
 
 impl RunReport {
@@ -150,6 +155,7 @@ impl RunReport {
             error: None,
             audit_id: None,
             audit_error: None,
+            abandoned_found: Vec::new(),
         }
     }
 
@@ -311,6 +317,13 @@ impl RunReport {
         }
         if let Some(e) = &self.error {
             let _ = writeln!(s, "  error: {e}");
+        }
+        for a in &self.abandoned_found {
+            let _ = writeln!(
+                s,
+                "  found run {} of {} left running by a process that stopped: recorded as abandoned",
+                a.run_id, a.state
+            );
         }
         s
     }

@@ -950,6 +950,16 @@ fn a_one_shot_run_killed_with_9_is_audited_as_abandoned_by_the_next_run() {
 
     let r = w.run("WV");
     assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
+    let found: Vec<&str> = r
+        .abandoned_found
+        .iter()
+        .map(|a| a.run_id.as_str())
+        .collect();
+    assert_eq!(
+        found,
+        [killed.as_str()],
+        "handed to the caller (a daemon tells its webhooks)"
+    );
     let history = outreach_workbench::history::read(&w.config, None, 10).unwrap();
     let row = history.iter().find(|e| e.report.run_id == killed).unwrap();
     assert_eq!(row.report.status, RunStatus::Abandoned);
