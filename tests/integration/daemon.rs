@@ -1217,3 +1217,83 @@ max_bad_ratio = 0.0
 fn d_output_of(w: &World, name: &str) -> String {
     std::fs::read_to_string(w.dir.path().join(format!("{name}.out"))).unwrap_or_default()
 }
+
+/// A one-shot run killed with -9 on the daemon's workbench while the
+/// daemon runs is found by the daemon's next run (not only at a start),
+/// audited as abandoned once and told to the webhooks.
+#[test]
+fn a_killed_one_shot_run_found_by_the_daemon_is_told_as_abandoned() {
+    needs_services!();
+    let w = World::new("dabandonedhook");
+    add_company(&mut w.pg(), "w1", Some("A"), Some("a.example"), "WV");
+    // The one-shot run's state, behind the slow view: 1 s a row.
+    add_slow_view(&w, 1.0);
+    for i in 0..10 {
+        add_company(
+            &mut w.pg(),
+            &format!("oh{i}"),
+            Some("A"),
+            Some("a.example"),
+            "OH",
+        );
+    }
+    let (port, got) = webhook_receiver(&[]);
+    let url = format!("http://127.0.0.1:{port}/hook/abandoned");
+    let cfg = config_with(
+        &w,
+        "
+[[notify]]
+url_env = \"OW_HOOK\"
+on = [\"abandoned\"]
+format = \"json\"
+
+[[schedule]]
+states = [\"WV\"]
+cron = \"*/2 * * * * *\"
+",
+    );
+    let d = Daemon::start(&w, &cfg, "d", &[("OW_HOOK", &url)]);
+    d.wait_for_log("run succeeded", Duration::from_secs(30));
+    let err = w.dir.path().join("oneshot.err");
+    let mut oneshot = bin_with_secrets()
+        .args(["run", "--state", "OH", "--config"])
+        .arg(&cfg)
+        .env(SLOW.0, SLOW.1)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the one-shot run's pull",
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&err).unwrap_or_default(),
+        || {
+            let pulling: i64 = w
+                .pg()
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE query LIKE '%slow_companies%' AND query NOT LIKE '%pg_attribute%'
+                       AND query NOT LIKE '%pg_stat_activity%' AND state = 'active'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            (pulling > 0).then_some(())
+        },
+    );
+    oneshot.kill().unwrap();
+    oneshot.wait().unwrap();
+    let posted = wait_until(
+        "the abandoned run told",
+        Duration::from_secs(30),
+        || format!("{:?}\n{}", got.lock().unwrap(), d.output()),
+        || got.lock().unwrap().first().map(|(_, body)| body.clone()),
+    );
+    d.stop();
+    let details: serde_json::Value = serde_json::from_str(&posted).unwrap();
+    assert_eq!(details["event"], "abandoned", "{details}");
+    assert_eq!(details["state"], "OH", "{details}");
+    let oh = audits(&w, "OH");
+    assert_eq!(oh.len(), 1, "{oh:?}");
+    assert_eq!(oh[0].0, "abandoned");
+}
