@@ -92,7 +92,8 @@ struct OpenFile {
 /// Run endings this process could not write into a workbench (its disk
 /// was full, say), oldest first: written before anything else the next
 /// time that file is written to, so the run's row does not stay `running`
-/// and is not taken for an abandoned one.
+/// and is not taken for an abandoned one. Its lock is also held by every
+/// write of a run row, so that they go one at a time.
 fn unrecorded() -> &'static Mutex<HashMap<PathBuf, Vec<FinishedRun>>> {
     static RUNS: OnceLock<Mutex<HashMap<PathBuf, Vec<FinishedRun>>>> = OnceLock::new();
     RUNS.get_or_init(|| Mutex::new(HashMap::new()))
@@ -106,18 +107,36 @@ fn found_abandoned() -> &'static Mutex<HashMap<PathBuf, Vec<AbandonedRun>>> {
 }
 
 /// Writes the run endings kept for `path`, oldest first, each removed
-/// once written; stops at the first that fails.
+/// once written. One that fails is kept for the next time (a full disk, a
+/// conflicting writer), unless a constraint refuses it: that one can never
+/// be written (seen after a full disk broke main.runs' key index), and is
+/// dropped, said in the log, so that it does not hold up the others; its
+/// row stays `running` and is taken for abandoned at the next opening (its
+/// audit record, written by its run, is not written twice). Returns the
+/// first failure.
 fn record_unrecorded(conn: &Connection, path: &Path) -> Result<(), duckdb::Error> {
     let mut all = unrecorded().lock().unwrap_or_else(|p| p.into_inner());
-    let Some(runs) = all.get_mut(path) else {
+    let Some(runs) = all.remove(path) else {
         return Ok(());
     };
-    while let Some(run) = runs.first() {
-        insert_finished(conn, run)?;
-        runs.remove(0);
+    let mut first_error = None;
+    let mut kept = Vec::new();
+    for run in runs {
+        let Err(e) = insert_finished(conn, &run) else {
+            continue;
+        };
+        let text = e.to_string();
+        if text.contains("Constraint Error") {
+            tracing::error!(run_id = %run.run_id, error = %text, "the run's end cannot be recorded in the workbench; given up");
+        } else {
+            kept.push(run);
+        }
+        first_error.get_or_insert(e);
     }
-    all.remove(path);
-    Ok(())
+    if !kept.is_empty() {
+        all.insert(path.to_path_buf(), kept);
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 fn insert_finished(conn: &Connection, run: &FinishedRun) -> Result<(), duckdb::Error> {
@@ -542,6 +561,11 @@ impl Workbench {
         dry_run: bool,
         started_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), WorkbenchError> {
+        // The run rows are written one at a time in this process (see
+        // `unrecorded`): concurrent appends to main.runs while the disk was
+        // full left a row whose key was three keys run together (DuckDB
+        // 1.4.5, seen in the fault soak).
+        let _one_at_a_time = unrecorded().lock().unwrap_or_else(|p| p.into_inner());
         self.conn()
             .execute(
                 "INSERT INTO main.runs (run_id, state, status, dry_run, started_at)
@@ -567,6 +591,7 @@ impl Workbench {
 
     /// Keeps the run's failing-row samples (JSON) for its report page.
     pub fn record_samples(&self, run_id: &str, samples: &str) -> Result<(), WorkbenchError> {
+        let _one_at_a_time = unrecorded().lock().unwrap_or_else(|p| p.into_inner());
         self.conn()
             .execute(
                 "INSERT OR REPLACE INTO main.run_samples (run_id, samples) VALUES (?, ?)",
