@@ -232,7 +232,15 @@ pub fn run_all_states(
         Ok(c) => c,
         Err(e) => return failed(report, e),
     };
-    let workers = config.storage.max_concurrent_uploads;
+    // A link-rule run loads its state's rows into tables of the workbench's
+    // one DuckDB instance and holds them, uncommitted, until its validation
+    // commits; the instance's memory_limit is shared. Eight at once went
+    // past the default 128MB with 120 companies in all (a table's first
+    // segments are allocated whole): two at a time.
+    let workers = match opts.link_rule {
+        true => config.storage.max_concurrent_uploads.min(2),
+        false => config.storage.max_concurrent_uploads,
+    };
     let mut runs: Vec<RunReport> = Vec::new();
     let started = Instant::now();
     let mut rows = 0u64;
