@@ -542,6 +542,24 @@ pub fn add_slow_view(w: &World, secs: f64) {
         .unwrap();
 }
 
+/// Whether a pull through `add_slow_view`'s view is running now in the
+/// test's own database (not a describe of it, not another test's).
+pub fn slow_pull_running(w: &World) -> bool {
+    let pulling: i64 = w
+        .pg()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND state = 'active'
+               AND query LIKE 'SELECT %slow_companies% ORDER BY %'
+               AND query NOT LIKE '%pg_attribute%'
+               AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    pulling > 0
+}
+
 /// Polls `check` until it gives a value, for at most `limit`; past that the
 /// test fails with `what` and whatever `context` says then (a log, a
 /// journal). The one way the suite waits for an event it cannot be told of.

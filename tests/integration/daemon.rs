@@ -175,28 +175,11 @@ fn assert_fires_distinct(w: &World) {
 /// the view, in a SELECT on pg_attribute that ends in ORDER BY, and
 /// matching it made the test stop an idle daemon (once in a CI run).
 fn wait_for_slow_pull(w: &World, d: &Daemon, limit: Duration) {
-    let mut pg = w.pg();
     wait_until(
         "a pull through the slow view",
         limit,
         || d.output(),
-        || {
-            if !d.output().contains("run started") {
-                return None;
-            }
-            let pulling: i64 = pg
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND state = 'active'
-                   AND query LIKE 'SELECT %slow_companies% ORDER BY %'
-                   AND query NOT LIKE '%pg_attribute%'
-                   AND pid <> pg_backend_pid()",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
-            (pulling > 0).then_some(())
-        },
+        || (d.output().contains("run started") && slow_pull_running(w)).then_some(()),
     )
 }
 
@@ -1267,19 +1250,7 @@ cron = \"*/2 * * * * *\"
         "the one-shot run's pull",
         Duration::from_secs(30),
         || std::fs::read_to_string(&err).unwrap_or_default(),
-        || {
-            let pulling: i64 = w
-                .pg()
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE query LIKE '%slow_companies%' AND query NOT LIKE '%pg_attribute%'
-                       AND query NOT LIKE '%pg_stat_activity%' AND state = 'active'",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
-            (pulling > 0).then_some(())
-        },
+        || slow_pull_running(&w).then_some(()),
     );
     oneshot.kill().unwrap();
     oneshot.wait().unwrap();

@@ -928,19 +928,7 @@ fn a_one_shot_run_killed_with_9_is_audited_as_abandoned_by_the_next_run() {
         "the one-shot run's pull",
         std::time::Duration::from_secs(30),
         || std::fs::read_to_string(w.dir.path().join("killed.err")).unwrap_or_default(),
-        || {
-            let pulling: i64 = w
-                .pg()
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE query LIKE '%slow_companies%' AND query NOT LIKE '%pg_attribute%'
-                       AND query NOT LIKE '%pg_stat_activity%' AND state = 'active'",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
-            (pulling > 0).then_some(())
-        },
+        || slow_pull_running(&w).then_some(()),
     );
     child.kill().unwrap();
     child.wait().unwrap();
