@@ -141,6 +141,11 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Daemon) {
         outreach_workbench::daemon::before_threads();
     } else {
+        // Before any thread. An all-states run starts three threads per
+        // state; with glibc's default arenas (eight per core) the heap kept
+        // 130-190 MiB more at 500k-2M companies than with two, in the same
+        // time.
+        ow_duckdb::limit_heap_arenas(2);
         outreach_workbench::logging::init_stderr();
     }
     let path = config_path(&cli);

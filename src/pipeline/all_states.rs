@@ -1,14 +1,13 @@
 //! An all-states run: one read of both source tables for the whole
-//! country ([`Country`]), each state's rows handed to a run of that state
-//! as they arrive.
+//! country ([`Country`]), which spools each state's rows, then a run of
+//! each state from its rows.
 //!
 //! Each state's run is [`super::run`] as for a state alone (its checks,
 //! fire claim, lease, gates, files, manifest and audit row), with its rows
 //! from the one read instead of a query of its own: its files are
 //! byte-for-byte a lone run's. The runs share a batch id. A gate or a
-//! failure stops its own state only. While a state validates and uploads,
-//! the next ones are read: up to `[storage] max_concurrent_uploads` states
-//! are past their read at once.
+//! failure stops its own state only. Up to `[storage]
+//! max_concurrent_uploads` states run at once.
 //!
 //! The states are the valid codes in the source now, and every state this
 //! workbench has published before: a state whose rows are all gone gets
@@ -29,7 +28,8 @@ use crate::config::Config;
 use crate::error::PipelineError;
 use crate::quality::rules;
 use crate::source::connect::Session;
-use crate::source::country::{Country, Segment};
+use crate::source::country::Country;
+use crate::source::spool::Segment;
 use crate::state::StateCode;
 use crate::workbench::Workbench;
 
@@ -223,23 +223,29 @@ pub fn run_all_states(
         not_run: Vec::new(),
         page: None,
     };
-    let t = Instant::now();
     let mut published = match published_states(config, opts.dry_run, cancel) {
         Ok(states) => states.into_iter().peekable(),
         Err(e) => return failed(report, e),
     };
-    let country = match open_country(config, opts.dry_run, cancel) {
+    let mut country = match open_country(config, opts.dry_run, cancel, &batch_id) {
         Ok(c) => c,
         Err(e) => return failed(report, e),
     };
+    report.read = Some(country.read);
     // A link-rule run loads its state's rows into tables of the workbench's
     // one DuckDB instance and holds them, uncommitted, until its validation
     // commits; the instance's memory_limit is shared. Eight at once went
     // past the default 128MB with 120 companies in all (a table's first
     // segments are allocated whole): two at a time.
-    let workers = match opts.link_rule {
-        true => config.storage.max_concurrent_uploads.min(2),
-        false => config.storage.max_concurrent_uploads,
+    // A dry run uploads nothing: past its rows a state only validates and
+    // writes its page, so a run per core keeps the cores busy, and more
+    // would only hold more memory (8 at once: 515 MiB at 500k companies,
+    // 2: 394 MiB, same time).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = match (opts.link_rule, opts.dry_run) {
+        (true, _) => config.storage.max_concurrent_uploads.min(2),
+        (false, true) => config.storage.max_concurrent_uploads.min(cores),
+        (false, false) => config.storage.max_concurrent_uploads,
     };
     let mut runs: Vec<RunReport> = Vec::new();
     let started = Instant::now();
@@ -260,8 +266,8 @@ pub fn run_all_states(
             each(&run);
             runs.push(run);
         };
-        // Starts `state`'s run on `rows` once fewer than `workers` are past
-        // their read; its rows are drained if it stops before reading them.
+        // Starts `state`'s run on `rows` once fewer than `workers` run; the
+        // rows' spool files go with the run's end.
         let mut dispatch = |state: StateCode, rows: Segment, runs: &mut Vec<RunReport>| {
             while running >= workers {
                 let finished_run = finished.recv().expect("a worker is running");
@@ -280,15 +286,13 @@ pub fn run_all_states(
             scope.spawn(move || {
                 let _entered = span.enter();
                 let run = super::run(config, &state, cancel, &opts);
-                if let Some(b) = &opts.batch {
-                    b.rows.drain();
-                }
+                drop(opts);
                 let _ = done.send(run);
             });
         };
         while let Some(segment) = country.next() {
             let Some(state) = segment.state() else {
-                let (companies, people) = segment.drain();
+                let (companies, people) = segment.rows();
                 report.invalid.push(StateValue {
                     value: segment.value.clone(),
                     companies,
@@ -297,7 +301,6 @@ pub fn run_all_states(
                 continue;
             };
             if cancel.is_cancelled() {
-                segment.drain();
                 report.not_run.push(state);
                 continue;
             }
@@ -319,22 +322,9 @@ pub fn run_all_states(
             note(finished_run, &mut runs);
         }
     });
-    let secs = t.elapsed().as_secs_f64();
-    match country.finish() {
-        Ok((companies, people)) => {
-            report.read = Some((companies, people, secs));
-            tracing::info!(companies, people, "read the source");
-        }
-        // A stop asked for (shutdown, the run timeout) pages nobody.
-        Err(PipelineError::Cancelled) => {
-            tracing::warn!("the all-states read of the source was cancelled");
-            report.error = Some(PipelineError::Cancelled.to_string());
-        }
-        Err(e) => {
-            let e = crate::error::with_causes(e.to_string(), &e);
-            tracing::error!(error = %e, "the all-states read of the source failed");
-            report.error = Some(e);
-        }
+    drop(country);
+    if cancel.is_cancelled() {
+        tracing::warn!("the all-states run was cancelled");
     }
     for v in &report.invalid {
         tracing::warn!(
@@ -420,19 +410,31 @@ fn write_overview(config: &Config, report: &BatchReport) -> Option<String> {
 }
 
 fn failed(mut report: BatchReport, e: PipelineError) -> BatchReport {
-    let e = crate::error::with_causes(e.to_string(), &e);
-    tracing::error!(error = %e, "all-states run failed before any state ran");
+    let e = match e {
+        // A stop asked for (shutdown, the run timeout) pages nobody.
+        PipelineError::Cancelled => {
+            tracing::warn!("the all-states run was cancelled before any state ran");
+            e.to_string()
+        }
+        e => {
+            let e = crate::error::with_causes(e.to_string(), &e);
+            tracing::error!(error = %e, "all-states run failed before any state ran");
+            e
+        }
+    };
     report.error = Some(e);
     report.finished_at = Utc::now();
     report
 }
 
 /// The bucket (for a real run) and the rules against the source's columns
-/// checked, then the read started on a connection of its own.
+/// checked, then both tables read and spooled on a connection of its own
+/// (again from the start while what stops it may pass by itself).
 fn open_country(
     config: &Config,
     dry_run: bool,
     cancel: &CancellationToken,
+    batch_id: &str,
 ) -> Result<Country, PipelineError> {
     if !dry_run {
         crate::retry::retry(&config.retry, cancel, "checking the bucket", || {
@@ -443,8 +445,31 @@ fn open_country(
     session.run("checking the rules against the source", cancel, |c| {
         rules::check_against_source(c, config)
     })?;
-    let client = crate::source::connect::connect(&config.source)?;
-    Country::read(client, config, cancel)
+    drop(session);
+    let spools = config.workbench.dir.join("spool");
+    remove_dead_spools(&spools);
+    let dir = spools.join(format!("{}-{batch_id}", std::process::id()));
+    crate::retry::retry(&config.retry, cancel, "reading every state", || {
+        let mut client = crate::source::connect::connect(&config.source)?;
+        Country::read(&mut client, config, cancel, &dir)
+    })
+}
+
+/// Spool folders (`<pid>-<batch>`) of processes no longer running: left by
+/// a run that was killed.
+fn remove_dead_spools(spools: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(spools) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name.to_string_lossy().split('-').next().map(str::to_string);
+        let alive = pid.is_some_and(|p| std::path::Path::new("/proc").join(p).exists());
+        if !alive {
+            tracing::info!(dir = %entry.path().display(), "removing the spool of a run that ended without it");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The states this workbench has published before, and (for a real run;

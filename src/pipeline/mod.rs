@@ -48,7 +48,7 @@ pub use crate::error::PipelineError;
 use crate::ledger::{audit, claim};
 use crate::quality::gates;
 use crate::source::connect::Session;
-use crate::source::country::Segment;
+use crate::source::spool::Segment;
 use crate::state::StateCode;
 use crate::workbench::{FinishedRun, Workbench};
 pub use report::{EntityCounts, RunReport, RunStatus};

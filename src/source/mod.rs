@@ -9,6 +9,9 @@
 
 pub mod connect;
 pub mod country;
+pub mod keymap;
 pub mod pgtypes;
 pub mod pull;
 pub mod rechunk;
+pub mod spool;
+pub mod tuples;

@@ -67,7 +67,7 @@ pub fn describe(
 /// DuckDB itself sorts in. Text compares byte by byte there, which is
 /// PostgreSQL's "C" collation, whatever the database's locale; JSON, enums
 /// and text fallbacks are compared as the text the workbench stores.
-fn order_by(alias: &str, key: &str, t: &ColType) -> String {
+pub(crate) fn order_by(alias: &str, key: &str, t: &ColType) -> String {
     let col = format!("{alias}.{}", quote_ident(key));
     match t {
         ColType::Text | ColType::Jsonb => format!("{col}::text COLLATE \"C\""),
