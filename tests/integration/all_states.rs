@@ -327,3 +327,62 @@ fn the_link_rule_gives_each_state_its_own_runs_bytes() {
     }
     assert_eq!(compared, 2, "{}", batch.summary());
 }
+
+/// A read whose connection the server cuts (as Neon does to idle or
+/// scaled-down computes) is read again from the start, and the batch
+/// publishes every state from the second read. No spool is left behind,
+/// neither the batch's nor one a killed run left.
+#[test]
+fn a_cut_read_is_read_again_and_leaves_no_spool() {
+    needs_services!();
+    let mut w = World::new("all-cut");
+    generate(&w, 600);
+    // The view's sleep (once per query) keeps the read running long
+    // enough to be cut in the middle.
+    add_slow_view(&w, 1.0);
+    w.config.source.companies_table =
+        outreach_workbench::config::QualifiedName::new("marketing", "slow_companies");
+    let spools = w.config.workbench.dir.join("spool");
+    let dead = spools.join("999999999-left-by-a-killed-run");
+    std::fs::create_dir_all(&dead).unwrap();
+    std::fs::write(dead.join("0.companies"), b"rows").unwrap();
+
+    let cutter = {
+        let mut pg = w.pg();
+        std::thread::spawn(move || {
+            let mut cut = 0i64;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while cut == 0 && std::time::Instant::now() < deadline {
+                cut = pg
+                    .query_one(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                         WHERE datname = current_database() AND state = 'active'
+                           AND query LIKE 'COPY (SELECT %slow_companies%'
+                           AND pid <> pg_backend_pid()",
+                        &[],
+                    )
+                    .unwrap()
+                    .get(0);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            cut
+        })
+    };
+    let batch = all_states(&w, &dry());
+    let cut = cutter.join().unwrap();
+    assert_eq!(cut, 1, "the read was cut once");
+    assert!(batch.succeeded(), "{}", batch.summary());
+    assert_eq!(batch.runs.len(), 51, "{}", batch.summary());
+    let (companies, people, _) = batch.read.unwrap();
+    let pulled: u64 = batch.runs.iter().map(|r| r.rows_pulled()).sum();
+    assert_eq!(
+        companies + people,
+        pulled,
+        "each row read once, into its state"
+    );
+    let left: Vec<_> = std::fs::read_dir(&spools)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "spools left: {left:?}");
+}
