@@ -217,8 +217,12 @@ fn run_all_states(config: &Config, dry_run: bool, link_rule: bool, force: bool) 
     opts.dry_run = dry_run;
     opts.link_rule |= link_rule;
     opts.force = force;
-    let report =
-        pipeline::all_states::run_all_states(config, &CancellationToken::new(), &opts, &mut |_| {});
+    let report = pipeline::all_states::run_all_states(
+        config,
+        &CancellationToken::new(),
+        &opts,
+        &mut |_, _| {},
+    );
     print!("{}", report.summary());
     if report.succeeded() {
         ExitCode::SUCCESS

@@ -152,15 +152,14 @@ pub(super) fn trigger_all_states(opts: &RunOptions, config: &Arc<Config>, shared
     tracker.spawn(async move {
         let (c, s) = (config.clone(), shared.clone());
         let work = move |cancel: CancellationToken| {
-            let started = std::time::Instant::now();
-            let (mut done, mut rows) = (0usize, 0u64);
-            let mut each = |r: &pipeline::RunReport| {
-                done += 1;
-                rows += r.rows_pulled();
-                let per_sec = rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            // Until the first state ends: no state runs before the whole
+            // source is read.
+            s.update_board(|b| b.progress(Some("all states: reading the source".into())));
+            let mut each = |r: &pipeline::RunReport, p: pipeline::all_states::Progress| {
                 s.update_board(|b| {
                     b.progress(Some(format!(
-                        "all states: {done} done, {per_sec:.0} rows/s"
+                        "all states: {}/{} done, {} rows/s",
+                        p.done, p.total, p.rows_per_sec
                     )))
                 });
                 match StateCode::parse(&r.state) {

@@ -197,16 +197,29 @@ impl BatchReport {
     }
 }
 
+/// How far an all-states run is, as each state's run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// States whose runs have ended, this one included.
+    pub done: usize,
+    /// States the batch runs: known once the source is read.
+    pub total: usize,
+    /// Rows of the states done, per second since the batch started.
+    pub rows_per_sec: u64,
+}
+
 /// Reads the source once and runs every state from it. `opts` are the
 /// options of each state's run (the schedule's gates and fire time);
-/// `each` sees each state's report as the run ends. Like [`super::run`] it
-/// prints nothing and never panics on a failed step.
+/// `each` sees each state's report as the run ends, with the batch's
+/// progress. Like [`super::run`] it prints nothing and never panics on a
+/// failed step.
 pub fn run_all_states(
     config: &Config,
     cancel: &CancellationToken,
     opts: &RunOptions,
-    each: &mut dyn FnMut(&RunReport),
+    each: &mut dyn FnMut(&RunReport, Progress),
 ) -> BatchReport {
+    let started = Instant::now();
     let batch_id = uuid::Uuid::new_v4().to_string();
     let span = tracing::info_span!("all_states", batch_id = %batch_id);
     let _guard = span.enter();
@@ -223,8 +236,8 @@ pub fn run_all_states(
         not_run: Vec::new(),
         page: None,
     };
-    let mut published = match published_states(config, opts.dry_run, cancel) {
-        Ok(states) => states.into_iter().peekable(),
+    let published = match published_states(config, opts.dry_run, cancel) {
+        Ok(states) => states,
         Err(e) => return failed(report, e),
     };
     let mut country = match open_country(config, opts.dry_run, cancel, &batch_id) {
@@ -232,6 +245,8 @@ pub fn run_all_states(
         Err(e) => return failed(report, e),
     };
     report.read = Some(country.read);
+    let total = country.states().union(&published).count();
+    let mut published = published.into_iter().peekable();
     // A link-rule run loads its state's rows into tables of the workbench's
     // one DuckDB instance and holds them, uncommitted, until its validation
     // commits; the instance's memory_limit is shared. Eight at once went
@@ -248,7 +263,6 @@ pub fn run_all_states(
         (false, false) => config.storage.max_concurrent_uploads,
     };
     let mut runs: Vec<RunReport> = Vec::new();
-    let started = Instant::now();
     let mut rows = 0u64;
     std::thread::scope(|scope| {
         let (done, finished) = std::sync::mpsc::channel::<RunReport>();
@@ -256,14 +270,20 @@ pub fn run_all_states(
         let mut note = |run: RunReport, runs: &mut Vec<RunReport>| {
             rows += run.rows_pulled();
             let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let progress = Progress {
+                done: runs.len() + 1,
+                total,
+                rows_per_sec: (rows as f64 / secs) as u64,
+            };
             tracing::info!(
                 state = %run.state,
                 status = run.status.as_str(),
-                done = runs.len() + 1,
-                rows_per_sec = (rows as f64 / secs) as u64,
+                done = progress.done,
+                total,
+                rows_per_sec = progress.rows_per_sec,
                 "all-states progress"
             );
-            each(&run);
+            each(&run, progress);
             runs.push(run);
         };
         // Starts `state`'s run on `rows` once fewer than `workers` run; the

@@ -165,6 +165,11 @@ impl Country {
         })
     }
 
+    /// The states that have rows.
+    pub fn states(&self) -> std::collections::BTreeSet<StateCode> {
+        self.segments.iter().filter_map(Segment::state).collect()
+    }
+
     /// The rows of a state that has none now (published before, all gone).
     pub fn empty(&self, state: &StateCode) -> Segment {
         Segment::new(

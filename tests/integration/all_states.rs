@@ -26,7 +26,7 @@ fn generate(w: &World, companies: u32) {
 }
 
 fn all_states(w: &World, opts: &RunOptions) -> BatchReport {
-    run_all_states(&w.config, &CancellationToken::new(), opts, &mut |_| {})
+    run_all_states(&w.config, &CancellationToken::new(), opts, &mut |_, _| {})
 }
 
 fn dry() -> RunOptions {

@@ -782,6 +782,46 @@ impl NotifySocket {
     }
 }
 
+/// An all-states fire tells systemd where it is: reading the source, then
+/// the states done of all of them, with the rows per second.
+#[test]
+fn an_all_states_run_tells_systemd_its_states_done_of_all() {
+    needs_services!();
+    let w = World::new("dallstatus");
+    let mut pg = w.pg();
+    for (i, state) in ["AK", "AL", "AR"].iter().enumerate() {
+        add_company(
+            &mut pg,
+            &format!("c{i}"),
+            Some("A"),
+            Some("a.example"),
+            state,
+        );
+    }
+    let cfg = config_with(
+        &w,
+        "\n[[schedule]]\nstates = \"all\"\ncron = \"*/2 * * * * *\"\n",
+    );
+    let sock = NotifySocket::bind(&w);
+    let path = sock.path.to_string_lossy().to_string();
+    let d = Daemon::start(&w, &cfg, "d", &[("NOTIFY_SOCKET", &path)]);
+    sock.wait_for(
+        "STATUS=all states: reading the source",
+        Duration::from_secs(30),
+    );
+    sock.wait_for("STATUS=all states: 1/3 done, ", Duration::from_secs(30));
+    let last = sock.wait_for("STATUS=all states: 3/3 done, ", Duration::from_secs(30));
+    assert!(last.contains(" rows/s"), "{last}");
+    let log = d.log.clone();
+    let (code, _) = d.stop();
+    assert_eq!(
+        code,
+        Some(0),
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 #[test]
 fn the_daemon_tells_systemd_ready_status_reloading_watchdog_and_stopping() {
     needs_services!();

@@ -319,7 +319,7 @@ fn the_all_states_overview_links_every_state_and_sorts() {
         dry_run: true,
         ..Default::default()
     };
-    let b = run_all_states(&w.config, &CancellationToken::new(), &opts, &mut |_| {});
+    let b = run_all_states(&w.config, &CancellationToken::new(), &opts, &mut |_, _| {});
     assert!(b.succeeded(), "{}", b.summary());
     let page = PathBuf::from(b.page.as_deref().expect("an overview page"));
     assert!(b.summary().contains("overview page"), "{}", b.summary());

@@ -61,7 +61,7 @@ fn every_type_round_trips_to_parquet() {
     assert!(fallbacks.contains("t_numeric_free"), "{fallbacks}");
     assert!(fallbacks.contains("t_interval"), "{fallbacks}");
     // Every type reaches the same bytes through an all-states run's one
-    // query (whose UNION pads each table's columns with typed NULLs).
+    // read (binary COPY tuples, spooled, decoded by the state's run).
     let batch = outreach_workbench::pipeline::all_states::run_all_states(
         &w.config,
         &tokio_util::sync::CancellationToken::new(),
@@ -69,7 +69,7 @@ fn every_type_round_trips_to_parquet() {
             dry_run: true,
             ..Default::default()
         },
-        &mut |_| {},
+        &mut |_, _| {},
     );
     assert!(batch.succeeded(), "{}", batch.summary());
     let hashes = |r: &outreach_workbench::pipeline::RunReport| {
