@@ -253,9 +253,9 @@ pub fn run_all_states(
     // past the default 128MB with 120 companies in all (a table's first
     // segments are allocated whole): two at a time.
     // A dry run uploads nothing: past its rows a state only validates and
-    // writes its page, so a run per core keeps the cores busy, and more
-    // would only hold more memory (8 at once: 515 MiB at 500k companies,
-    // 2: 394 MiB, same time).
+    // writes its page, so a run per core is enough, and more would only
+    // hold more memory (8 at once: 499 MiB at 500k companies, 2: 385 MiB,
+    // the same time; measured with a decoding run per core).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = match (opts.link_rule, opts.dry_run) {
         (true, _) => config.storage.max_concurrent_uploads.min(2),

@@ -13,5 +13,6 @@ pub mod keymap;
 pub mod pgtypes;
 pub mod pull;
 pub mod rechunk;
+pub mod sort;
 pub mod spool;
 pub mod tuples;

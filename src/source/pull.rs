@@ -68,9 +68,17 @@ pub fn describe(
 /// PostgreSQL's "C" collation, whatever the database's locale; JSON, enums
 /// and text fallbacks are compared as the text the workbench stores.
 pub(crate) fn order_by(alias: &str, key: &str, t: &ColType) -> String {
+    match t {
+        ColType::Text | ColType::Jsonb => format!("{} COLLATE \"C\"", key_expr(alias, key, t)),
+        _ => key_expr(alias, key, t),
+    }
+}
+
+/// The value [`order_by`] sorts by.
+pub(crate) fn key_expr(alias: &str, key: &str, t: &ColType) -> String {
     let col = format!("{alias}.{}", quote_ident(key));
     match t {
-        ColType::Text | ColType::Jsonb => format!("{col}::text COLLATE \"C\""),
+        ColType::Text | ColType::Jsonb => format!("{col}::text"),
         _ => col,
     }
 }

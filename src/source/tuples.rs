@@ -26,6 +26,20 @@ impl Tuple {
         self.fields[i].clone().map(|r| &self.bytes[r])
     }
 
+    /// Where field `i` lies in [`bytes`](Self::bytes), `None` for NULL.
+    pub fn field_range(&self, i: usize) -> Option<Range<usize>> {
+        self.fields[i].clone()
+    }
+
+    /// This tuple made a copy of `bytes`, one whole tuple.
+    pub fn set_from(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut from = Tuples::bare(bytes);
+        match from.next_into(self)? {
+            true => Ok(()),
+            false => Err(bad("an empty tuple".into())),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.fields.len()
     }
@@ -67,10 +81,24 @@ impl<R: BufRead> Tuples<R> {
     pub fn next_into(&mut self, t: &mut Tuple) -> io::Result<bool> {
         t.bytes.clear();
         t.fields.clear();
-        let mut count = [0u8; 2];
-        if self.r.fill_buf()?.is_empty() {
+        let buf = self.r.fill_buf()?;
+        if buf.is_empty() {
             return Ok(false);
         }
+        // Most often the whole tuple is in the buffer (PostgreSQL sends a
+        // row per message): its fields are found there and it is copied
+        // once, rather than read a length and a value at a time.
+        if buf.starts_with(&(-1i16).to_be_bytes()) {
+            self.r.consume(2);
+            return Ok(false);
+        }
+        if let Some(n) = whole(buf, &mut t.fields) {
+            t.bytes.extend_from_slice(&buf[..n]);
+            self.r.consume(n);
+            return Ok(true);
+        }
+        t.fields.clear();
+        let mut count = [0u8; 2];
         self.r.read_exact(&mut count)?;
         let n = i16::from_be_bytes(count);
         if n == -1 {
@@ -87,12 +115,33 @@ impl<R: BufRead> Tuples<R> {
                 continue;
             }
             let start = t.bytes.len();
-            t.bytes.resize(start + len as usize, 0);
-            self.r.read_exact(&mut t.bytes[start..])?;
+            (&mut self.r).take(len as u64).read_to_end(&mut t.bytes)?;
+            if t.bytes.len() != start + len as usize {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
             t.fields.push(Some(start..t.bytes.len()));
         }
         Ok(true)
     }
+}
+
+/// The length of the tuple `buf` starts with, and its fields, if all of it
+/// is there.
+fn whole(buf: &[u8], fields: &mut Vec<Option<Range<usize>>>) -> Option<usize> {
+    let n = i16::from_be_bytes(buf.get(..2)?.try_into().ok()?);
+    let mut at = 2usize;
+    for _ in 0..n {
+        let len = i32::from_be_bytes(buf.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if len < 0 {
+            fields.push(None);
+            continue;
+        }
+        let end = at.checked_add(len as usize).filter(|e| *e <= buf.len())?;
+        fields.push(Some(at..end));
+        at = end;
+    }
+    Some(at)
 }
 
 #[cfg(test)]
@@ -148,6 +197,17 @@ mod tests {
         assert_eq!(t.len(), 2);
         assert!(!r.next_into(&mut t).unwrap());
         let mut r = Tuples::bare(&s[..s.len() - 3]);
+        assert!(r.next_into(&mut t).unwrap());
+        assert!(r.next_into(&mut t).is_err());
+        // Tuples split across the reader's buffer: read a field at a time.
+        let mut r = Tuples::bare(std::io::BufReader::with_capacity(3, &s[..]));
+        assert!(r.next_into(&mut t).unwrap());
+        assert_eq!((t.len(), t.field(0)), (1, Some(&b"a"[..])));
+        assert!(r.next_into(&mut t).unwrap());
+        assert_eq!(t.bytes, tuple(&[Some(b"bc"), None]));
+        assert_eq!((t.field(0), t.field(1)), (Some(&b"bc"[..]), None));
+        assert!(!r.next_into(&mut t).unwrap());
+        let mut r = Tuples::bare(std::io::BufReader::with_capacity(3, &s[..s.len() - 3]));
         assert!(r.next_into(&mut t).unwrap());
         assert!(r.next_into(&mut t).is_err());
         assert!(Tuples::copy_stream(&b"PGCOPY\nnope, not this"[..]).is_err());

@@ -386,3 +386,47 @@ fn a_cut_read_is_read_again_and_leaves_no_spool() {
         .collect();
     assert!(left.is_empty(), "spools left: {left:?}");
 }
+
+/// Keys of other types: integers (sorted by each state's run, negative
+/// ones included) and numerics (sorted by the server: a type the run does
+/// not sort) give every state its own run's bytes.
+#[test]
+fn integer_and_numeric_keys_give_each_state_its_own_runs_bytes() {
+    needs_services!();
+    let mut w = World::new("all-keys");
+    generate(&w, 300);
+    // Keys in another order than the text keys', half of them negative.
+    w.pg()
+        .batch_execute(
+            "CREATE TABLE marketing.co_keyed AS
+               SELECT (row_number() OVER (ORDER BY md5(company_unique_id)) - 150)::int8 AS cid,
+                      ((row_number() OVER (ORDER BY company_unique_id DESC)) * 10 - 1500)::numeric(12,1) AS nid,
+                      c.*
+               FROM marketing.company_master c;
+             CREATE TABLE marketing.pe_keyed AS
+               SELECT (row_number() OVER (ORDER BY md5(p.unique_id)) - 450)::int4 AS pid,
+                      ((row_number() OVER (ORDER BY p.unique_id DESC)) - 450.5)::numeric(12,1) AS npid,
+                      k.cid AS company_cid, k.nid AS company_nid, p.*
+               FROM marketing.people_master p JOIN marketing.co_keyed k USING (company_unique_id);",
+        )
+        .unwrap();
+    let s = &mut w.config.source;
+    s.companies_table = outreach_workbench::config::QualifiedName::new("marketing", "co_keyed");
+    s.people_table = outreach_workbench::config::QualifiedName::new("marketing", "pe_keyed");
+    for (ckey, pkey, link) in [
+        ("cid", "pid", "company_cid"),
+        ("nid", "npid", "company_nid"),
+    ] {
+        w.config.source.company_key = ckey.into();
+        w.config.source.person_key = pkey.into();
+        w.config.source.people_company_column = link.into();
+        let batch = all_states(&w, &dry());
+        assert!(batch.succeeded(), "{ckey}: {}", batch.summary());
+        assert!(batch.runs.len() > 40, "{ckey}: {}", batch.summary());
+        for r in &batch.runs {
+            let alone = w.run_with(&r.state, &dry());
+            assert!(alone.succeeded(), "{ckey}: {}", alone.summary());
+            assert_eq!(files(r), files(&alone), "{ckey}: {}", r.state);
+        }
+    }
+}
