@@ -252,14 +252,16 @@ pub fn run_all_states(
     // commits; the instance's memory_limit is shared. Eight at once went
     // past the default 128MB with 120 companies in all (a table's first
     // segments are allocated whole): two at a time.
-    // A dry run uploads nothing: past its rows a state only validates and
-    // writes its page, so a run per core is enough, and more would only
-    // hold more memory (8 at once: 499 MiB at 500k companies, 2: 385 MiB,
-    // the same time; measured with a decoding run per core).
+    // A dry run uploads nothing. One state decodes at a time (see
+    // `Slots`); a few more at once overlap what each state does besides
+    // (its files synced, its records and page written), more only hold
+    // memory. On 2 cores, 2, 4 and 8 at once: 11.7-12.1 s, 9.7-10.2 s,
+    // 9.9-10.8 s at 500k companies (283, 293, 325-348 MiB); at 2M, 2 and
+    // 4: 39.5-40.0 s, 35.2-37.8 s (327-340, 329-348 MiB).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = match (opts.link_rule, opts.dry_run) {
         (true, _) => config.storage.max_concurrent_uploads.min(2),
-        (false, true) => config.storage.max_concurrent_uploads.min(cores),
+        (false, true) => config.storage.max_concurrent_uploads.min(2 * cores),
         (false, false) => config.storage.max_concurrent_uploads,
     };
     let mut runs: Vec<RunReport> = Vec::new();
