@@ -471,10 +471,15 @@ fn open_country(
     let spools = config.workbench.dir.join("spool");
     remove_dead_spools(&spools);
     let dir = spools.join(format!("{}-{batch_id}", std::process::id()));
-    crate::retry::retry(&config.retry, cancel, "reading every state", || {
+    let country = crate::retry::retry(&config.retry, cancel, "reading every state", || {
         let mut client = crate::source::connect::connect(&config.source)?;
         Country::read(&mut client, config, cancel, &dir)
-    })
+    });
+    if country.is_err() {
+        // What a failed read spooled goes with it.
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    country
 }
 
 /// Spool folders (`<pid>-<batch>`) of processes no longer running: left by

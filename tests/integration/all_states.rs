@@ -328,6 +328,30 @@ fn the_link_rule_gives_each_state_its_own_runs_bytes() {
     assert_eq!(compared, 2, "{}", batch.summary());
 }
 
+/// Cuts the first read of `w`'s slow view it sees (the server ends its
+/// backend); the backends it ended.
+fn cut_the_read(w: &World) -> std::thread::JoinHandle<i64> {
+    let mut pg = w.pg();
+    std::thread::spawn(move || {
+        let mut cut = 0i64;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while cut == 0 && std::time::Instant::now() < deadline {
+            cut = pg
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                     WHERE datname = current_database() AND state = 'active'
+                       AND query LIKE 'COPY (SELECT %slow_companies%'
+                       AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        cut
+    })
+}
+
 /// A read whose connection the server cuts (as Neon does to idle or
 /// scaled-down computes) is read again from the start, and the batch
 /// publishes every state from the second read. No spool is left behind,
@@ -347,27 +371,7 @@ fn a_cut_read_is_read_again_and_leaves_no_spool() {
     std::fs::create_dir_all(&dead).unwrap();
     std::fs::write(dead.join("0.companies"), b"rows").unwrap();
 
-    let cutter = {
-        let mut pg = w.pg();
-        std::thread::spawn(move || {
-            let mut cut = 0i64;
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            while cut == 0 && std::time::Instant::now() < deadline {
-                cut = pg
-                    .query_one(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                         WHERE datname = current_database() AND state = 'active'
-                           AND query LIKE 'COPY (SELECT %slow_companies%'
-                           AND pid <> pg_backend_pid()",
-                        &[],
-                    )
-                    .unwrap()
-                    .get(0);
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            cut
-        })
-    };
+    let cutter = cut_the_read(&w);
     let batch = all_states(&w, &dry());
     let cut = cutter.join().unwrap();
     assert_eq!(cut, 1, "the read was cut once");
@@ -429,4 +433,32 @@ fn integer_and_numeric_keys_give_each_state_its_own_runs_bytes() {
             assert_eq!(files(r), files(&alone), "{ckey}: {}", r.state);
         }
     }
+}
+
+/// A read cut with no try left fails the batch with the server's words,
+/// and leaves no spool behind.
+#[test]
+fn a_read_cut_for_good_fails_the_batch_and_leaves_no_spool() {
+    needs_services!();
+    let mut w = World::new("all-cutfail");
+    generate(&w, 60);
+    add_slow_view(&w, 1.0);
+    w.config.source.companies_table =
+        outreach_workbench::config::QualifiedName::new("marketing", "slow_companies");
+    w.config.retry.attempts = 1;
+    let cutter = cut_the_read(&w);
+    let batch = all_states(&w, &dry());
+    assert_eq!(cutter.join().unwrap(), 1, "the read was cut");
+    assert!(batch.failed(), "{}", batch.summary());
+    assert!(batch.runs.is_empty(), "{}", batch.summary());
+    let error = batch.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("reading every state's companies") && error.contains("terminating"),
+        "{error}"
+    );
+    let spools = w.config.workbench.dir.join("spool");
+    let left: Vec<_> = std::fs::read_dir(&spools)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "spools left: {left:?}");
 }
