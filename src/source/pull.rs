@@ -437,30 +437,9 @@ fn stream_query(
             .map(|(n, t)| t.arrow_field(n))
             .collect::<Vec<_>>(),
     ));
-    let mut builders: Vec<ColumnBuilder> = types
-        .iter()
-        .map(|(_, t)| ColumnBuilder::new(t, batch_rows))
-        .collect();
     let mut sender =
         TableSender::announce(db, arrow_schema.clone(), entity, &types, outs, batch_rows)?;
-    let decode_err = |column: usize, e: DecodeError| PipelineError::Decode {
-        table: table.to_string(),
-        column: types[column].0.clone(),
-        message: e.to_string(),
-    };
-    let mut flush = |builders: &mut Vec<ColumnBuilder>| -> Result<(), PipelineError> {
-        if builders.first().is_none_or(|b| b.is_empty()) {
-            return Ok(());
-        }
-        let arrays = builders
-            .iter_mut()
-            .enumerate()
-            .map(|(i, b)| b.finish().map_err(|e| decode_err(i, e)))
-            .collect::<Result<_, _>>()?;
-        let batch = RecordBatch::try_new(arrow_schema.clone(), arrays)
-            .map_err(|e| PipelineError::Workbench(format!("building a batch for {table}: {e}")))?;
-        sender.send(batch)
-    };
+    let mut batch = BatchBuilder::new(entity, arrow_schema, &types, batch_rows);
 
     // The unnamed statement: nothing is left prepared on the (pooled)
     // server connection, and it costs one round trip less.
@@ -475,16 +454,13 @@ fn stream_query(
         source: e,
     };
     while let Some(row) = rows.next().map_err(read_err)? {
-        for (i, b) in builders.iter_mut().enumerate() {
+        for i in 0..types.len() {
             let v: Option<Raw> = row.try_get(i).map_err(read_err)?;
-            match v {
-                None => b.append_null(),
-                Some(raw) => b.append(raw.0).map_err(|e| decode_err(i, e))?,
-            }
+            batch.push(i, v.map(|r| r.0))?;
         }
         n += 1;
         if n.is_multiple_of(batch_rows as u64) {
-            flush(&mut builders)?;
+            batch.send_to(&mut sender)?;
             if cancel.is_cancelled() {
                 return Err(PipelineError::Cancelled);
             }
@@ -493,9 +469,76 @@ fn stream_query(
             }
         }
     }
-    flush(&mut builders)?;
+    batch.send_to(&mut sender)?;
     sender.finish()?;
     Ok(n)
+}
+
+/// One table's rows decoded value by value (PostgreSQL's binary format)
+/// into Arrow builders, and handed on a batch at a time: what both a pull
+/// from PostgreSQL and an all-states spool do with their rows.
+pub(crate) struct BatchBuilder<'a> {
+    entity: Entity,
+    schema: Arc<Schema>,
+    columns: &'a Columns,
+    builders: Vec<ColumnBuilder>,
+}
+
+impl<'a> BatchBuilder<'a> {
+    pub(crate) fn new(
+        entity: Entity,
+        schema: Arc<Schema>,
+        columns: &'a Columns,
+        batch_rows: usize,
+    ) -> BatchBuilder<'a> {
+        let builders = columns
+            .iter()
+            .map(|(_, t)| ColumnBuilder::new(t, batch_rows))
+            .collect();
+        BatchBuilder {
+            entity,
+            schema,
+            columns,
+            builders,
+        }
+    }
+
+    /// Column `i`'s value of the row being built; `None` for NULL.
+    pub(crate) fn push(&mut self, i: usize, raw: Option<&[u8]>) -> Result<(), PipelineError> {
+        let b = &mut self.builders[i];
+        match raw {
+            None => {
+                b.append_null();
+                Ok(())
+            }
+            Some(raw) => b.append(raw).map_err(|e| self.decode_err(i, e)),
+        }
+    }
+
+    /// Hands the rows built so far to `sender` as one batch, if there are
+    /// any, and starts again.
+    pub(crate) fn send_to(&mut self, sender: &mut TableSender) -> Result<(), PipelineError> {
+        if self.builders.first().is_none_or(|b| b.is_empty()) {
+            return Ok(());
+        }
+        let mut arrays = Vec::with_capacity(self.builders.len());
+        for i in 0..self.builders.len() {
+            let array = self.builders[i].finish();
+            arrays.push(array.map_err(|e| self.decode_err(i, e))?);
+        }
+        let table = self.entity.raw_table();
+        let batch = RecordBatch::try_new(self.schema.clone(), arrays)
+            .map_err(|e| PipelineError::Workbench(format!("building a batch for {table}: {e}")))?;
+        sender.send(batch)
+    }
+
+    fn decode_err(&self, column: usize, e: DecodeError) -> PipelineError {
+        PipelineError::Decode {
+            table: self.entity.raw_table().to_string(),
+            column: self.columns[column].0.clone(),
+            message: e.to_string(),
+        }
+    }
 }
 
 /// One table on its way to the pull's consumers: announced to each with

@@ -18,11 +18,9 @@ use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Condvar, Mutex};
 
 use duckdb::arrow::datatypes::Schema;
-use duckdb::arrow::record_batch::RecordBatch;
 use tokio_util::sync::CancellationToken;
 
-use super::pgtypes::ColumnBuilder;
-use super::pull::{Columns, PullStats, StoredRows, TableFeed, TableSender};
+use super::pull::{BatchBuilder, Columns, PullStats, StoredRows, TableFeed, TableSender};
 use super::sort::{sorted, SortBy, TupleSource, BUDGET};
 use super::tuples::{Tuple, Tuples};
 use crate::config::Config;
@@ -277,60 +275,32 @@ fn decode(
             .map(|f| Box::new(Tuples::bare(BufReader::with_capacity(256 * 1024, f))) as _),
     }
     .map_err(|e| spool_err(&spool.path, e))?;
-    let mut builders: Vec<ColumnBuilder> = table
-        .columns
-        .iter()
-        .map(|(_, t)| ColumnBuilder::new(t, batch_rows))
-        .collect();
-    let decode_err = |i: usize, message: String| PipelineError::Decode {
-        table: entity.raw_table().to_string(),
-        column: table.columns[i].0.clone(),
-        message,
-    };
-    let mut flush = |builders: &mut Vec<ColumnBuilder>| -> Result<(), PipelineError> {
-        if builders.first().is_none_or(|b| b.is_empty()) {
-            return Ok(());
-        }
-        let arrays = builders
-            .iter_mut()
-            .enumerate()
-            .map(|(i, b)| b.finish().map_err(|e| decode_err(i, e.to_string())))
-            .collect::<Result<_, _>>()?;
-        let batch = RecordBatch::try_new(table.schema.clone(), arrays)
-            .map_err(|e| PipelineError::Workbench(format!("building a batch for {entity}: {e}")))?;
-        sender.send(batch)
-    };
+    let mut batch = BatchBuilder::new(entity, table.schema.clone(), &table.columns, batch_rows);
     let mut t = Tuple::default();
     let mut n = 0u64;
     while tuples
         .next_into(&mut t)
         .map_err(|e| spool_err(&spool.path, e))?
     {
-        if t.len() != table.skip + builders.len() {
+        let width = table.skip + table.columns.len();
+        if t.len() != width {
             return Err(spool_err(
                 &spool.path,
-                std::io::Error::other(format!(
-                    "a row of {} fields, not {}",
-                    t.len(),
-                    table.skip + builders.len()
-                )),
+                std::io::Error::other(format!("a row of {} fields, not {width}", t.len())),
             ));
         }
-        for (i, b) in builders.iter_mut().enumerate() {
-            match t.field(table.skip + i) {
-                None => b.append_null(),
-                Some(raw) => b.append(raw).map_err(|e| decode_err(i, e.to_string()))?,
-            }
+        for i in 0..table.columns.len() {
+            batch.push(i, t.field(table.skip + i))?;
         }
         n += 1;
         if n.is_multiple_of(batch_rows as u64) {
-            flush(&mut builders)?;
+            batch.send_to(sender)?;
             if cancel.is_cancelled() {
                 return Err(PipelineError::Cancelled);
             }
         }
     }
-    flush(&mut builders)?;
+    batch.send_to(sender)?;
     if n != spool.rows {
         return Err(spool_err(
             &spool.path,
