@@ -602,15 +602,20 @@ impl TableSender {
         }
     }
 
-    fn send_whole(&self, batch: &RecordBatch) -> Result<(), PipelineError> {
+    /// A consumer that stops reading before the table ends is let go: its
+    /// statement may need no more rows (the bad rows' `COPY` of an empty
+    /// rule list is `WHERE false`), and if it failed, its own error is the
+    /// pull's. The read stops only when nobody reads any more.
+    fn send_whole(&mut self, batch: &RecordBatch) -> Result<(), PipelineError> {
         let chunks = self
             .converter
             .convert(batch)
             .map_err(convert_err(self.table))?;
         for chunk in chunks {
             let chunk = Arc::new(chunk);
-            for c in &self.consumers {
-                c.send(chunk.clone()).map_err(|_| loader_gone())?;
+            self.consumers.retain(|c| c.send(chunk.clone()).is_ok());
+            if self.consumers.is_empty() {
+                return Err(loader_gone());
             }
         }
         Ok(())

@@ -328,6 +328,31 @@ fn the_link_rule_gives_each_state_its_own_runs_bytes() {
     assert_eq!(compared, 2, "{}", batch.summary());
 }
 
+/// An empty rule list validates nothing in an all-states run too: every
+/// state's rows are all good (its bad rows' `COPY` reads nothing).
+#[test]
+fn empty_rule_lists_make_every_states_rows_good() {
+    needs_services!();
+    let mut w = World::new("all-norules");
+    w.set_config_extra("\n[rules]\ncompanies = []\npeople = []\n");
+    generate(&w, 4000);
+    let batch = all_states(&w, &dry());
+    assert!(batch.succeeded(), "{}", batch.summary());
+    let (mut companies, mut people) = (0, 0);
+    for r in &batch.runs {
+        let (c, p) = (r.companies.as_ref().unwrap(), r.people.as_ref().unwrap());
+        assert_eq!(
+            (c.good, c.bad, p.good, p.bad),
+            (c.raw, 0, p.raw, 0),
+            "{}",
+            r.state
+        );
+        companies += c.raw;
+        people += p.raw;
+    }
+    assert!(companies > 0 && people > 0, "{}", batch.summary());
+}
+
 /// Cuts the first read of `w`'s slow view it sees (the server ends its
 /// backend); the backends it ended.
 fn cut_the_read(w: &World) -> std::thread::JoinHandle<i64> {

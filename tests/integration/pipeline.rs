@@ -437,6 +437,47 @@ people = [{ code = "title_negative", condition = "CAST(title AS INTEGER) < 0" }]
     assert_eq!(n, 2, "the failed run's rows were rolled back");
 }
 
+/// An empty rule list validates nothing (config.toml says so): every row
+/// is good and the bad files are empty. The bad rows' `COPY` is then
+/// `WHERE false`, which ends without reading its rows; the pull used to
+/// take that for a failed writer and fail every run ("the workbench
+/// stopped taking rows"). Enough rows that the reader is still sending when
+/// that statement has ended.
+#[test]
+fn empty_rule_lists_make_every_row_good() {
+    needs_services!();
+    let mut w = World::new("norules");
+    w.set_config_extra("\n[rules]\ncompanies = []\npeople = []\n");
+    let mut pg = w.pg();
+    pg.batch_execute(
+        "INSERT INTO marketing.company_master
+            (company_unique_id, company_name, website_url, address_state, source_system, promoted_from_intake_at)
+         SELECT 'c' || i, CASE WHEN i % 3 = 0 THEN NULL ELSE 'Co ' || i END, NULL, 'WV', 'test',
+                '2025-01-01 00:00:00+00'
+         FROM generate_series(1, 30000) i;
+         INSERT INTO marketing.people_master
+            (unique_id, company_unique_id, company_slot_unique_id, first_name, last_name, email, title,
+             source_system, promoted_from_intake_at)
+         SELECT 'p' || i, 'c' || (i % 30000 + 1), 'slot', 'Ana', 'Smith', NULL, NULL, 'test',
+                '2025-01-01 00:00:00+00'
+         FROM generate_series(1, 60000) i;",
+    )
+    .unwrap();
+    let r = w.run_with("WV", &dry());
+    assert!(r.succeeded(), "{}", r.summary());
+    let companies = r.companies.as_ref().unwrap();
+    let people = r.people.as_ref().unwrap();
+    assert_eq!(
+        (companies.raw, companies.good, companies.bad),
+        (30000, 30000, 0)
+    );
+    assert_eq!((people.raw, people.good, people.bad), (60000, 60000, 0));
+    for entity in ["companies", "people"] {
+        let bad = w.export_path("wv", entity, "bad");
+        assert_eq!(count_rows(&bad), 0, "{}", bad.display());
+    }
+}
+
 /// Every file under `dir`.
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
