@@ -31,6 +31,8 @@ S3_LATENCY_MS=${S3_LATENCY_MS:-50}
 
 ow_prepare
 ow_build
+# The Parquet writer's floor (examples/parquet_floor.rs), same profile.
+(cd "$OW_ROOT" && cargo build --release --locked --quiet "${OW_FEATURES[@]}" --example parquet_floor)
 ow_start_services
 work=$(mktemp -d /tmp/ow-bench.XXXXXX)
 OW_STARTED+=("dir:$work")
@@ -75,6 +77,16 @@ all_states_bench() {
     printf '%-44s %8.2f s\n' "run --all-states --dry-run" "$run_med"
     printf '%-44s %8.2f x\n' "ratio run / COPY (median of each run's)" "$paired"
     printf '%-44s %8.0f MiB (max %.0f MiB)\n' "peak RSS of run" "$(echo "$rss_med / 1024" | bc -l)" "$(echo "$rss_max / 1024" | bc -l)"
+    # No state's people can be written before the people are read whole:
+    # the COPY plus the people's Parquet writing alone, on every core, is a
+    # floor no design of this run goes under (docs/all-states.md).
+    local writer people_s cores bound
+    writer=$("$CARGO_TARGET_DIR/release/examples/parquet_floor" "$config")
+    echo "$writer" | sed 's/^/  /'
+    people_s=$(echo "$writer" | awk '$1 == "people" {print $4}')
+    cores=$(nproc)
+    bound=$(echo "($copy_med + $people_s / $cores) / $copy_med" | bc -l)
+    printf '%-44s %8.2f x\n' "bound: (COPY + people's writer / $cores cores) / COPY" "$bound"
     local full_ratio=0
     if [ "$S3_LATENCY_MS" != 0 ]; then
         local s3_port s3_host s3_port_up
@@ -114,7 +126,7 @@ all_states_bench() {
         full_ratio=$(printf '%s\n' "${far_ratios[@]}" | median)
         printf '%-44s %8.2f x\n' "ratio full / dry (median of each pair's)" "$full_ratio"
     fi
-    all_summary+=("$(printf '%-10s %8.2f s %8.2f s %7.2fx %7.0f MiB %9.2fx' "$scale" "$copy_med" "$run_med" "$paired" "$(echo "$rss_med / 1024" | bc -l)" "$full_ratio")")
+    all_summary+=("$(printf '%-10s %8.2f s %8.2f s %7.2fx %7.0f MiB %9.2fx %7.2fx' "$scale" "$copy_med" "$run_med" "$paired" "$(echo "$rss_med / 1024" | bc -l)" "$full_ratio" "$bound")")
 }
 
 for scale in $SCALES; do
@@ -226,6 +238,6 @@ printf '%s\n' "${summary[@]}"
 if [ ${#all_summary[@]} -gt 0 ]; then
     echo
     echo "all states (run --all-states --dry-run against COPY of both whole tables; full/dry with ${S3_LATENCY_MS} ms to S3)"
-    printf '%-10s %10s %10s %8s %11s %10s\n' "companies" "COPY" "run" "paired" "peak RSS" "full/dry"
+    printf '%-10s %10s %10s %8s %11s %10s %8s\n' "companies" "COPY" "run" "paired" "peak RSS" "full/dry" "bound"
     printf '%s\n' "${all_summary[@]}"
 fi

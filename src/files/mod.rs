@@ -183,7 +183,7 @@ const ROW_GROUP_ROWS: usize = 32_768;
 /// good file's `company_name` OPTIONAL, changing its schema and bytes though
 /// its rows did not change. Without that pass every column is OPTIONAL, as
 /// in the source, and the bytes depend on the rows alone.
-const WRITER_SETTINGS: &str = "SET disabled_optimizers = 'statistics_propagation'";
+pub const WRITER_SETTINGS: &str = "SET disabled_optimizers = 'statistics_propagation'";
 
 fn write_parquet(
     duck: &duckdb::Connection,
@@ -227,7 +227,7 @@ fn prepare_tmp(path: &Path) -> Result<PathBuf, PipelineError> {
 }
 
 /// The `COPY` writing `query`'s rows to `tmp` as Parquet.
-fn copy_sql(query: &str, tmp: &Path, cfg: &ExportConfig) -> String {
+pub fn copy_sql(query: &str, tmp: &Path, cfg: &ExportConfig) -> String {
     let compression = match cfg.compression {
         Compression::Snappy => "COMPRESSION snappy".to_string(),
         Compression::Uncompressed => "COMPRESSION uncompressed".to_string(),
