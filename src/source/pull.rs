@@ -269,8 +269,9 @@ pub fn pull(
     });
     match (read, loaded, tapped) {
         _ if cancel.is_cancelled() => Err(PipelineError::Cancelled),
-        // A failed consumer makes the reader fail too ("stopped taking
-        // rows"); the consumer's error is the one that says what went wrong.
+        // A failed consumer's error is the one that says what went wrong:
+        // the reader may have failed too ("stopped taking rows", once no
+        // consumer reads), or read the table on for the others.
         (_, Err(e), _) | (_, Ok(()), Err(e)) => Err(e),
         (read, Ok(()), Ok(())) => read,
     }
