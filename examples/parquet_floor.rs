@@ -64,7 +64,10 @@ fn main() -> Result<()> {
             [],
         )?;
         let secs = t.elapsed().as_secs_f64();
-        let entity = if f.to_string_lossy().contains("/companies/") {
+        // By the file's own name (`companies_good.parquet`, …), not its
+        // directories: the workbench's path may hold any word.
+        let name = f.file_name().unwrap_or_default().to_string_lossy();
+        let entity = if name.starts_with("companies_") {
             &mut companies
         } else {
             &mut people
