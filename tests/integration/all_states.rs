@@ -477,8 +477,16 @@ fn a_read_cut_for_good_fails_the_batch_and_leaves_no_spool() {
     assert!(batch.failed(), "{}", batch.summary());
     assert!(batch.runs.is_empty(), "{}", batch.summary());
     let error = batch.error.clone().unwrap_or_default();
+    // Through PgBouncer the server's words may not arrive: when the
+    // server ends its backend, PgBouncer drops the client at once
+    // (server.c, `SBUF_EV_RECV_FAILED`: "server conn crashed?"), and an
+    // ErrorResponse still queued behind COPY data goes with it (seen once
+    // in the suite's pooled pass). The client then sees the connection
+    // close, and the error says so.
+    let pooled = std::env::var("OW_TEST_POOLED").is_ok_and(|v| v == "1");
+    let said = error.contains("terminating") || (pooled && error.contains("connection closed"));
     assert!(
-        error.contains("reading every state's companies") && error.contains("terminating"),
+        error.contains("reading every state's companies") && said,
         "{error}"
     );
     let spools = w.config.workbench.dir.join("spool");
