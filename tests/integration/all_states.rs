@@ -477,14 +477,14 @@ fn a_read_cut_for_good_fails_the_batch_and_leaves_no_spool() {
     assert!(batch.failed(), "{}", batch.summary());
     assert!(batch.runs.is_empty(), "{}", batch.summary());
     let error = batch.error.clone().unwrap_or_default();
-    // Through PgBouncer the server's words may not arrive: when the
-    // server ends its backend, PgBouncer drops the client at once
-    // (server.c, `SBUF_EV_RECV_FAILED`: "server conn crashed?"), and an
-    // ErrorResponse still queued behind COPY data goes with it (seen once
-    // in the suite's pooled pass). The client then sees the connection
-    // close, and the error says so.
-    let pooled = std::env::var("OW_TEST_POOLED").is_ok_and(|v| v == "1");
-    let said = error.contains("terminating") || (pooled && error.contains("connection closed"));
+    // The server's words, or the driver's "connection closed": when the
+    // FATAL and the end of the socket are read in one poll, the `postgres`
+    // crate returns the connection's end (tokio-postgres 0.7
+    // `Connection::poll_read`: `Error::closed()` at EOF; postgres 0.19
+    // `poll_block_on` returns a connection error before polling the query,
+    // to which the FATAL was already handed). Under load that happened in
+    // 11 of 30 tries, direct and through PgBouncer alike.
+    let said = error.contains("terminating") || error.contains("connection closed");
     assert!(
         error.contains("reading every state's companies") && said,
         "{error}"
