@@ -81,10 +81,6 @@ pub fn export_all(
 ) -> Result<Vec<ExportedFile>, PipelineError> {
     let schema = state.lower();
     let exports_dir = &wb.exports_dir();
-    let conn_err = |e: duckdb::Error| PipelineError::Export {
-        path: exports_dir.to_path_buf(),
-        message: e.to_string(),
-    };
     // (position in the result, entity, kind)
     let mut jobs = Vec::new();
     let last = entities.len().saturating_sub(1);
@@ -104,7 +100,6 @@ pub fn export_all(
         let (schema, span, queue) = (&schema, span.clone(), &queue);
         move || -> Result<Vec<(usize, ExportedFile)>, PipelineError> {
             let _entered = span.enter();
-            conn.execute_batch(WRITER_SETTINGS).map_err(conn_err)?;
             let mut done = Vec::new();
             loop {
                 let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
@@ -176,14 +171,9 @@ fn export_one(
 /// ~2 MB is still a good read for anyone scanning the files.
 const ROW_GROUP_ROWS: usize = 32_768;
 
-/// What every connection writing a file runs first (a connection's own
-/// setting). DuckDB marks a Parquet column REQUIRED when the optimizer's
-/// statistics prove it has no NULL, and those statistics come from the raw
-/// table, bad rows included: one bad row with a NULL name would make the
-/// good file's `company_name` OPTIONAL, changing its schema and bytes though
-/// its rows did not change. Without that pass every column is OPTIONAL, as
-/// in the source, and the bytes depend on the rows alone.
-pub const WRITER_SETTINGS: &str = "SET disabled_optimizers = 'statistics_propagation'";
+/// What the workbench's DuckDB instance is set to when it opens, so that a
+/// file's bytes depend on its rows alone (see [`Workbench::open`]).
+pub use crate::workbench::WRITER_SETTINGS;
 
 fn write_parquet(
     duck: &duckdb::Connection,

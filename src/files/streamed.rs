@@ -4,10 +4,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use super::{
-    copy_sql, export_err, hash_file, prepare_tmp, rename_synced, sync_tmp, ExportedFile,
-    WRITER_SETTINGS,
-};
+use super::{copy_sql, export_err, hash_file, prepare_tmp, rename_synced, sync_tmp, ExportedFile};
 use crate::config::{quote_ident, ExportConfig};
 use crate::error::PipelineError;
 use crate::names::{Entity, FileKind};
@@ -117,7 +114,6 @@ impl<'a> StreamedExport<'a> {
             .collect::<Vec<_>>()
             .join(", ");
         let con = RawConnection::connect(&self.db).map_err(err)?;
-        con.execute(WRITER_SETTINGS).map_err(err)?;
         let (template, next) = feed.into_feed();
         let counted = con
             .run_with_feed(

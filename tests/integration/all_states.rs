@@ -495,3 +495,62 @@ fn a_read_cut_for_good_fails_the_batch_and_leaves_no_spool() {
         .unwrap_or_default();
     assert!(left.is_empty(), "spools left: {left:?}");
 }
+
+/// Every setting of the workbench's DuckDB is the instance's, and is made
+/// as the file opens. Runs used to `SET` one on each file writer's
+/// connection while their other connections planned queries, which read
+/// the setting DuckDB was replacing: the test process crashed (SIGSEGV in
+/// DuckDB's optimizer, 1 test pass in ~20). No run, of one state or of
+/// all, streamed or with the link rule, runs a statement that sets one.
+#[test]
+fn no_run_changes_a_setting_of_the_shared_duckdb() {
+    needs_services!();
+    let w = World::new("settings");
+    generate(&w, 200);
+    // Held open, so that the runs share this instance and its query log.
+    let wb = outreach_workbench::workbench::Workbench::open(&w.config.workbench).unwrap();
+    wb.conn()
+        .execute_batch("CALL enable_logging('QueryLog')")
+        .unwrap();
+
+    let r = w.run_with("WV", &dry());
+    assert!(r.succeeded(), "{}", r.summary());
+    let linked = RunOptions {
+        dry_run: true,
+        link_rule: true,
+        ..Default::default()
+    };
+    let r = w.run_with("WV", &linked);
+    assert!(r.succeeded(), "{}", r.summary());
+    let batch = all_states(&w, &dry());
+    assert!(batch.succeeded(), "{}", batch.summary());
+
+    let mut q = wb
+        .conn()
+        .prepare("SELECT message FROM duckdb_logs WHERE type = 'QueryLog'")
+        .unwrap();
+    let statements: Vec<String> = q
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let copies = statements
+        .iter()
+        .filter(|s| s.trim_start().starts_with("COPY"))
+        .count();
+    assert!(
+        copies >= 8,
+        "the log holds the files' COPYs ({copies} of {} statements)",
+        statements.len()
+    );
+    let settings: Vec<&String> = statements
+        .iter()
+        .filter(|s| {
+            let s = s.trim_start().to_ascii_uppercase();
+            ["SET ", "RESET ", "PRAGMA "]
+                .iter()
+                .any(|p| s.starts_with(p))
+        })
+        .collect();
+    assert!(settings.is_empty(), "a run changed a setting: {settings:?}");
+}
