@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use outreach_workbench::config::Config;
-use outreach_workbench::files::{copy_sql, WRITER_SETTINGS};
+use outreach_workbench::files::copy_sql;
 
 fn main() -> Result<()> {
     let Some(config) = std::env::args().nth(1) else {
@@ -41,7 +41,6 @@ fn main() -> Result<()> {
     }
     let duck = duckdb::Connection::open_in_memory()?;
     duck.execute_batch("SET threads = 1")?;
-    duck.execute_batch(WRITER_SETTINGS)?;
     let out = tempdir()?;
     let mut tables = Vec::new();
     for (i, f) in files.iter().enumerate() {

@@ -237,22 +237,6 @@ pub fn open_read_only(cfg: &WorkbenchConfig) -> Result<Option<Connection>, Workb
     .map(Some)
 }
 
-/// Set on the workbench's instance as it opens, for the files written from
-/// it. DuckDB marks a Parquet column REQUIRED when the optimizer's
-/// statistics prove it has no NULL, and those statistics come from the raw
-/// table, bad rows included: one bad row with a NULL name would make the
-/// good file's `company_name` OPTIONAL, changing its schema and bytes though
-/// its rows did not change. Without that pass every column is OPTIONAL, as
-/// in the source, and the bytes depend on the rows alone.
-///
-/// `disabled_optimizers` is the instance's setting, not a connection's:
-/// DuckDB replaces the set that every connection's optimizer reads. Each
-/// file writer used to `SET` it on its own connection while the run's other
-/// connections planned queries, and a planner read the freed set: a SIGSEGV
-/// in 1 of ~20 test passes, and in ~1 s of a loop of `SET`s beside a loop of
-/// queries. So it is set once, before the file is shared.
-pub const WRITER_SETTINGS: &str = "SET disabled_optimizers = 'statistics_propagation'";
-
 /// The error recorded for an abandoned run, in the workbench and the audit.
 pub const ABANDONED: &str =
     "the process running it stopped before it finished (crash, kill -9 or power loss)";
@@ -431,13 +415,14 @@ impl Workbench {
         // PostgreSQL need. Measured on the benchmark: 0.3 s less CPU and
         // 0.25 s less wall time than with a thread per core.
         //
-        // Every setting here is the instance's, so it is made now, before
-        // the file is shared: nothing of a run may `SET` (see
-        // `WRITER_SETTINGS`).
+        // Every setting here is the instance's (DuckDB keeps them in the
+        // database's config, which every connection's planner reads), so it
+        // is made now, before the file is shared: a `SET` while other
+        // connections plan queries can crash the process (it did, when
+        // each file writer set `disabled_optimizers` for itself).
         conn.execute_batch(&format!(
             "SET autoinstall_known_extensions = false; SET autoload_known_extensions = false;
              SET threads = 1; SET memory_limit = '{}'; SET temp_directory = '{}';
-             {WRITER_SETTINGS};
              CREATE TABLE IF NOT EXISTS main.runs (
                  run_id VARCHAR PRIMARY KEY,
                  state VARCHAR NOT NULL,

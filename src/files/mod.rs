@@ -171,10 +171,6 @@ fn export_one(
 /// ~2 MB is still a good read for anyone scanning the files.
 const ROW_GROUP_ROWS: usize = 32_768;
 
-/// What the workbench's DuckDB instance is set to when it opens, so that a
-/// file's bytes depend on its rows alone (see [`Workbench::open`]).
-pub use crate::workbench::WRITER_SETTINGS;
-
 fn write_parquet(
     duck: &duckdb::Connection,
     schema: &str,

@@ -239,7 +239,9 @@ fn dedup_skips_unchanged_files_even_without_the_workbench() {
 /// Found by the gate tests: DuckDB's writer made a column REQUIRED when the
 /// raw table happened to hold no NULL in it, so a new *bad* row with a NULL
 /// name changed the *good* file's schema and bytes, and it was uploaded
-/// again with the same rows.
+/// again with the same rows. DuckDB 1.2 did (runs then disabled the
+/// optimizer pass its proof came from); 1.4 writes every top-level column
+/// OPTIONAL whatever the statistics say, and this keeps an upgrade honest.
 #[test]
 fn good_file_bytes_depend_on_good_rows_only() {
     needs_services!();
