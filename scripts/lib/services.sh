@@ -144,7 +144,26 @@ ow_prepare_nspawn() {
     export OW_NSPAWN_ROOT=$root
 }
 
+# Cargo decides whether our own crates are fresh by their sources' mtimes
+# alone, not by the checkout they were built from. After a build in another
+# clone sharing the target dir (CI's fresh clone), this checkout would get
+# that clone's binaries: its paths compiled in (`CARGO_MANIFEST_DIR`, which
+# the tests read config.toml and packaging/ through) and none of this
+# checkout's edits older than that build. So when the checkout changes, our
+# two crates (not DuckDB, not the dependencies) are rebuilt: ~2 minutes.
+ow_own_target_dir() {
+    local mark=$CARGO_TARGET_DIR/.ow-checkout last
+    last=$(cat "$mark" 2>/dev/null || true)
+    [ "$last" != "$OW_ROOT" ] || return 0
+    if [ -n "$last" ]; then
+        ow_log "the target dir was last built from $last: rebuilding this checkout's crates"
+        (cd "$OW_ROOT" && cargo clean --release --quiet -p outreach-workbench -p ow-duckdb)
+    fi
+    mkdir -p "$CARGO_TARGET_DIR" && printf '%s\n' "$OW_ROOT" >"$mark"
+}
+
 ow_build() {
+    ow_own_target_dir
     if [ "${OW_BUNDLED_DUCKDB:-0}" = 1 ]; then
         ow_log "building (release; the first build with OW_BUNDLED_DUCKDB=1 compiles DuckDB, ~35 min)"
     else
