@@ -500,8 +500,9 @@ fn a_read_cut_for_good_fails_the_batch_and_leaves_no_spool() {
 /// as the file opens. Runs used to `SET` one on each file writer's
 /// connection while their other connections planned queries, which read
 /// the setting DuckDB was replacing: the test process crashed (SIGSEGV in
-/// DuckDB's optimizer, 1 test pass in ~20). No run, of one state or of
-/// all, streamed or with the link rule, runs a statement that sets one.
+/// DuckDB's optimizer, in CI and in 1 of 6 passes here). No run, of one
+/// state or of all, streamed or with the link rule, runs a statement that
+/// sets one.
 #[test]
 fn no_run_changes_a_setting_of_the_shared_duckdb() {
     needs_services!();
