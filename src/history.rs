@@ -1,4 +1,5 @@
-//! `history`: the recent runs recorded in the workbench's `main.runs`.
+//! `history`: the recent runs recorded in the workbench's `main.runs`, as
+//! the analysts' catalog copies them after each run.
 //!
 //! Each run row keeps the whole run report as JSON, so everything the
 //! summary showed at the time (counts, uploads, gate verdicts) can be shown
@@ -34,7 +35,7 @@ pub fn read(
     state: Option<&StateCode>,
     limit: usize,
 ) -> Result<Vec<Entry>, WorkbenchError> {
-    let Some(conn) = workbench::open_read_only(&config.workbench)? else {
+    let Some(conn) = workbench::open_history(&config.workbench)? else {
         return Ok(Vec::new());
     };
     read_from(&conn, &config.workbench.dir, state, limit)

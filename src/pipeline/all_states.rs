@@ -356,14 +356,11 @@ pub fn run_all_states(
             "rows whose state value names no state: not published"
         );
     }
-    let views = Workbench::open(&config.workbench)
-        .map_err(PipelineError::from)
-        .and_then(|wb| {
-            let duck = wb.raw_connection()?;
-            crate::quality::validate::all_states_views(&duck, &wb.exports_dir())
-        });
-    if let Err(e) = views {
-        tracing::warn!(error = %e, "could not make the all_states views");
+    // The analysts' catalog once for the batch, not once per state.
+    let catalog =
+        Workbench::open(&config.workbench).and_then(|wb| crate::workbench::write_catalog(&wb));
+    if let Err(e) = catalog {
+        tracing::warn!(error = %e, "could not write the workbench's catalog for analysts");
     }
     // They finish in any order; the report lists them by state.
     runs.sort_by(|a, b| a.state.cmp(&b.state));

@@ -168,6 +168,12 @@ pub fn run(
             let page = write_page(config, state, &wb, &mut report, &held.samples);
             record_in_workbench(config, &report, auditable, &wb, &mut held);
             report.abandoned_found = wb.take_abandoned();
+            // An all-states run writes the catalog once, at its end.
+            if opts.batch.is_none() {
+                if let Err(e) = crate::workbench::write_catalog(&wb) {
+                    tracing::warn!(error = %e, "could not write the workbench's catalog for analysts");
+                }
+            }
             // Let go of the file before the bucket, which may retry.
             drop(wb);
             if let Some(page) = page {
@@ -175,6 +181,7 @@ pub fn run(
             }
         }
     }
+    note_a_corrupt_state_file(config, &mut report);
     let status = report.status.as_str();
     let page = report.page.as_deref().unwrap_or("none");
     match &report.error {
@@ -379,4 +386,33 @@ fn publish_page(config: &Config, state: &StateCode, report: &RunReport, page: &s
     if let Err(e) = crate::bucket::publish::write_page(&config.storage, &config.retry, &key, page) {
         tracing::warn!(error = %e, "could not publish the run's report page; the data and manifest are published");
     }
+}
+
+/// A run that met a corrupt block of the state file (DuckDB reads blocks
+/// as it needs them, so this can come in the middle of a run) fails saying
+/// so; the file is set aside by the next opening, once no run of this
+/// process uses it.
+fn note_a_corrupt_state_file(config: &Config, report: &mut RunReport) {
+    let Some(error) = &report.error else {
+        return;
+    };
+    // DuckDB's words for a damaged Parquet file can be the same; only the
+    // state file's own are taken for it.
+    let of_the_state_file = [
+        "outreach_state.duckdb",
+        "Corrupt database file",
+        "Corrupt WAL",
+    ]
+    .iter()
+    .any(|w| error.contains(w));
+    if crate::workbench::verdict(error) != crate::workbench::Verdict::Corrupt || !of_the_state_file
+    {
+        return;
+    }
+    let path = Workbench::db_path(&config.workbench.dir);
+    crate::workbench::corrupt_found(&path);
+    report.error = Some(format!(
+        "{error}; the workbench's state file {} is corrupt: the next run sets it aside and starts a new one",
+        path.display()
+    ));
 }

@@ -386,48 +386,6 @@ pub fn over_files(
     })
 }
 
-/// The schema of the views over every state's files.
-pub const ALL_STATES_SCHEMA: &str = "all_states";
-
-/// `all_states.companies_good`, `_bad`, `people_good`, `_bad`: every
-/// state's file of that kind under `exports`, with the state's code as
-/// `state_code`. The files are found when the view is read, so a state
-/// that comes or goes is in or out at once. A kind no state has a file of
-/// yet gets no view (DuckDB checks a view's files when it makes it).
-pub fn all_states_views(
-    duck: &RawConnection,
-    exports: &std::path::Path,
-) -> Result<(), PipelineError> {
-    let err = |e: DuckError| PipelineError::Validate(format!("the {ALL_STATES_SCHEMA} views: {e}"));
-    let schema = quote_ident(ALL_STATES_SCHEMA);
-    duck.execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-        .map_err(err)?;
-    let exports = std::path::absolute(exports).unwrap_or_else(|_| exports.to_path_buf());
-    for entity in Entity::ALL {
-        for kind in FileKind::ALL {
-            let name = entity.table(kind);
-            let file = format!("{entity}/{kind}/{name}.parquet");
-            let any = std::fs::read_dir(&exports)
-                .is_ok_and(|dirs| dirs.flatten().any(|d| d.path().join(&file).exists()));
-            let glob = exports.join(format!("*/{file}"));
-            let glob = glob.to_string_lossy();
-            if !any {
-                continue;
-            }
-            duck.execute(&format!(
-                "CREATE OR REPLACE VIEW {schema}.{view} AS
-                 SELECT upper(regexp_extract(filename, '/([^/]+)/{entity}/{kind}/[^/]+$', 1)) AS state_code,
-                        * EXCLUDE (filename)
-                 FROM read_parquet({files}, union_by_name = true, filename = true)",
-                view = quote_ident(&name),
-                files = quote_literal(&glob),
-            ))
-            .map_err(err)?;
-        }
-    }
-    Ok(())
-}
-
 /// `counts` in rule order, split into the error rules' and the warning
 /// rules', by code.
 fn by_severity(rules: &[Rule], counts: &[i64]) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {

@@ -110,9 +110,8 @@ fn each_state_from_one_read_is_byte_identical_to_its_own_run() {
     );
     // The views over every state's files: each state's good rows.
     {
-        let wb = outreach_workbench::workbench::Workbench::open(&w.config.workbench).unwrap();
-        let mut stmt = wb
-            .conn()
+        let duck = catalog(&w);
+        let mut stmt = duck
             .prepare(
                 "SELECT state_code, count(*) FROM all_states.companies_good GROUP BY ALL ORDER BY 1",
             )

@@ -90,9 +90,10 @@ fn a_busy_workbench_is_waited_for_then_reported() {
     let w = World::new("busy");
     let s = services();
     let cfg = w.write_config_file();
-    std::fs::create_dir_all(w.dir.path().join("duck")).unwrap();
-    let holder =
-        duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
+    // Another process holding the state file (here, this one): the run
+    // waits for it. The analysts' catalog never makes a run wait.
+    std::fs::create_dir_all(w.dir.path().join("state")).unwrap();
+    let holder = duckdb::Connection::open(state_file(&w)).unwrap();
     let started = std::time::Instant::now();
     let o = bin()
         .args(["run", "--state", "WV", "--dry-run", "--config"])

@@ -592,3 +592,18 @@ pub fn have(tool: &str) -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false)
 }
+
+/// The analysts' catalog of `w`'s workbench, opened read-only as an
+/// analyst would.
+pub fn catalog(w: &World) -> duckdb::Connection {
+    let flags = duckdb::Config::default()
+        .access_mode(duckdb::AccessMode::ReadOnly)
+        .unwrap();
+    duckdb::Connection::open_with_flags(w.dir.path().join("duck/outreach_workbench.duckdb"), flags)
+        .unwrap()
+}
+
+/// The service's state file of `w`'s workbench.
+pub fn state_file(w: &World) -> PathBuf {
+    w.dir.path().join("state/outreach_state.duckdb")
+}

@@ -19,3 +19,4 @@ mod s3proxy;
 mod serve;
 mod systemd_boot;
 mod types;
+mod workbench;

@@ -145,8 +145,7 @@ fn people_follow_their_company_and_the_link_rule() {
     // PA in the same workbench does not touch WV's tables.
     let r = w.run_with("PA", &dry());
     assert_eq!(r.status, RunStatus::Success, "{:?}", r.error);
-    let duck =
-        duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
+    let duck = catalog(&w);
     let n: i64 = duck
         .query_row("SELECT count(*) FROM wv.people_raw", [], |r| r.get(0))
         .unwrap();
@@ -431,8 +430,7 @@ people = [{ code = "title_negative", condition = "CAST(title AS INTEGER) < 0" }]
         .filter(|p| p.to_string_lossy().ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    let duck =
-        duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
+    let duck = catalog(&w);
     let n: i64 = duck
         .query_row("SELECT count(*) FROM wv.people_raw", [], |r| r.get(0))
         .unwrap();
@@ -708,9 +706,8 @@ fn a_database_back_within_the_retries_does_not_fail_the_run() {
 /// What an analyst sees in the workbench: (relation kind of `_raw`, rows
 /// of raw/good/bad, the bad rows' codes, raw's columns).
 fn workbench_view(w: &World, entity: &str) -> (String, [i64; 3], Vec<String>, Vec<String>) {
-    let duck =
-        duckdb::Connection::open(w.dir.path().join("duck/outreach_workbench.duckdb")).unwrap();
-    let kind: String = duck
+    let state = duckdb::Connection::open(state_file(w)).unwrap();
+    let kind: String = state
         .query_row(
             &format!(
                 "SELECT 'view' FROM duckdb_views() WHERE schema_name = 'wv' AND view_name = '{entity}_raw'
@@ -721,6 +718,19 @@ fn workbench_view(w: &World, entity: &str) -> (String, [i64; 3], Vec<String>, Ve
             |r| r.get(0),
         )
         .unwrap();
+    drop(state);
+    // What an analyst reads: the catalog's views, over the files either way.
+    let duck = catalog(w);
+    let catalog_kind: String = duck
+        .query_row(
+            &format!(
+                "SELECT 'view' FROM duckdb_views() WHERE schema_name = 'wv' AND view_name = '{entity}_raw'"
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(catalog_kind, "view");
     let count = |t: &str| -> i64 {
         duck.query_row(&format!("SELECT count(*) FROM wv.{entity}_{t}"), [], |r| {
             r.get(0)

@@ -1,0 +1,186 @@
+//! The workbench's two files: the service's state file, survived when it
+//! is corrupt or lost, and the analysts' catalog, which an open session
+//! never holds against a run.
+
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::process::{Command, Stdio};
+
+use crate::common::*;
+
+/// The state file's neighbours that a corrupt file was set aside as.
+fn set_aside(w: &World) -> Vec<String> {
+    std::fs::read_dir(w.dir.path().join("state"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.starts_with("outreach_state.duckdb.corrupt-") && !n.ends_with(".wal"))
+        .collect()
+}
+
+fn history_ids(w: &World) -> Vec<String> {
+    outreach_workbench::history::read(&w.config, None, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.report.run_id)
+        .collect()
+}
+
+/// A state file damaged between two runs (a torn block, cut short, not a
+/// DuckDB file at all, or deleted) does not stop the next run: it succeeds,
+/// the damaged file is kept aside for inspection, and a new one holds the
+/// new run. Before, a torn block was taken for a busy file ("in block at
+/// location" holds "lock") and every later run failed.
+#[test]
+fn a_damaged_or_lost_state_file_is_set_aside_and_the_next_run_succeeds() {
+    needs_services!();
+    type Damage = fn(&std::path::Path);
+    let cases: [(&str, Damage, bool); 4] = [
+        ("torn", |p| overwrite(p, 4096), true),
+        (
+            "cut",
+            |p| {
+                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                let len = f.metadata().unwrap().len();
+                f.set_len(len / 2).unwrap();
+            },
+            true,
+        ),
+        ("notduck", |p| overwrite(p, 0), true),
+        ("deleted", |p| std::fs::remove_file(p).unwrap(), false),
+    ];
+    for (name, damage, kept_aside) in cases {
+        let w = World::new(&format!("wb{name}"));
+        let mut pg = w.pg();
+        add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+        let first = w.run("WV");
+        assert!(first.succeeded(), "{name}: {}", first.summary());
+        damage(&state_file(&w));
+
+        let second = w.run("WV");
+        assert!(second.succeeded(), "{name}: {:?}", second.error);
+        assert_eq!(set_aside(&w).len(), usize::from(kept_aside), "{name}");
+        // The new state file holds the new run; the catalog shows it.
+        assert!(state_file(&w).exists(), "{name}");
+        assert!(history_ids(&w).contains(&second.run_id), "{name}");
+        let third = w.run("WV");
+        assert!(third.succeeded(), "{name}: {:?}", third.error);
+        assert_eq!(set_aside(&w).len(), usize::from(kept_aside), "{name}");
+    }
+}
+
+/// 4 KiB of noise at `at`, as a torn write leaves a block.
+fn overwrite(path: &std::path::Path, at: u64) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    let noise: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+    f.write_all(&noise).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// An analyst's session, in a process of its own, holds the catalog open
+/// read-only across two runs: neither waits for it (the lock timeout is
+/// zero), the session still reads its views, and a new session sees the
+/// second run in the history.
+#[test]
+fn an_analysts_open_session_never_holds_up_a_run() {
+    needs_services!();
+    let Ok(python) = std::env::var("OW_DUCKDB_1_2_PYTHON") else {
+        eprintln!("skipped: OW_DUCKDB_1_2_PYTHON is not set (scripts/test.sh installs Python's duckdb 1.2.2 when it can; it says why not)");
+        return;
+    };
+    let mut w = World::new("analyst");
+    w.config.workbench.lock_timeout = std::time::Duration::ZERO;
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    let first = w.run("WV");
+    assert!(first.succeeded(), "{}", first.summary());
+
+    // Counts WV's good companies each time it reads a line.
+    let script = r#"
+import sys, duckdb
+c = duckdb.connect(sys.argv[1], read_only=True)
+for _ in sys.stdin:
+    print(c.execute("SELECT count(*) FROM wv.companies_good").fetchone()[0], flush=True)
+"#;
+    let mut analyst = Command::new(&python)
+        .args(["-c", script])
+        .arg(w.dir.path().join("duck/outreach_workbench.duckdb"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ask = analyst.stdin.take().unwrap();
+    let mut answers = BufReader::new(analyst.stdout.take().unwrap()).lines();
+    let mut count = || {
+        writeln!(ask, "count").unwrap();
+        answers.next().unwrap().unwrap()
+    };
+    assert_eq!(count(), "1");
+
+    add_company(&mut pg, "c2", Some("B"), Some("b.example"), "WV");
+    let second = w.run("WV");
+    assert!(second.succeeded(), "{}", second.summary());
+    let third = w.run("WV");
+    assert!(third.succeeded(), "{}", third.summary());
+    // Its views read the files by path: it sees the new file's rows.
+    assert_eq!(count(), "2");
+    let ids: Vec<String> = {
+        let duck = catalog(&w);
+        let mut stmt = duck.prepare("SELECT run_id FROM main.runs").unwrap();
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    assert!(ids.contains(&third.run_id), "{ids:?}");
+    analyst.kill().unwrap();
+    analyst.wait().unwrap();
+}
+
+/// A run found the state file corrupt in its middle (DuckDB reads blocks
+/// as it needs them): the next opening sets it aside. Driven through the
+/// library's own entry, with the error as DuckDB words it.
+#[test]
+fn a_corruption_found_by_a_run_sets_the_file_aside_at_the_next_opening() {
+    needs_services!();
+    let w = World::new("wbmid");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    let first = w.run("WV");
+    assert!(first.succeeded(), "{}", first.summary());
+    outreach_workbench::workbench::corrupt_found(&state_file(&w));
+    let second = w.run("WV");
+    assert!(second.succeeded(), "{}", second.summary());
+    assert_eq!(set_aside(&w).len(), 1);
+    assert!(history_ids(&w).contains(&second.run_id));
+}
+
+/// An audit record left pending while PostgreSQL was down is kept outside
+/// the state file: after that file is torn, the next run that reaches
+/// PostgreSQL still writes it, once.
+#[test]
+fn a_pending_audit_record_outlives_a_corrupt_state_file() {
+    needs_services!();
+    let mut w = World::new("wboutbox");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    let port = w.config.source.port;
+    // Nothing listens there: PostgreSQL is down.
+    w.config.source.port = free_port();
+    let down = w.run("WV");
+    assert!(down.audit_id.is_none(), "{}", down.summary());
+    assert!(down.audit_error.is_some(), "{}", down.summary());
+    overwrite(&state_file(&w), 4096);
+
+    w.config.source.port = port;
+    let up = w.run("WV");
+    assert!(up.succeeded(), "{}", up.summary());
+    assert_eq!(set_aside(&w).len(), 1);
+    let count: i64 = w
+        .pg()
+        .query_one(
+            "SELECT count(*) FROM shq.audit_log WHERE details->>'run_id' = $1",
+            &[&down.run_id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1, "the down run's record, exactly once");
+}
