@@ -17,8 +17,9 @@
 //! - [`files`]: the Parquet files
 //! - [`bucket`]: the S3 requests, publishing, the manifest
 //! - [`ledger`]: fire claims, leases and the audit, in PostgreSQL
-//! - [`pipeline`]: one run, through the stages above, and its report
-//! - on top: [`history`], [`check`], [`metrics`], [`notify`], [`systemd`],
+//! - [`pipeline`]: one run, through the stages above, its report and the
+//!   run history
+//! - on top: [`check`], [`metrics`], [`notify`], [`systemd`],
 //!   [`logging`], [`daemon`]
 
 // Every unsafe block is in the ow-duckdb crate, behind its safe API.
@@ -45,7 +46,6 @@ pub mod pipeline;
 
 pub mod check;
 pub mod daemon;
-pub mod history;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

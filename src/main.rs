@@ -235,7 +235,7 @@ fn run_all_states(config: &Config, dry_run: bool, link_rule: bool, force: bool) 
 
 /// `history`: the workbench's recent runs, as a table or JSON.
 fn history(config: &Config, state: Option<&StateCode>, limit: usize, json: bool) -> ExitCode {
-    match outreach_workbench::history::read(config, state, limit) {
+    match pipeline::history::read(config, state, limit) {
         Ok(entries) if json => {
             println!(
                 "{}",
@@ -248,7 +248,7 @@ fn history(config: &Config, state: Option<&StateCode>, limit: usize, json: bool)
             ExitCode::SUCCESS
         }
         Ok(entries) => {
-            print!("{}", outreach_workbench::history::table(&entries));
+            print!("{}", history_table(&entries));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -256,6 +256,83 @@ fn history(config: &Config, state: Option<&StateCode>, limit: usize, json: bool)
             ExitCode::from(EXIT_FAILED)
         }
     }
+}
+
+/// One line per run, plus a line for a run's error.
+fn history_table(entries: &[pipeline::history::Entry]) -> String {
+    let mut s = format!(
+        "{:<19}  {:<5} {:<9} {:>8}  {:>17}  {:>17}  {:>7}  {}\n",
+        "STARTED (UTC)",
+        "STATE",
+        "STATUS",
+        "TIME",
+        "COMPANIES GOOD/BAD",
+        "PEOPLE GOOD/BAD",
+        "UP/SKIP",
+        "GATES"
+    );
+    let counts = |c: &Option<pipeline::EntityCounts>| {
+        c.as_ref()
+            .map(|c| format!("{}/{}", c.good, c.bad))
+            .unwrap_or_else(|| "-".into())
+    };
+    for pipeline::history::Entry {
+        report: e,
+        audit_pending,
+        ..
+    } in entries
+    {
+        let tripped: Vec<String> = e
+            .gates
+            .iter()
+            .filter(|g| g.tripped)
+            .map(|g| g.describe())
+            .collect();
+        let gates = match (e.gates.is_empty(), tripped.is_empty()) {
+            (true, _) => "-".to_string(),
+            (false, true) => "ok".to_string(),
+            (false, false) if e.forced => format!("forced past {}", tripped.join("; ")),
+            (false, false) => tripped.join("; "),
+        };
+        let status = match e.dry_run {
+            true => format!("{}*", e.status.as_str()),
+            false => e.status.as_str().to_string(),
+        };
+        // Runs that never finished have no counts of their own.
+        let up_skip = match e.status {
+            RunStatus::Running | RunStatus::Gated | RunStatus::Abandoned => "-".into(),
+            _ if e.dry_run => "-".into(),
+            _ => format!("{}/{}", e.uploaded, e.skipped),
+        };
+        s.push_str(&format!(
+            "{:<19}  {:<5} {:<9} {:>8}  {:>17}  {:>17}  {:>7}  {}\n",
+            e.started_at.format("%Y-%m-%d %H:%M:%S"),
+            e.state,
+            status,
+            e.duration_secs
+                .map(|d| format!("{d:.1}s"))
+                .unwrap_or_else(|| "-".into()),
+            counts(&e.companies),
+            counts(&e.people),
+            up_skip,
+            gates
+        ));
+        // A gated run's reason is its GATES column already.
+        let shown = matches!(e.status, RunStatus::Success | RunStatus::Gated);
+        if let Some(err) = e.error.as_deref().filter(|_| !shown) {
+            s.push_str(&format!("    {}: {err}\n", e.run_id));
+        }
+        if *audit_pending {
+            s.push_str(&format!(
+                "    {}: audit record not written yet; sent when PostgreSQL answers again\n",
+                e.run_id
+            ));
+        }
+    }
+    if entries.iter().any(|e| e.report.dry_run) {
+        s.push_str("* dry run: nothing published or audited\n");
+    }
+    s
 }
 
 /// `report`: a run's page, rendered again from the workbench.

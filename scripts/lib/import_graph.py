@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The layering of the code, checked: no import circle between files, and
-nothing below the run (src/pipeline/) imports from it.
+"""The layering of the code, checked: no import circle between files, none
+between rooms (a folder of src/, or a file at its top, as src/lib.rs lists
+them), and nothing below the run (src/pipeline/) imports from it.
 
 Reads every .rs file of src/ and crates/*/src/, takes the paths it names
 outside comments (`crate::a::b`, and a file's top-level `super::x`), maps
@@ -85,9 +86,51 @@ def cycles(graph: dict) -> list:
     return found
 
 
+def room_of(src: Path, f: Path):
+    """The room a file belongs to: its folder under src/, or the file itself
+    at the top; None for the crate root (lib.rs, main.rs)."""
+    rel = f.relative_to(src)
+    if len(rel.parts) == 1:
+        return None if rel.stem in ("lib", "main") else rel.stem
+    return rel.parts[0]
+
+
+def room_graph(src: Path, graph: dict) -> dict:
+    rooms = {}
+    for f, targets in graph.items():
+        a = room_of(src, f)
+        if a is None:
+            continue
+        for t in targets:
+            b = room_of(src, t)
+            if b is not None and b != a:
+                rooms.setdefault(a, set()).add(b)
+    return rooms
+
+
+# The rooms of src/ from the bottom up, as src/lib.rs lists them: a room
+# imports only from its own level or those before it.
+LEVELS = [
+    {"config", "names", "ident", "state", "schedule"},
+    {"workbench"},
+    {"error", "retry"},
+    {"source"},
+    {"quality"},
+    {"files"},
+    {"bucket"},
+    {"ledger"},
+    {"pipeline"},
+    {"check", "metrics", "notify", "systemd", "logging", "daemon"},
+]
+
+
+def level_of(room: str):
+    return next((i for i, rooms in enumerate(LEVELS) if room in rooms), None)
+
+
 # The rooms below the run: none of them may name a file of src/pipeline/.
 BELOW_THE_RUN = ("src/source/", "src/quality/", "src/files/", "src/bucket/", "src/ledger/",
-                 "src/error.rs", "src/retry.rs", "src/workbench.rs", "src/config", "src/names.rs",
+                 "src/error.rs", "src/retry.rs", "src/workbench/", "src/config", "src/names.rs",
                  "src/ident.rs", "src/state.rs", "src/schedule.rs")
 
 
@@ -101,6 +144,20 @@ def main() -> int:
         for c in cycles(graph):
             bad += 1
             print("import circle: " + " -> ".join(str(p.relative_to(root)) for p in c))
+        rooms = room_graph(src, graph)
+        for c in cycles(rooms):
+            bad += 1
+            print("room circle: " + " -> ".join(c))
+        if src == root / "src":
+            for a, targets in sorted(rooms.items()):
+                for b in sorted(targets):
+                    la, lb = level_of(a), level_of(b)
+                    if la is None or lb is None:
+                        bad += 1
+                        print(f"room {a if la is None else b} is not in LEVELS (scripts/lib/import_graph.py), as src/lib.rs lists the rooms")
+                    elif lb > la:
+                        bad += 1
+                        print(f"upward import: {a} imports {b}, a room above it in src/lib.rs")
         for f, targets in sorted(graph.items()):
             rel = str(f.relative_to(root))
             if rel.startswith(BELOW_THE_RUN):

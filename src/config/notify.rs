@@ -25,7 +25,14 @@ fn default_format() -> String {
     "json".into()
 }
 
-pub const EVENTS: &[&str] = &["failed", "gated", "abandoned", "cancelled", "recovered"];
+pub const EVENTS: &[&str] = &[
+    "failed",
+    "gated",
+    "abandoned",
+    "cancelled",
+    "recovered",
+    "workbench_corrupt",
+];
 
 impl NotifyConfig {
     /// What `Config::validate` refuses, as (key, message).

@@ -226,6 +226,13 @@ fn finished(report: &pipeline::RunReport, state: &StateCode, config: &Config, sh
         });
         crate::notify::send(&config.notify, "abandoned", details);
     }
+    if let Some(aside) = &report.state_file_set_aside {
+        let details = serde_json::json!({
+            "state": report.state, "run_id": report.run_id,
+            "state_file": aside.path, "set_aside_as": aside.set_aside_as, "error": aside.error,
+        });
+        crate::notify::send(&config.notify, "workbench_corrupt", details);
+    }
     shared.write_metrics(config);
     if report.status != RunStatus::Skipped {
         let result = format!(

@@ -31,6 +31,7 @@
 //! page beside it in the bucket.
 
 pub mod all_states;
+pub mod history;
 pub mod page;
 pub mod report;
 mod stages;
@@ -168,6 +169,7 @@ pub fn run(
             let page = write_page(config, state, &wb, &mut report, &held.samples);
             record_in_workbench(config, &report, auditable, &wb, &mut held);
             report.abandoned_found = wb.take_abandoned();
+            report.state_file_set_aside = wb.take_set_aside();
             // An all-states run writes the catalog once, at its end.
             if opts.batch.is_none() {
                 if let Err(e) = crate::workbench::write_catalog(&wb) {

@@ -123,6 +123,10 @@ pub struct RunReport {
     /// this run's): the daemon tells the webhooks.
     #[serde(skip)]
     pub abandoned_found: Vec<crate::workbench::AbandonedRun>,
+    /// Where a corrupt state file this run found as it opened it was set
+    /// aside: the daemon tells the webhooks.
+    #[serde(skip)]
+    pub state_file_set_aside: Option<crate::workbench::SetAside>,
 }
 
 impl RunReport {
@@ -156,6 +160,7 @@ impl RunReport {
             audit_id: None,
             audit_error: None,
             abandoned_found: Vec::new(),
+            state_file_set_aside: None,
         }
     }
 
@@ -317,6 +322,14 @@ impl RunReport {
         }
         if let Some(e) = &self.error {
             let _ = writeln!(s, "  error: {e}");
+        }
+        if let Some(aside) = &self.state_file_set_aside {
+            let _ = writeln!(
+                s,
+                "  the workbench's state file was corrupt ({}): set aside as {}, a new one started",
+                aside.error,
+                aside.set_aside_as.display()
+            );
         }
         for a in &self.abandoned_found {
             let _ = writeln!(

@@ -224,6 +224,11 @@ fn pull_to_files(
         };
         let key = config.source.key(entity);
         let rules = config.rules.of(entity);
+        let written = [good, bad].map(|f| validate::FileRows {
+            path: &f.path,
+            rows: f.rows,
+        });
+        let [good, bad] = written;
         let counts = validate::over_files(&txn, &schema, entity, key, rules, good, bad)?;
         // Every pulled row is in exactly one of the two files.
         if counts.good + counts.bad != pulled {
@@ -455,9 +460,14 @@ fn gate(
         };
         report.gates = gates::evaluate(&opts.gates, c, p, previous.as_ref());
     }
-    report
-        .gates
-        .extend(gates::schema_gate(&opts.gates, &report.schema_changes));
+    report.gates.extend(gates::schema_gate(
+        &opts.gates,
+        &report
+            .schema_changes
+            .iter()
+            .map(|c| c.describe())
+            .collect::<Vec<_>>(),
+    ));
     if let Some(reason) = gates::reason(&report.gates) {
         if !opts.force {
             return Err(PipelineError::Gated(reason));

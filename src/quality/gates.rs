@@ -132,13 +132,9 @@ pub fn evaluate(
     out
 }
 
-/// The reason a run stops, or `None` when no gate tripped.
-/// The `schema_change` gate's verdict on `changes` (see `manifest::drift`),
-/// when the gate is on.
-pub fn schema_gate(
-    gates: &GatesConfig,
-    changes: &[crate::bucket::manifest::SchemaChange],
-) -> Option<GateResult> {
+/// The `schema_change` gate's verdict on `changes`, each described in
+/// words (see `manifest::drift`), when the gate is on.
+pub fn schema_gate(gates: &GatesConfig, changes: &[String]) -> Option<GateResult> {
     (gates.schema_change == Some(true)).then(|| GateResult {
         gate: "schema_change".into(),
         limit: 0.0,
@@ -147,15 +143,12 @@ pub fn schema_gate(
         detail: if changes.is_empty() {
             "same columns as the manifest in the bucket".into()
         } else {
-            changes
-                .iter()
-                .map(|c| c.describe())
-                .collect::<Vec<_>>()
-                .join("; ")
+            changes.join("; ")
         },
     })
 }
 
+/// The reason a run stops, or `None` when no gate tripped.
 pub fn reason(results: &[GateResult]) -> Option<String> {
     let tripped: Vec<String> = results
         .iter()

@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use crate::config::Severity;
 use crate::config::{quote_ident, Config};
 use crate::error::PipelineError;
-use crate::files::ExportedFile;
 use crate::ident::quote_literal;
 use crate::names::{Entity, FileKind};
 use crate::quality::rules::Rule;
@@ -288,6 +287,13 @@ pub fn split_all(
     ))
 }
 
+/// A written file: where it is and how many rows it holds.
+#[derive(Debug, Clone, Copy)]
+pub struct FileRows<'a> {
+    pub path: &'a std::path::Path,
+    pub rows: u64,
+}
+
 /// The views of a run whose rows went only to its files (every run but the
 /// link rule's): `_good` and `_bad` over the two Parquet files, `_raw` over
 /// both, since every pulled row is in exactly one of them. So the rows are
@@ -301,18 +307,18 @@ pub fn over_files(
     entity: Entity,
     key: &str,
     rules: &[Rule],
-    good: &ExportedFile,
-    bad: &ExportedFile,
+    good: FileRows,
+    bad: FileRows,
 ) -> Result<Validation, PipelineError> {
     let err = |e: DuckError| PipelineError::Validate(format!("{entity}: {e}"));
     let s = quote_ident(schema);
     // Absolute: DuckDB resolves a relative path against the reader's own
     // working directory, not the workbench's.
-    let file = |f: &ExportedFile| {
-        let path = std::path::absolute(&f.path).unwrap_or_else(|_| f.path.clone());
+    let file = |f: &FileRows| {
+        let path = std::path::absolute(f.path).unwrap_or_else(|_| f.path.to_path_buf());
         format!("read_parquet({})", quote_literal(&path.to_string_lossy()))
     };
-    let (good_file, bad_file) = (file(good), file(bad));
+    let (good_file, bad_file) = (file(&good), file(&bad));
     let views = [
         (entity.table(FileKind::Good), format!("SELECT * FROM {good_file}")),
         (entity.table(FileKind::Bad), format!("SELECT * FROM {bad_file}")),

@@ -31,7 +31,7 @@ use duckdb::Connection;
 
 use crate::config::WorkbenchConfig;
 pub use catalog::write as write_catalog;
-pub use open::{corrupt_found, verdict, Verdict};
+pub use open::{corrupt_found, verdict, SetAside, Verdict};
 pub use ow_duckdb::{
     chunk_rows, Chunk, ChunkConverter, Database, DuckError, NextChunk, RawConnection, Template,
 };

@@ -79,6 +79,20 @@ pub(super) fn take_corrupt_found(path: &Path) -> bool {
     found.remove(path)
 }
 
+/// A corrupt state file this process set aside, not yet handed to
+/// [`super::Workbench::take_set_aside`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SetAside {
+    pub path: PathBuf,
+    pub set_aside_as: PathBuf,
+    pub error: String,
+}
+
+pub(super) fn set_aside_files() -> &'static Mutex<HashMap<PathBuf, SetAside>> {
+    static ASIDE: OnceLock<Mutex<HashMap<PathBuf, SetAside>>> = OnceLock::new();
+    ASIDE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
 /// Moves a corrupt file (and its write-ahead log) aside as
 /// `<file>.corrupt-<UTC time>`, kept for inspection, and says so once.
 /// Returns where it went.
@@ -97,6 +111,15 @@ pub(super) fn set_aside(path: &Path, detail: &str) -> Result<PathBuf, WorkbenchE
     tracing::warn!(path = %path.display(), set_aside_as = %aside.display(), error = %detail,
         "the workbench's state file is corrupt: it is set aside and a new one started; \
          its history is seeded again by the runs to come, pending audit records are kept beside it");
+    let mut found = set_aside_files().lock().unwrap_or_else(|p| p.into_inner());
+    found.insert(
+        path.to_path_buf(),
+        SetAside {
+            path: path.to_path_buf(),
+            set_aside_as: aside.clone(),
+            error: detail.to_string(),
+        },
+    );
     Ok(aside)
 }
 

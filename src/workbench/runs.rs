@@ -270,6 +270,15 @@ impl Workbench {
             .map_err(|e| self.sql_err(e))
     }
 
+    /// The corrupt state file this process set aside when it opened this
+    /// one, handed out once.
+    pub fn take_set_aside(&self) -> Option<super::SetAside> {
+        let mut found = super::open::set_aside_files()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        found.remove(&self.path)
+    }
+
     /// Runs left `running` by a process that died (kill -9, power loss),
     /// found when this process opened the file and marked `abandoned`
     /// there, with their audit records pending (dry runs have none); each

@@ -840,7 +840,7 @@ c.close()
 
     let r = w.run("WV");
     assert!(r.succeeded(), "{:?}", r.error);
-    let history = outreach_workbench::history::read(&w.config, None, 10).unwrap();
+    let history = outreach_workbench::pipeline::history::read(&w.config, None, 10).unwrap();
     let ids: Vec<&str> = history.iter().map(|e| e.report.run_id.as_str()).collect();
     assert!(ids.contains(&"run-from-duckdb-1.2"), "{ids:?}");
     assert!(ids.contains(&r.run_id.as_str()), "{ids:?}");
@@ -985,7 +985,7 @@ fn a_one_shot_run_killed_with_9_is_audited_as_abandoned_by_the_next_run() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
-    let history = outreach_workbench::history::read(&w.config, None, 10).unwrap();
+    let history = outreach_workbench::pipeline::history::read(&w.config, None, 10).unwrap();
     let killed = history[0].report.run_id.clone();
     assert_eq!(history[0].report.status, RunStatus::Running, "{history:?}");
 
@@ -1001,7 +1001,7 @@ fn a_one_shot_run_killed_with_9_is_audited_as_abandoned_by_the_next_run() {
         [killed.as_str()],
         "handed to the caller (a daemon tells its webhooks)"
     );
-    let history = outreach_workbench::history::read(&w.config, None, 10).unwrap();
+    let history = outreach_workbench::pipeline::history::read(&w.config, None, 10).unwrap();
     let row = history.iter().find(|e| e.report.run_id == killed).unwrap();
     assert_eq!(row.report.status, RunStatus::Abandoned);
     assert!(!row.audit_pending, "its record was sent with the next run");

@@ -156,14 +156,24 @@ fn a_run_while_postgres_is_down_is_audited_once_when_it_is_back() {
         .unwrap()
         .contains("kept in the workbench"));
 
-    let history = outreach_workbench::history::read(&w.config, None, 10).unwrap();
+    let history = outreach_workbench::pipeline::history::read(&w.config, None, 10).unwrap();
     let entry = history
         .iter()
         .find(|e| e.report.run_id == down.run_id)
         .expect("in history");
     assert_eq!(entry.report.status, RunStatus::Failed);
     assert!(entry.audit_pending);
-    assert!(outreach_workbench::history::table(&history).contains("audit record not written yet"));
+    // The `history` command reads the workbench alone.
+    let o = bin()
+        .args(["history", "--config"])
+        .arg(w.write_config_file())
+        .output()
+        .unwrap();
+    assert!(
+        text(&o).contains("audit record not written yet"),
+        "{}",
+        text(&o)
+    );
 
     // Back: the next run writes its own record and the pending one.
     w.config.source.port = pgb;
@@ -195,7 +205,7 @@ fn a_run_while_postgres_is_down_is_audited_once_when_it_is_back() {
         d["error"].as_str().unwrap().contains("cannot connect"),
         "{d}"
     );
-    let history = outreach_workbench::history::read(&w.config, None, 10).unwrap();
+    let history = outreach_workbench::pipeline::history::read(&w.config, None, 10).unwrap();
     let entry = history
         .iter()
         .find(|e| e.report.run_id == down.run_id)

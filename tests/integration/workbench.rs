@@ -18,7 +18,7 @@ fn set_aside(w: &World) -> Vec<String> {
 }
 
 fn history_ids(w: &World) -> Vec<String> {
-    outreach_workbench::history::read(&w.config, None, 100)
+    outreach_workbench::pipeline::history::read(&w.config, None, 100)
         .unwrap()
         .into_iter()
         .map(|e| e.report.run_id)
@@ -59,6 +59,8 @@ fn a_damaged_or_lost_state_file_is_set_aside_and_the_next_run_succeeds() {
         let second = w.run("WV");
         assert!(second.succeeded(), "{name}: {:?}", second.error);
         assert_eq!(set_aside(&w).len(), usize::from(kept_aside), "{name}");
+        // Handed to the caller, which tells the webhooks (a daemon does).
+        assert_eq!(second.state_file_set_aside.is_some(), kept_aside, "{name}");
         // The new state file holds the new run; the catalog shows it.
         assert!(state_file(&w).exists(), "{name}");
         assert!(history_ids(&w).contains(&second.run_id), "{name}");

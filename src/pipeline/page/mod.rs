@@ -5,7 +5,7 @@
 //! state's `latest.html` beside them, and `reports/all-states/`. The run
 //! writes its page after its audit, from its report, its samples and the
 //! state's history in the workbench; `report` renders any run's page again
-//! from the workbench alone. May call: the workbench, [`crate::history`],
+//! from the workbench alone. May call: the workbench, [`crate::pipeline::history`],
 //! the run's report. Nothing here fails a run: a page that cannot be
 //! written is a warning.
 
@@ -18,7 +18,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::history;
+use crate::pipeline::history;
 use crate::pipeline::report::RunReport;
 use crate::quality::samples::RuleSample;
 use crate::state::StateCode;

@@ -10,7 +10,7 @@ use chrono::DateTime;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::pipeline::report::{EntityCounts, RunReport, RunStatus};
+use crate::pipeline::report::{RunReport, RunStatus};
 use crate::quality::samples::RuleSample;
 use crate::state::StateCode;
 use crate::workbench::{self, WorkbenchError};
@@ -128,81 +128,4 @@ fn sql_err(dir: &std::path::Path) -> impl Fn(duckdb::Error) -> WorkbenchError {
         path: path.clone(),
         detail: e.to_string(),
     }
-}
-
-/// One line per run, plus a line for a run's error.
-pub fn table(entries: &[Entry]) -> String {
-    let mut s = format!(
-        "{:<19}  {:<5} {:<9} {:>8}  {:>17}  {:>17}  {:>7}  {}\n",
-        "STARTED (UTC)",
-        "STATE",
-        "STATUS",
-        "TIME",
-        "COMPANIES GOOD/BAD",
-        "PEOPLE GOOD/BAD",
-        "UP/SKIP",
-        "GATES"
-    );
-    let counts = |c: &Option<EntityCounts>| {
-        c.as_ref()
-            .map(|c| format!("{}/{}", c.good, c.bad))
-            .unwrap_or_else(|| "-".into())
-    };
-    for Entry {
-        report: e,
-        audit_pending,
-        ..
-    } in entries
-    {
-        let tripped: Vec<String> = e
-            .gates
-            .iter()
-            .filter(|g| g.tripped)
-            .map(|g| g.describe())
-            .collect();
-        let gates = match (e.gates.is_empty(), tripped.is_empty()) {
-            (true, _) => "-".to_string(),
-            (false, true) => "ok".to_string(),
-            (false, false) if e.forced => format!("forced past {}", tripped.join("; ")),
-            (false, false) => tripped.join("; "),
-        };
-        let status = match e.dry_run {
-            true => format!("{}*", e.status.as_str()),
-            false => e.status.as_str().to_string(),
-        };
-        // Runs that never finished have no counts of their own.
-        let up_skip = match e.status {
-            RunStatus::Running | RunStatus::Gated | RunStatus::Abandoned => "-".into(),
-            _ if e.dry_run => "-".into(),
-            _ => format!("{}/{}", e.uploaded, e.skipped),
-        };
-        s.push_str(&format!(
-            "{:<19}  {:<5} {:<9} {:>8}  {:>17}  {:>17}  {:>7}  {}\n",
-            e.started_at.format("%Y-%m-%d %H:%M:%S"),
-            e.state,
-            status,
-            e.duration_secs
-                .map(|d| format!("{d:.1}s"))
-                .unwrap_or_else(|| "-".into()),
-            counts(&e.companies),
-            counts(&e.people),
-            up_skip,
-            gates
-        ));
-        // A gated run's reason is its GATES column already.
-        let shown = matches!(e.status, RunStatus::Success | RunStatus::Gated);
-        if let Some(err) = e.error.as_deref().filter(|_| !shown) {
-            s.push_str(&format!("    {}: {err}\n", e.run_id));
-        }
-        if *audit_pending {
-            s.push_str(&format!(
-                "    {}: audit record not written yet; sent when PostgreSQL answers again\n",
-                e.run_id
-            ));
-        }
-    }
-    if entries.iter().any(|e| e.report.dry_run) {
-        s.push_str("* dry run: nothing published or audited\n");
-    }
-    s
 }
