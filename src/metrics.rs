@@ -71,6 +71,14 @@ pub struct Metrics {
     without_state: Family<EntityLabel, Gauge>,
     /// When the scheduler loop last turned (Unix seconds), for `/healthz`.
     alive: AtomicI64,
+    /// Held for writing while a run's figures are set, for reading while
+    /// they are rendered: a scrape sees all of a run's update or none of it
+    /// (it saw a run counted before its last success time, on a loaded
+    /// machine).
+    update: std::sync::RwLock<()>,
+    /// Where a test holds a run's update half-way.
+    #[cfg(test)]
+    halfway: std::sync::Mutex<Option<std::sync::Arc<std::sync::Barrier>>>,
 }
 
 impl Default for Metrics {
@@ -93,6 +101,9 @@ impl Metrics {
             next_fire: Family::default(),
             without_state: Family::default(),
             alive: AtomicI64::new(now()),
+            update: std::sync::RwLock::new(()),
+            #[cfg(test)]
+            halfway: std::sync::Mutex::new(None),
             registry: Registry::default(),
         };
         // Counters get their `_total` suffix from the encoder.
@@ -144,6 +155,7 @@ impl Metrics {
     /// A finished all-states run: its rows of no state. (Each state's run
     /// is recorded on its own.)
     pub fn record_all_states(&self, companies: u64, people: u64) {
+        let _whole = self.update.write().unwrap_or_else(|p| p.into_inner());
         for (entity, n) in [(Entity::Companies, companies), (Entity::People, people)] {
             self.without_state
                 .get_or_create(&EntityLabel {
@@ -158,6 +170,7 @@ impl Metrics {
         if r.status == RunStatus::Skipped {
             return;
         }
+        let _whole = self.update.write().unwrap_or_else(|p| p.into_inner());
         let state = || State {
             state: r.state.clone(),
         };
@@ -176,6 +189,11 @@ impl Metrics {
                 status: status.into(),
             })
             .inc();
+        #[cfg(test)]
+        if let Some(b) = self.halfway.lock().unwrap().clone() {
+            b.wait();
+            b.wait();
+        }
         self.last_run.get_or_create(&state()).set(finished);
         if r.succeeded() {
             self.last_success.get_or_create(&state()).set(finished);
@@ -223,6 +241,7 @@ impl Metrics {
     /// The last run and success from before this process (the workbench's
     /// history), in Unix seconds.
     pub fn seed(&self, state: &str, last_run: Option<f64>, last_success: Option<f64>) {
+        let _whole = self.update.write().unwrap_or_else(|p| p.into_inner());
         let key = State {
             state: state.into(),
         };
@@ -256,6 +275,7 @@ impl Metrics {
     /// a scraper that asks for it.
     pub fn render_openmetrics(&self) -> String {
         let mut out = String::new();
+        let _whole = self.update.read().unwrap_or_else(|p| p.into_inner());
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
         out
@@ -406,6 +426,35 @@ fn accepts_openmetrics(head: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scrape never sees part of a run's update: held half-way (its
+    /// count set, its times not yet), the figures cannot be rendered; once
+    /// it ends they show all of it.
+    #[test]
+    fn a_scrape_sees_all_of_a_runs_update_or_none() {
+        let m = std::sync::Arc::new(Metrics::new());
+        let b = std::sync::Arc::new(std::sync::Barrier::new(2));
+        *m.halfway.lock().unwrap() = Some(b.clone());
+        let recording = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                let mut r = RunReport::new(&crate::state::StateCode::parse("WV").unwrap(), false);
+                r.finish(None);
+                m.record(&r);
+            })
+        };
+        b.wait();
+        // Half-way: the count is set, the last success not yet.
+        assert!(
+            m.update.try_read().is_err(),
+            "a render would see half a run"
+        );
+        b.wait();
+        recording.join().unwrap();
+        let text = m.render();
+        assert!(text.contains("runs_total{state=\"WV\",status=\"success\"} 1"));
+        assert!(text.contains("last_success_timestamp_seconds{state=\"WV\"}"));
+    }
 
     #[test]
     fn a_run_shows_in_the_text_format() {

@@ -239,7 +239,18 @@ fn the_package_under_systemd_starts_reloads_stops_restarts_and_upgrades() {
         .collect();
     assert_eq!(hosts, ["ow-boot"]);
     assert!(head(&w.bucket, "outreach/wv/_manifest.json").is_some());
-    assert!(c.show("StatusText").contains("last WV success"));
+    // The status line is set when the run has ended, which is after its
+    // audit row (the run's page, history and catalog come between).
+    wait_until(
+        "the status line naming the success",
+        Duration::from_secs(30),
+        || format!("{}\n{}", c.show("StatusText"), c.journal()),
+        || {
+            c.show("StatusText")
+                .contains("last WV success")
+                .then_some(())
+        },
+    );
     assert!(
         !c.ok("ls /var/log/outreach-workbench/").is_empty(),
         "the daemon's log file is in the one log folder"
