@@ -377,3 +377,22 @@ pub fn previous_success(
         })
     }))
 }
+
+/// The newest `limit` run records in the audit table, newest first, as
+/// `(id, details)`: what a new state file's history is seeded from.
+pub fn recent_runs(
+    session: &mut Session,
+    table: &QualifiedName,
+    limit: i64,
+    cancel: &CancellationToken,
+) -> Result<Vec<(i64, serde_json::Value)>, PipelineError> {
+    let sql = format!(
+        "SELECT id::int8, details FROM {} WHERE event_type = $1 ORDER BY id DESC LIMIT $2",
+        table.quoted()
+    );
+    let rows = session.run("reading the audit's recent runs", cancel, |c| {
+        c.query_typed(&sql, &[(&EVENT_TYPE, Type::TEXT), (&limit, Type::INT8)])
+            .map_err(err(table))
+    })?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}

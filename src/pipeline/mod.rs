@@ -370,6 +370,30 @@ fn record_in_workbench(
         if let Err(e) = audit::send_pending(session, config, wb, &never) {
             tracing::warn!(error = %e, "could not write the pending audit records of earlier runs; they stay pending");
         }
+        if wb.take_new() {
+            seed_history(config, wb, session);
+        }
+    }
+}
+
+/// A state file this process made new (the first, or one in place of a
+/// corrupt one) gets the audit's recent runs as its history, once.
+fn seed_history(config: &Config, wb: &Workbench, session: &mut Session) {
+    /// About a month of nightly runs of every state.
+    const RUNS: i64 = 2000;
+    let never = CancellationToken::new();
+    let seeded = audit::recent_runs(session, &config.audit_table(), RUNS, &never)
+        .map_err(|e| e.to_string())
+        .and_then(|runs| wb.seed_history(&runs).map_err(|e| e.to_string()));
+    match seeded {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            runs = n,
+            "a new state file: its history is seeded from the audit"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not seed the new state file's history from the audit")
+        }
     }
 }
 

@@ -269,10 +269,15 @@ impl Workbench {
         open::migrate_old_workbench(&Self::catalog_path(&cfg.dir), &path, cfg.lock_timeout)?;
         if open::take_corrupt_found(&path) && path.exists() {
             open::set_aside(&path, "a run found it corrupt")?;
+            open::mark_new(&path);
+        }
+        if !path.exists() {
+            open::mark_new(&path);
         }
         let (db, conn) = match Self::open_afresh(cfg, &path) {
             Err(WorkbenchError::Corrupt { detail, .. }) => {
                 open::set_aside(&path, &detail)?;
+                open::mark_new(&path);
                 Self::open_afresh(cfg, &path)?
             }
             opened => opened?,

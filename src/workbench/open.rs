@@ -31,6 +31,28 @@ fn found_corrupt() -> &'static Mutex<HashSet<PathBuf>> {
     FOUND.get_or_init(|| Mutex::new(HashSet::new()))
 }
 
+/// State files this process made new (none was there, or a corrupt one was
+/// set aside) whose history is not seeded from the audit yet.
+fn made_new() -> &'static Mutex<HashSet<PathBuf>> {
+    static NEW: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
+    NEW.get_or_init(|| Mutex::new(HashSet::new()))
+}
+
+pub(super) fn mark_new(path: &Path) {
+    made_new()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(path.to_path_buf());
+}
+
+/// Whether `path` was made new and not seeded yet; forgets it.
+pub(super) fn take_new(path: &Path) -> bool {
+    made_new()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(path)
+}
+
 /// What an error opening or reading a DuckDB file says about the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

@@ -279,6 +279,59 @@ impl Workbench {
         found.remove(&self.path)
     }
 
+    /// Whether this state file was made new by this process and its
+    /// history is still to be seeded from the audit; asked once.
+    pub fn take_new(&self) -> bool {
+        super::open::take_new(&self.path)
+    }
+
+    /// Seeds a new state file's history with runs the audit recorded
+    /// (`(audit id, details)`), those it lacks: so the report pages'
+    /// charts, the metrics' last success and the catch-up of missed fires
+    /// go on where they were. Returns how many went in.
+    pub fn seed_history(
+        &self,
+        audited: &[(i64, serde_json::Value)],
+    ) -> Result<usize, WorkbenchError> {
+        let _one_at_a_time = unrecorded().lock().unwrap_or_else(|p| p.into_inner());
+        let time = |v: &serde_json::Value| {
+            v.as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.timestamp_micros())
+        };
+        let mut added = 0;
+        for (id, d) in audited {
+            let (Some(run_id), Some(state), Some(status), Some(started)) = (
+                d["run_id"].as_str(),
+                d["state"].as_str(),
+                d["status"].as_str(),
+                time(&d["started_at"]),
+            ) else {
+                continue;
+            };
+            added += self
+                .conn()
+                .execute(
+                    "INSERT INTO main.runs (run_id, state, status, dry_run, started_at, finished_at,
+                         audit_id, error, report, audit_pending)
+                     VALUES (?, ?, ?, false, make_timestamp(?), make_timestamp(?), ?, ?, ?, false)
+                     ON CONFLICT DO NOTHING",
+                    duckdb::params![
+                        run_id,
+                        state,
+                        status,
+                        started,
+                        time(&d["finished_at"]),
+                        id,
+                        d["error"].as_str(),
+                        d.to_string(),
+                    ],
+                )
+                .map_err(|e| self.sql_err(e))?;
+        }
+        Ok(added)
+    }
+
     /// Runs left `running` by a process that died (kill -9, power loss),
     /// found when this process opened the file and marked `abandoned`
     /// there, with their audit records pending (dry runs have none); each

@@ -61,9 +61,12 @@ fn a_damaged_or_lost_state_file_is_set_aside_and_the_next_run_succeeds() {
         assert_eq!(set_aside(&w).len(), usize::from(kept_aside), "{name}");
         // Handed to the caller, which tells the webhooks (a daemon does).
         assert_eq!(second.state_file_set_aside.is_some(), kept_aside, "{name}");
-        // The new state file holds the new run; the catalog shows it.
+        // The new state file holds the new run, and its history is seeded
+        // from the audit with the run before.
         assert!(state_file(&w).exists(), "{name}");
-        assert!(history_ids(&w).contains(&second.run_id), "{name}");
+        let ids = history_ids(&w);
+        assert!(ids.contains(&second.run_id), "{name}: {ids:?}");
+        assert!(ids.contains(&first.run_id), "{name}: seeded, {ids:?}");
         let third = w.run("WV");
         assert!(third.succeeded(), "{name}: {:?}", third.error);
         assert_eq!(set_aside(&w).len(), usize::from(kept_aside), "{name}");
