@@ -357,8 +357,8 @@ pub fn run_all_states(
         );
     }
     // The analysts' catalog once for the batch, not once per state.
-    let catalog =
-        Workbench::open(&config.workbench).and_then(|wb| crate::workbench::write_catalog(&wb));
+    let catalog = Workbench::open(&config.workbench)
+        .and_then(|wb| crate::workbench::write_catalog(&wb, None));
     if let Err(e) = catalog {
         tracing::warn!(error = %e, "could not write the workbench's catalog for analysts");
     }

@@ -172,7 +172,8 @@ pub fn run(
             report.state_file_set_aside = wb.take_set_aside();
             // An all-states run writes the catalog once, at its end.
             if opts.batch.is_none() {
-                if let Err(e) = crate::workbench::write_catalog(&wb) {
+                let schema = state.as_str().to_lowercase();
+                if let Err(e) = crate::workbench::write_catalog(&wb, Some(&schema)) {
                     tracing::warn!(error = %e, "could not write the workbench's catalog for analysts");
                 }
             }
