@@ -172,8 +172,7 @@ pub fn run(
             report.state_file_set_aside = wb.take_set_aside();
             // An all-states run writes the catalog once, at its end.
             if opts.batch.is_none() {
-                let schema = state.as_str().to_lowercase();
-                if let Err(e) = crate::workbench::write_catalog(&wb, Some(&schema)) {
+                if let Err(e) = crate::workbench::write_catalog(&wb, Some(&state.lower())) {
                     tracing::warn!(error = %e, "could not write the workbench's catalog for analysts");
                 }
             }
@@ -184,7 +183,11 @@ pub fn run(
             }
         }
     }
-    note_a_corrupt_state_file(config, &mut report);
+    if let Some(error) = &report.error {
+        if let Some(said) = crate::workbench::corrupt_in_run(&config.workbench.dir, error) {
+            report.error = Some(said);
+        }
+    }
     let status = report.status.as_str();
     let page = report.page.as_deref().unwrap_or("none");
     match &report.error {
@@ -413,33 +416,4 @@ fn publish_page(config: &Config, state: &StateCode, report: &RunReport, page: &s
     if let Err(e) = crate::bucket::publish::write_page(&config.storage, &config.retry, &key, page) {
         tracing::warn!(error = %e, "could not publish the run's report page; the data and manifest are published");
     }
-}
-
-/// A run that met a corrupt block of the state file (DuckDB reads blocks
-/// as it needs them, so this can come in the middle of a run) fails saying
-/// so; the file is set aside by the next opening, once no run of this
-/// process uses it.
-fn note_a_corrupt_state_file(config: &Config, report: &mut RunReport) {
-    let Some(error) = &report.error else {
-        return;
-    };
-    // DuckDB's words for a damaged Parquet file can be the same; only the
-    // state file's own are taken for it.
-    let of_the_state_file = [
-        "outreach_state.duckdb",
-        "Corrupt database file",
-        "Corrupt WAL",
-    ]
-    .iter()
-    .any(|w| error.contains(w));
-    if crate::workbench::verdict(error) != crate::workbench::Verdict::Corrupt || !of_the_state_file
-    {
-        return;
-    }
-    let path = Workbench::db_path(&config.workbench.dir);
-    crate::workbench::corrupt_found(&path);
-    report.error = Some(format!(
-        "{error}; the workbench's state file {} is corrupt: the next run sets it aside and starts a new one",
-        path.display()
-    ));
 }

@@ -49,8 +49,12 @@ pub fn write(wb: &Workbench, only: Option<&str>) -> Result<PathBuf, WorkbenchErr
         .dir
         .join("state")
         .join(format!("catalog-runs.{pid}.parquet"));
-    let _ = std::fs::remove_file(&tmp);
-    let _ = std::fs::remove_file(tmp.with_extension("tmp.wal"));
+    // A file a process that died left, or a copy that failed.
+    let remove_tmp = || {
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp.with_extension("tmp.wal"));
+    };
+    remove_tmp();
 
     // The history leaves the state file through a Parquet file: the two
     // files are in two DuckDB instances, and one cannot read the other's.
@@ -73,8 +77,7 @@ pub fn write(wb: &Workbench, only: Option<&str>) -> Result<PathBuf, WorkbenchErr
     let made = match refreshed {
         true => Ok(()),
         false => {
-            let _ = std::fs::remove_file(&tmp);
-            let _ = std::fs::remove_file(tmp.with_extension("tmp.wal"));
+            remove_tmp();
             fill(&tmp, &runs, &exports)
         }
     };

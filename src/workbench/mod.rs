@@ -31,7 +31,7 @@ use duckdb::Connection;
 
 use crate::config::WorkbenchConfig;
 pub use catalog::write as write_catalog;
-pub use open::{corrupt_found, verdict, SetAside, Verdict};
+pub use open::{corrupt_found, corrupt_in_run, verdict, SetAside, Verdict};
 pub use ow_duckdb::{
     chunk_rows, Chunk, ChunkConverter, Database, DuckError, NextChunk, RawConnection, Template,
 };
@@ -104,11 +104,7 @@ pub fn open_read_only(cfg: &WorkbenchConfig) -> Result<Option<Connection>, Workb
     if !path.exists() {
         return Ok(None);
     }
-    open::wait_for_lock(&path, cfg.lock_timeout, || {
-        let flags = duckdb::Config::default().access_mode(duckdb::AccessMode::ReadOnly)?;
-        Connection::open_with_flags(&path, flags)
-    })
-    .map(Some)
+    open::read_only(&path, cfg.lock_timeout).map(Some)
 }
 
 /// Opens the run history read-only, for `history`: the state file when no
@@ -126,11 +122,7 @@ pub fn open_history(cfg: &WorkbenchConfig) -> Result<Option<Connection>, Workben
         Ok(None) | Err(WorkbenchError::Busy { .. } | WorkbenchError::Corrupt { .. })
             if catalog.exists() =>
         {
-            open::wait_for_lock(&catalog, cfg.lock_timeout, || {
-                let flags = duckdb::Config::default().access_mode(duckdb::AccessMode::ReadOnly)?;
-                Connection::open_with_flags(&catalog, flags)
-            })
-            .map(Some)
+            open::read_only(&catalog, cfg.lock_timeout).map(Some)
         }
         state => state,
     }
@@ -269,7 +261,6 @@ impl Workbench {
         open::migrate_old_workbench(&Self::catalog_path(&cfg.dir), &path, cfg.lock_timeout)?;
         if open::take_corrupt_found(&path) && path.exists() {
             open::set_aside(&path, "a run found it corrupt")?;
-            open::mark_new(&path);
         }
         if !path.exists() {
             open::mark_new(&path);
@@ -277,7 +268,6 @@ impl Workbench {
         let (db, conn) = match Self::open_afresh(cfg, &path) {
             Err(WorkbenchError::Corrupt { detail, .. }) => {
                 open::set_aside(&path, &detail)?;
-                open::mark_new(&path);
                 Self::open_afresh(cfg, &path)?
             }
             opened => opened?,

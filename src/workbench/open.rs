@@ -2,7 +2,7 @@
 //! waiting for another process that holds it, and a file DuckDB reports
 //! corrupt set aside for a new one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -24,33 +24,40 @@ pub(super) struct OpenFile {
     pub users: usize,
 }
 
-/// State files a run found corrupt while it used them: set aside at their
-/// next opening, once no run of this process has them open.
-fn found_corrupt() -> &'static Mutex<HashSet<PathBuf>> {
-    static FOUND: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
-    FOUND.get_or_init(|| Mutex::new(HashSet::new()))
+/// What this process knows of a state file beyond DuckDB's own view of it.
+#[derive(Default)]
+struct Notes {
+    /// A run found it corrupt while it used it: set aside at its next
+    /// opening, once no run of this process has it open.
+    corrupt_found: bool,
+    /// Made new by this process (none was there, or a corrupt one was set
+    /// aside), its history not seeded from the audit yet.
+    made_new: bool,
+    /// Where a corrupt file was set aside, not yet handed to
+    /// [`super::Workbench::take_set_aside`].
+    set_aside: Option<SetAside>,
 }
 
-/// State files this process made new (none was there, or a corrupt one was
-/// set aside) whose history is not seeded from the audit yet.
-fn made_new() -> &'static Mutex<HashSet<PathBuf>> {
-    static NEW: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
-    NEW.get_or_init(|| Mutex::new(HashSet::new()))
+static NOTES: Mutex<BTreeMap<PathBuf, Notes>> = Mutex::new(BTreeMap::new());
+
+/// Changes or reads the notes of `path`.
+fn note<T>(path: &Path, f: impl FnOnce(&mut Notes) -> T) -> T {
+    let mut all = NOTES.lock().unwrap_or_else(|p| p.into_inner());
+    f(all.entry(path.to_path_buf()).or_default())
 }
 
 pub(super) fn mark_new(path: &Path) {
-    made_new()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(path.to_path_buf());
+    note(path, |n| n.made_new = true);
 }
 
 /// Whether `path` was made new and not seeded yet; forgets it.
 pub(super) fn take_new(path: &Path) -> bool {
-    made_new()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(path)
+    note(path, |n| std::mem::take(&mut n.made_new))
+}
+
+/// Where a corrupt `path` was set aside, handed out once.
+pub(super) fn take_set_aside(path: &Path) -> Option<SetAside> {
+    note(path, |n| n.set_aside.take())
 }
 
 /// What an error opening or reading a DuckDB file says about the file.
@@ -91,14 +98,33 @@ pub fn verdict(detail: &str) -> Verdict {
 /// The file at `path` was found corrupt in the middle of a run: the next
 /// opening sets it aside (this one may still be using it).
 pub fn corrupt_found(path: &Path) {
-    let mut found = found_corrupt().lock().unwrap_or_else(|p| p.into_inner());
-    found.insert(path.to_path_buf());
+    note(path, |n| n.corrupt_found = true);
+}
+
+/// A run's `error`, when it says the state file of the workbench in `dir`
+/// is corrupt (DuckDB reads blocks as it needs them, so this can come in
+/// the middle of a run): the file is noted for the next opening to set
+/// aside, and the error is returned saying so. DuckDB's words for a damaged
+/// Parquet file can be the same; only the state file's own are taken.
+pub fn corrupt_in_run(dir: &Path, error: &str) -> Option<String> {
+    let path = super::Workbench::db_path(dir);
+    let file_name = path.file_name()?.to_str()?;
+    let of_the_state_file = [file_name, "Corrupt database file", "Corrupt WAL"]
+        .iter()
+        .any(|w| error.contains(w));
+    if verdict(error) != Verdict::Corrupt || !of_the_state_file {
+        return None;
+    }
+    corrupt_found(&path);
+    Some(format!(
+        "{error}; the workbench's state file {} is corrupt: the next run sets it aside and starts a new one",
+        path.display()
+    ))
 }
 
 /// Whether a run found `path` corrupt; forgets it.
 pub(super) fn take_corrupt_found(path: &Path) -> bool {
-    let mut found = found_corrupt().lock().unwrap_or_else(|p| p.into_inner());
-    found.remove(path)
+    note(path, |n| std::mem::take(&mut n.corrupt_found))
 }
 
 /// A corrupt state file this process set aside, not yet handed to
@@ -110,39 +136,50 @@ pub struct SetAside {
     pub error: String,
 }
 
-pub(super) fn set_aside_files() -> &'static Mutex<HashMap<PathBuf, SetAside>> {
-    static ASIDE: OnceLock<Mutex<HashMap<PathBuf, SetAside>>> = OnceLock::new();
-    ASIDE.get_or_init(|| Mutex::new(HashMap::new()))
+/// Renames a DuckDB file and its write-ahead log, if it has one.
+fn rename_with_wal(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    let wal = PathBuf::from(format!("{}.wal", from.display()));
+    if wal.exists() {
+        std::fs::rename(&wal, format!("{}.wal", to.display()))?;
+    }
+    Ok(())
 }
 
 /// Moves a corrupt file (and its write-ahead log) aside as
-/// `<file>.corrupt-<UTC time>`, kept for inspection, and says so once.
-/// Returns where it went.
-pub(super) fn set_aside(path: &Path, detail: &str) -> Result<PathBuf, WorkbenchError> {
+/// `<file>.corrupt-<UTC time>`, kept for inspection, and says so once; the
+/// file opened next in its place is a new one.
+pub(super) fn set_aside(path: &Path, detail: &str) -> Result<(), WorkbenchError> {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
     let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
-    let err = |e: std::io::Error| WorkbenchError::Corrupt {
+    rename_with_wal(path, &aside).map_err(|e| WorkbenchError::Corrupt {
         path: path.to_path_buf(),
         detail: format!("{detail}; setting it aside failed: {e}"),
-    };
-    std::fs::rename(path, &aside).map_err(err)?;
-    let wal = PathBuf::from(format!("{}.wal", path.display()));
-    if wal.exists() {
-        std::fs::rename(&wal, format!("{}.wal", aside.display())).map_err(err)?;
-    }
+    })?;
     tracing::warn!(path = %path.display(), set_aside_as = %aside.display(), error = %detail,
         "the workbench's state file is corrupt: it is set aside and a new one started; \
          its history is seeded again by the runs to come, pending audit records are kept beside it");
-    let mut found = set_aside_files().lock().unwrap_or_else(|p| p.into_inner());
-    found.insert(
-        path.to_path_buf(),
-        SetAside {
+    note(path, |n| {
+        n.made_new = true;
+        n.set_aside = Some(SetAside {
             path: path.to_path_buf(),
-            set_aside_as: aside.clone(),
+            set_aside_as: aside,
             error: detail.to_string(),
-        },
-    );
-    Ok(aside)
+        });
+    });
+    Ok(())
+}
+
+/// Opens `path` read-only, waiting up to `lock_timeout` for a process
+/// that writes it.
+pub(super) fn read_only(
+    path: &Path,
+    lock_timeout: Duration,
+) -> Result<duckdb::Connection, WorkbenchError> {
+    wait_for_lock(path, lock_timeout, || {
+        let flags = duckdb::Config::default().access_mode(duckdb::AccessMode::ReadOnly)?;
+        duckdb::Connection::open_with_flags(path, flags)
+    })
 }
 
 /// A file cut short (a copy that stopped, a disk that lost its tail) opens
@@ -222,9 +259,7 @@ pub(super) fn migrate_old_workbench(
     if state.exists() || !old.exists() {
         return Ok(());
     }
-    let is_catalog = wait_for_lock(old, lock_timeout, || {
-        let flags = duckdb::Config::default().access_mode(duckdb::AccessMode::ReadOnly)?;
-        let c = duckdb::Connection::open_with_flags(old, flags)?;
+    let is_catalog = read_only(old, lock_timeout).and_then(|c| {
         c.query_row(
             &format!(
                 "SELECT count(*) > 0 FROM duckdb_tables() WHERE table_name = '{}'",
@@ -233,6 +268,13 @@ pub(super) fn migrate_old_workbench(
             [],
             |r| r.get::<_, bool>(0),
         )
+        .map_err(|e| {
+            let (path, detail) = (old.to_path_buf(), e.to_string());
+            match verdict(&detail) {
+                Verdict::Corrupt => WorkbenchError::Corrupt { path, detail },
+                _ => WorkbenchError::Open { path, detail },
+            }
+        })
     });
     match is_catalog {
         Ok(true) => return Ok(()),
@@ -241,18 +283,13 @@ pub(super) fn migrate_old_workbench(
         Err(WorkbenchError::Corrupt { .. }) => return Ok(()),
         Err(e) => return Err(e),
     }
-    let err = |e: std::io::Error| WorkbenchError::Open {
+    rename_with_wal(old, state).map_err(|e| WorkbenchError::Open {
         path: state.to_path_buf(),
         detail: format!(
             "moving the workbench of an earlier version from {}: {e}",
             old.display()
         ),
-    };
-    std::fs::rename(old, state).map_err(err)?;
-    let wal = PathBuf::from(format!("{}.wal", old.display()));
-    if wal.exists() {
-        std::fs::rename(&wal, format!("{}.wal", state.display())).map_err(err)?;
-    }
+    })?;
     tracing::info!(from = %old.display(), to = %state.display(),
         "the workbench of an earlier version is now the service's state file; the analysts' catalog is written after the next run");
     Ok(())

@@ -273,10 +273,7 @@ impl Workbench {
     /// The corrupt state file this process set aside when it opened this
     /// one, handed out once.
     pub fn take_set_aside(&self) -> Option<super::SetAside> {
-        let mut found = super::open::set_aside_files()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        found.remove(&self.path)
+        super::open::take_set_aside(&self.path)
     }
 
     /// Whether this state file was made new by this process and its
