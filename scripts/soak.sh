@@ -6,6 +6,7 @@
 # violation. The seed is printed first: the same seed replays the same faults.
 #   scripts/soak.sh                          # 2 minutes, a fresh seed
 #   scripts/soak.sh --minutes 30 --seed 7    # the long one
+#   scripts/soak.sh --weight full_disk=3     # one fault drawn three times as often
 #   SOAK_KEEP=1 scripts/soak.sh              # keep the logs, audit rows and bucket
 set -euo pipefail
 source "$(dirname "$0")/lib/services.sh"

@@ -621,10 +621,19 @@ def main():
     ap.add_argument("--minutes", type=float, default=2)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--settle", type=float, default=20)
+    ap.add_argument("--weight", action="append", default=[], metavar="KIND=N",
+                    help="draw KIND N times as often as the others (full_disk=3)")
     args = ap.parse_args()
+    pool = list(KINDS)
+    for w in args.weight:
+        kind, _, n = w.partition("=")
+        if kind not in KINDS or not n.isdigit():
+            ap.error(f"--weight {w}: expected one of {', '.join(KINDS)} = a whole number")
+        pool += [kind] * (int(n) - 1)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**9)
     log(f"soak: seed {seed}, {args.minutes} minutes, {DAEMONS} daemons, states {' '.join(STATES)}, cron '{CRON}'")
-    log(f"replay: scripts/soak.sh --minutes {args.minutes:g} --seed {seed}")
+    weights = "".join(f" --weight {w}" for w in args.weight)
+    log(f"replay: scripts/soak.sh --minutes {args.minutes:g} --seed {seed}{weights}")
     rng = random.Random(seed)
     w = World(args)
     try:
@@ -635,7 +644,7 @@ def main():
             w.run_timers()
             w.supervise()
             if time.monotonic() >= next_fault:
-                w.inject(rng.choice(KINDS), rng)
+                w.inject(rng.choice(pool), rng)
                 next_fault = time.monotonic() + rng.uniform(1, 4)
             time.sleep(0.1)
         log("chaos over: every fault undone; settling")

@@ -243,7 +243,7 @@ fn pull_to_files(
             Entity::People => report.people = counts,
         }
     }
-    txn.commit().map_err(|e| workbench_err("COMMIT", e))?;
+    txn.commit()?;
     report.stages.validate = Some(t.elapsed().as_secs_f64());
     Ok(())
 }
@@ -251,7 +251,7 @@ fn pull_to_files(
 /// A transaction on a workbench connection of its own, the state's schema
 /// made if it is new.
 fn begin_with_schema(wb: &Workbench, schema: &str) -> Result<Transaction, PipelineError> {
-    let txn = Transaction::begin(wb.raw_connection()?).map_err(|e| workbench_err("BEGIN", e))?;
+    let txn = wb.transaction()?;
     let create = format!(
         "CREATE SCHEMA IF NOT EXISTS {}",
         crate::ident::quote_ident(schema)
@@ -298,7 +298,7 @@ fn load(
     report.stages.validate = Some(t.elapsed().as_secs_f64());
     report.companies = Some(EntityCounts::new(pulled.companies, companies));
     report.people = Some(EntityCounts::new(pulled.people, people));
-    txn.commit().map_err(|e| workbench_err("COMMIT", e))
+    txn.commit().map_err(PipelineError::from)
 }
 
 /// A few of the rows each rule caught, for the run's page, read from the

@@ -55,6 +55,8 @@ pub enum WorkbenchError {
     Open { path: PathBuf, detail: String },
     #[error("workbench {path}: {detail}")]
     Sql { path: PathBuf, detail: String },
+    #[error("workbench {path}: not written, since an earlier write through this opening of it failed ({detail}); the next opening reads it as last committed")]
+    Spoiled { path: PathBuf, detail: String },
 }
 
 pub struct Workbench {
@@ -62,6 +64,8 @@ pub struct Workbench {
     conn: Option<Connection>,
     /// The open database `conn` belongs to, for [`Workbench::raw_connection`].
     db: Option<Arc<Database>>,
+    /// Every write goes through it (see [`open::Writes`]).
+    writes: Arc<open::Writes>,
     pub dir: PathBuf,
     /// The state file.
     pub path: PathBuf,
@@ -134,18 +138,16 @@ pub fn open_history(cfg: &WorkbenchConfig) -> Result<Option<Connection>, Workben
 pub struct Transaction {
     conn: RawConnection,
     open: bool,
+    writes: Arc<open::Writes>,
+    path: PathBuf,
 }
 
 impl Transaction {
-    pub fn begin(conn: RawConnection) -> Result<Transaction, DuckError> {
-        conn.execute("BEGIN")?;
-        Ok(Transaction { conn, open: true })
-    }
-
-    /// A commit that fails is rolled back by DuckDB itself.
-    pub fn commit(mut self) -> Result<(), DuckError> {
+    /// A commit that fails is rolled back by DuckDB itself, and spoils the
+    /// opening of the file (see [`open::Writes`]).
+    pub fn commit(mut self) -> Result<(), WorkbenchError> {
         self.open = false;
-        self.conn.execute("COMMIT")
+        self.writes.run(&self.path, || self.conn.execute("COMMIT"))
     }
 }
 
@@ -230,10 +232,11 @@ impl Workbench {
                 detail: format!("creating {}: {e}", d.display()),
             })?;
         }
-        let (db, conn) = Self::connect(cfg, &path)?;
+        let (db, conn, writes) = Self::connect(cfg, &path)?;
         Ok(Workbench {
             conn: Some(conn),
             db: Some(db),
+            writes,
             dir,
             path,
         })
@@ -244,18 +247,20 @@ impl Workbench {
     /// another process to let go of the file. A file DuckDB finds corrupt
     /// as it opens (or that a run found corrupt before) is set aside and a
     /// new one made; nothing in it is needed that is not kept elsewhere.
+    /// An opening a failed write spoiled is not joined: this waits for its
+    /// users to let go, then opens the file afresh.
     fn connect(
         cfg: &WorkbenchConfig,
         path: &Path,
-    ) -> Result<(Arc<Database>, Connection), WorkbenchError> {
-        let mut open = open::open_files().lock().unwrap_or_else(|p| p.into_inner());
+    ) -> Result<(Arc<Database>, Connection, Arc<open::Writes>), WorkbenchError> {
+        let mut open = open::wait_for_unspoiled(path, cfg.lock_timeout)?;
         if let Some(file) = open.get_mut(path) {
             let conn = file.db.connection().map_err(|e| WorkbenchError::Open {
                 path: path.to_path_buf(),
                 detail: e.to_string(),
             })?;
             file.users += 1;
-            return Ok((file.db.clone(), conn));
+            return Ok((file.db.clone(), conn, file.writes.clone()));
         }
         let path = path.to_path_buf();
         open::migrate_old_workbench(&Self::catalog_path(&cfg.dir), &path, cfg.lock_timeout)?;
@@ -272,15 +277,17 @@ impl Workbench {
             }
             opened => opened?,
         };
-        runs::after_opening(&conn, &path, &cfg.dir);
+        let writes = Arc::new(open::Writes::default());
+        runs::after_opening(&conn, &path, &cfg.dir, &writes);
         open.insert(
             path,
             open::OpenFile {
                 db: db.clone(),
                 users: 1,
+                writes: writes.clone(),
             },
         );
-        Ok((db, conn))
+        Ok((db, conn, writes))
     }
 
     /// Opens the file in a new instance, with its settings and tables.
@@ -355,7 +362,28 @@ impl Workbench {
         })
     }
 
-    fn sql_err(&self, e: duckdb::Error) -> WorkbenchError {
+    /// A transaction on a connection of its own.
+    pub fn transaction(&self) -> Result<Transaction, WorkbenchError> {
+        let conn = self.raw_connection()?;
+        conn.execute("BEGIN").map_err(|e| self.sql_err(e))?;
+        Ok(Transaction {
+            conn,
+            open: true,
+            writes: self.writes.clone(),
+            path: self.path.clone(),
+        })
+    }
+
+    /// Runs `write` (statements that commit) through this opening's
+    /// writes (see [`open::Writes`]).
+    fn write<T>(
+        &self,
+        write: impl FnOnce(&Connection) -> Result<T, duckdb::Error>,
+    ) -> Result<T, WorkbenchError> {
+        self.writes.run(&self.path, || write(self.conn()))
+    }
+
+    fn sql_err(&self, e: impl std::fmt::Display) -> WorkbenchError {
         WorkbenchError::Sql {
             path: self.path.clone(),
             detail: e.to_string(),

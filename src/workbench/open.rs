@@ -22,6 +22,81 @@ pub(super) fn open_files() -> &'static Mutex<HashMap<PathBuf, OpenFile>> {
 pub(super) struct OpenFile {
     pub db: Arc<Database>,
     pub users: usize,
+    pub writes: Arc<Writes>,
+}
+
+/// The writes through one open instance of the state file.
+///
+/// When DuckDB 1.4.5 fails a commit (its write-ahead log cannot be
+/// written: a full disk), it takes back the rows the commit had appended
+/// but not their strings' bytes; in a table with rows in the file's blocks
+/// and one appended and updated since the file was opened (`main.runs`
+/// after a run's end), the next row appended reads them as part of its own
+/// value: a run id that is two run ids run together, found by the fault
+/// soak and reproduced by `workbench::a_failed_commit_spoils_no_later_row`.
+/// So the first write that fails spoils the opening: nothing more is
+/// written through it (writes are refused, run endings kept for the next
+/// opening), no new run joins it, and once its last user lets go the next
+/// opening reads the file as last committed.
+#[derive(Default)]
+pub(super) struct Writes {
+    /// Held by each write, so that none starts between a failure and the
+    /// instance being marked spoiled; the failure's words once spoiled.
+    spoiled: Mutex<Option<String>>,
+}
+
+/// Whether an error of a statement that writes means the instance that
+/// ran it must not be written again (see [`Writes`]).
+pub(super) fn spoils(detail: &str) -> bool {
+    const WORDS: [&str; 7] = [
+        "Failed to commit",
+        "Could not write",
+        "No space left on device",
+        "Could not fsync",
+        "Could not truncate",
+        "Failed to create checkpoint",
+        "database has been invalidated",
+    ];
+    WORDS.iter().any(|w| detail.contains(w))
+}
+
+impl Writes {
+    /// Runs `write`, a statement or a few that commit, unless an earlier
+    /// write spoiled the instance; one that fails for want of disk (or
+    /// any other failed commit) spoils it.
+    pub(super) fn run<T, E: std::fmt::Display>(
+        &self,
+        path: &Path,
+        write: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, WorkbenchError> {
+        let mut spoiled = self.spoiled.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(first) = spoiled.as_ref() {
+            return Err(WorkbenchError::Spoiled {
+                path: path.to_path_buf(),
+                detail: first.clone(),
+            });
+        }
+        write().map_err(|e| {
+            let detail = e.to_string();
+            if spoils(&detail) {
+                tracing::warn!(path = %path.display(), error = %detail,
+                    "a write to the workbench's state file failed: nothing more is written through this opening of it; \
+                     the runs using it finish, and the next opening reads the file as last committed");
+                *spoiled = Some(detail.clone());
+            }
+            WorkbenchError::Sql {
+                path: path.to_path_buf(),
+                detail,
+            }
+        })
+    }
+
+    pub(super) fn is_spoiled(&self) -> bool {
+        self.spoiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
 }
 
 /// What this process knows of a state file beyond DuckDB's own view of it.
@@ -207,6 +282,34 @@ pub(super) fn check_length(conn: &duckdb::Connection, path: &Path) -> Result<(),
             "the file is cut short: {len} bytes, where its header counts {blocks} blocks of {size} bytes ({needed} bytes)"
         )),
         false => Ok(()),
+    }
+}
+
+/// The files open in this process, locked, once `path` is not open
+/// through a spoiled opening (see [`Writes`]): its users finish their
+/// runs, then the file is opened afresh. Waits up to `lock_timeout`.
+pub(super) fn wait_for_unspoiled(
+    path: &Path,
+    lock_timeout: Duration,
+) -> Result<std::sync::MutexGuard<'static, HashMap<PathBuf, OpenFile>>, WorkbenchError> {
+    let start = Instant::now();
+    loop {
+        let open = open_files().lock().unwrap_or_else(|p| p.into_inner());
+        let spoiled = open.get(path).is_some_and(|f| f.writes.is_spoiled());
+        if !spoiled {
+            return Ok(open);
+        }
+        drop(open);
+        if start.elapsed() >= lock_timeout {
+            return Err(WorkbenchError::Busy {
+                path: path.to_path_buf(),
+                waited: start.elapsed(),
+                detail:
+                    "runs of this process still use an opening of it that a failed write spoiled"
+                        .to_string(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

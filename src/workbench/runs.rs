@@ -50,8 +50,7 @@ pub struct AbandonedRun {
 /// Run endings this process could not write into a workbench (its disk
 /// was full, say), oldest first: written before anything else the next
 /// time that file is written to, so the run's row does not stay `running`
-/// and is not taken for an abandoned one. Its lock is also held by every
-/// write of a run row, so that they go one at a time.
+/// and is not taken for an abandoned one.
 fn unrecorded() -> &'static Mutex<HashMap<PathBuf, Vec<FinishedRun>>> {
     static RUNS: OnceLock<Mutex<HashMap<PathBuf, Vec<FinishedRun>>>> = OnceLock::new();
     RUNS.get_or_init(|| Mutex::new(HashMap::new()))
@@ -66,12 +65,12 @@ fn found_abandoned() -> &'static Mutex<HashMap<PathBuf, Vec<AbandonedRun>>> {
 
 /// Writes the run endings kept for `path`, oldest first, each removed
 /// once written. One that fails is kept for the next time (a full disk, a
-/// conflicting writer), unless a constraint refuses it: that one can never
-/// be written (seen after a full disk broke main.runs' key index), and is
-/// dropped, said in the log, so that it does not hold up the others; its
-/// row stays `running` and is taken for abandoned at the next opening (its
-/// audit record, written by its run, is not written twice). Returns the
-/// first failure.
+/// conflicting writer), with all after it: a failed commit spoils the
+/// opening for any more writes (see `open::Writes`). One a constraint
+/// refuses can never be written, and is dropped, said in the log, so that
+/// it does not hold up the others; its row stays `running` and is taken
+/// for abandoned at the next opening (its audit record, written by its
+/// run, is not written twice). Returns the first failure.
 fn record_unrecorded(conn: &Connection, path: &Path) -> Result<(), duckdb::Error> {
     let mut all = unrecorded().lock().unwrap_or_else(|p| p.into_inner());
     let Some(runs) = all.remove(path) else {
@@ -80,6 +79,10 @@ fn record_unrecorded(conn: &Connection, path: &Path) -> Result<(), duckdb::Error
     let mut first_error = None;
     let mut kept = Vec::new();
     for run in runs {
+        if first_error.is_some() && !kept.is_empty() {
+            kept.push(run);
+            continue;
+        }
         let Err(e) = insert_finished(conn, &run) else {
             continue;
         };
@@ -127,11 +130,16 @@ fn insert_finished(conn: &Connection, run: &FinishedRun) -> Result<(), duckdb::E
 /// row still `running` belongs to a process that died. Endings this
 /// process could not write go in first; while they cannot, nothing is
 /// taken for abandoned.
-pub(super) fn after_opening(conn: &Connection, path: &Path, dir: &Path) {
-    if record_unrecorded(conn, path).is_err() {
+pub(super) fn after_opening(
+    conn: &Connection,
+    path: &Path,
+    dir: &Path,
+    writes: &super::open::Writes,
+) {
+    if writes.run(path, || record_unrecorded(conn, path)).is_err() {
         return;
     }
-    let abandoned = mark_abandoned(conn);
+    let abandoned = writes.run(path, || mark_abandoned(conn));
     // Their records, and those a version before the outbox left pending in
     // the rows, go to the outbox; those it has already stay as they are.
     let kept = pending_in_rows(conn)
@@ -218,19 +226,14 @@ impl Workbench {
         dry_run: bool,
         started_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), WorkbenchError> {
-        // The run rows are written one at a time in this process (see
-        // `unrecorded`): concurrent appends to main.runs while the disk was
-        // full left a row whose key was three keys run together (DuckDB
-        // 1.4.5, seen in the fault soak).
-        let _one_at_a_time = unrecorded().lock().unwrap_or_else(|p| p.into_inner());
-        self.conn()
-            .execute(
+        self.write(|conn| {
+            conn.execute(
                 "INSERT INTO main.runs (run_id, state, status, dry_run, started_at)
                  VALUES (?, ?, 'running', ?, make_timestamp(?))",
                 duckdb::params![run_id, state, dry_run, started_at.timestamp_micros()],
             )
-            .map(|_| ())
-            .map_err(|e| self.sql_err(e))
+        })
+        .map(drop)
     }
 
     /// Records how the run ended; `audit_pending` when its audit record
@@ -254,20 +257,19 @@ impl Workbench {
             let mut all = unrecorded().lock().unwrap_or_else(|p| p.into_inner());
             all.entry(self.path.clone()).or_default().push(run);
         }
-        let recorded = record_unrecorded(self.conn(), &self.path).map_err(|e| self.sql_err(e));
+        let recorded = self.write(|conn| record_unrecorded(conn, &self.path));
         kept.and(recorded)
     }
 
     /// Keeps the run's failing-row samples (JSON) for its report page.
     pub fn record_samples(&self, run_id: &str, samples: &str) -> Result<(), WorkbenchError> {
-        let _one_at_a_time = unrecorded().lock().unwrap_or_else(|p| p.into_inner());
-        self.conn()
-            .execute(
+        self.write(|conn| {
+            conn.execute(
                 "INSERT OR REPLACE INTO main.run_samples (run_id, samples) VALUES (?, ?)",
                 duckdb::params![run_id, samples],
             )
-            .map(|_| ())
-            .map_err(|e| self.sql_err(e))
+        })
+        .map(drop)
     }
 
     /// The corrupt state file this process set aside when it opened this
@@ -290,24 +292,23 @@ impl Workbench {
         &self,
         audited: &[(i64, serde_json::Value)],
     ) -> Result<usize, WorkbenchError> {
-        let _one_at_a_time = unrecorded().lock().unwrap_or_else(|p| p.into_inner());
         let time = |v: &serde_json::Value| {
             v.as_str()
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
                 .map(|t| t.timestamp_micros())
         };
-        let mut added = 0;
-        for (id, d) in audited {
-            let (Some(run_id), Some(state), Some(status), Some(started)) = (
-                d["run_id"].as_str(),
-                d["state"].as_str(),
-                d["status"].as_str(),
-                time(&d["started_at"]),
-            ) else {
-                continue;
-            };
-            added += self
-                .conn()
+        self.write(|conn| {
+            let mut added = 0;
+            for (id, d) in audited {
+                let (Some(run_id), Some(state), Some(status), Some(started)) = (
+                    d["run_id"].as_str(),
+                    d["state"].as_str(),
+                    d["status"].as_str(),
+                    time(&d["started_at"]),
+                ) else {
+                    continue;
+                };
+                added += conn
                 .execute(
                     "INSERT INTO main.runs (run_id, state, status, dry_run, started_at, finished_at,
                          audit_id, error, report, audit_pending)
@@ -323,10 +324,10 @@ impl Workbench {
                         d["error"].as_str(),
                         d.to_string(),
                     ],
-                )
-                .map_err(|e| self.sql_err(e))?;
-        }
-        Ok(added)
+                )?;
+            }
+            Ok(added)
+        })
     }
 
     /// Runs left `running` by a process that died (kill -9, power loss),
@@ -348,13 +349,13 @@ impl Workbench {
     /// outbox first, which is what is sent from.
     pub fn audited(&self, run_id: &str, audit_id: i64) -> Result<(), WorkbenchError> {
         outbox::sent(&self.dir, run_id, audit_id).map_err(|e| self.outbox_err(e))?;
-        self.conn()
-            .execute(
+        self.write(|conn| {
+            conn.execute(
                 "UPDATE main.runs SET audit_id = ?, audit_pending = false WHERE run_id = ?",
                 duckdb::params![audit_id, run_id],
             )
-            .map(|_| ())
-            .map_err(|e| self.sql_err(e))
+        })
+        .map(drop)
     }
 
     fn outbox_err(&self, e: std::io::Error) -> WorkbenchError {

@@ -11,8 +11,8 @@ impl Workbench {
         bytes: u64,
         run_id: &str,
     ) -> Result<(), WorkbenchError> {
-        self.conn()
-            .execute(
+        self.write(|conn| {
+            conn.execute(
                 "INSERT OR REPLACE INTO main.upload_manifest
                  VALUES (?, ?, ?, make_timestamp(?), ?)",
                 duckdb::params![
@@ -23,8 +23,8 @@ impl Workbench {
                     run_id
                 ],
             )
-            .map(|_| ())
-            .map_err(|e| self.sql_err(e))
+        })
+        .map(drop)
     }
 
     /// Multipart uploads left unfinished by earlier runs, oldest first.
@@ -47,17 +47,16 @@ impl Workbench {
         upload_id: &str,
         left: bool,
     ) -> Result<(), WorkbenchError> {
-        let done = if left {
-            self.conn().execute(
+        self.write(|conn| match left {
+            true => conn.execute(
                 "INSERT OR REPLACE INTO main.unfinished_uploads VALUES (?, ?, make_timestamp(?))",
                 duckdb::params![upload_id, key, chrono::Utc::now().timestamp_micros()],
-            )
-        } else {
-            self.conn().execute(
+            ),
+            false => conn.execute(
                 "DELETE FROM main.unfinished_uploads WHERE upload_id = ? AND object_key = ?",
                 duckdb::params![upload_id, key],
-            )
-        };
-        done.map(|_| ()).map_err(|e| self.sql_err(e))
+            ),
+        })
+        .map(drop)
     }
 }

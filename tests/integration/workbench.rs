@@ -189,3 +189,160 @@ fn a_pending_audit_record_outlives_a_corrupt_state_file() {
         .get(0);
     assert_eq!(count, 1, "the down run's record, exactly once");
 }
+
+/// A disk of its own, `mib` MiB of tmpfs, unmounted when dropped: `None`,
+/// with the reason printed, where this machine cannot mount one.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(mib: u32) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallDisk { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIP: cannot mount a tmpfs for a full disk ({})",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIP: cannot run mount for a full disk ({e})");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Writes a file until the disk has no byte left.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.path().join("filler")).unwrap();
+        for chunk in [1 << 20, 4096, 1] {
+            let bytes = vec![0u8; chunk];
+            while f.write_all(&bytes).is_ok() {}
+        }
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.path().join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+/// DuckDB 1.4.5, when a commit fails for want of disk, takes back the
+/// rows it appended but not their strings' bytes: the next row appended
+/// to the table read them as part of its own value (the fault soak found
+/// a run id that was two run ids run together). The failed commit spoils
+/// that opening of the state file: the next write through it is refused,
+/// a run that opens the file meanwhile waits for it to be let go, and
+/// reads it afresh; no row is fused and no run's end is lost.
+#[test]
+fn a_failed_commit_spoils_no_later_row() {
+    use outreach_workbench::config::WorkbenchConfig;
+    use outreach_workbench::workbench::{FinishedRun, Workbench, WorkbenchError};
+    let Some(disk) = SmallDisk::mount(16) else {
+        return;
+    };
+    let cfg = WorkbenchConfig {
+        dir: disk.path().join("wb"),
+        lock_timeout: std::time::Duration::from_secs(60),
+        ..WorkbenchConfig::default()
+    };
+    let id = |n: u32| format!("00000000-0000-4000-8000-{n:012}");
+    let now = chrono::Utc::now();
+    let ending = |n: u32, status: &str, report: &serde_json::Value| FinishedRun {
+        run_id: id(n),
+        state: "WV".into(),
+        status: status.into(),
+        dry_run: false,
+        started_at: now,
+        finished_at: Some(now),
+        audit_id: Some(n.into()),
+        error: None,
+        report: report.clone(),
+        audit_pending: false,
+    };
+    // What it takes, found by trying: rows in the file's blocks, and a row
+    // appended and updated since it was opened.
+    let wb = Workbench::open(&cfg).unwrap();
+    wb.run_started(&id(0), "OH", false, now).unwrap();
+    drop(wb);
+    let wb = Workbench::open(&cfg).unwrap();
+    wb.run_started(&id(1), "WV", false, now).unwrap();
+    wb.run_finished(ending(1, "success", &serde_json::json!({})))
+        .unwrap();
+
+    // A start whose commit needs new pages of the log (its state is long).
+    disk.fill();
+    let full = wb.run_started(&id(2), &"X".repeat(3000), false, now);
+    assert!(full.is_err(), "a commit on a full disk succeeded");
+    disk.free();
+
+    // Through the same opening: refused, where it came back as the ids of
+    // runs 3 and 2 run together; an ending is kept for the next opening.
+    match wb.run_started(&id(3), "PA", false, now) {
+        Err(WorkbenchError::Spoiled { .. }) => {}
+        other => panic!("a write after a failed commit was not refused: {other:?}"),
+    }
+    let seen: Vec<String> = wb
+        .conn()
+        .prepare("SELECT run_id FROM main.runs ORDER BY run_id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        seen,
+        [id(0), id(1)],
+        "rows seen through the spoiled opening"
+    );
+    let report = serde_json::json!({ "run_id": id(4), "pad": "r".repeat(8192) });
+    assert!(
+        wb.run_finished(ending(4, "failed", &report)).is_err(),
+        "an ending written through a spoiled opening"
+    );
+
+    // Another run opens the file now: it waits for this opening to be let
+    // go, then reads the file as last committed.
+    let other = std::thread::spawn({
+        let cfg = cfg.clone();
+        move || {
+            let wb = Workbench::open(&cfg).unwrap();
+            wb.run_started(&id(3), "PA", false, now).unwrap();
+            wb
+        }
+    });
+    drop(wb);
+    let wb = other.join().unwrap();
+    let rows: Vec<(String, String, Option<String>)> = wb
+        .conn()
+        .prepare("SELECT run_id, status, report FROM main.runs ORDER BY run_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(ids, [id(0), id(1), id(3), id(4)], "run ids after reopening");
+    assert_eq!(rows[3].1, "failed", "the ending kept for the next opening");
+    let kept: serde_json::Value = serde_json::from_str(rows[3].2.as_deref().unwrap()).unwrap();
+    assert_eq!(kept, report, "the kept ending's report");
+}
