@@ -346,3 +346,87 @@ fn a_failed_commit_spoils_no_later_row() {
     let kept: serde_json::Value = serde_json::from_str(rows[3].2.as_deref().unwrap()).unwrap();
     assert_eq!(kept, report, "the kept ending's report");
 }
+
+/// The names and types of a catalog view's columns.
+fn view_columns(cat: &duckdb::Connection, view: &str) -> Vec<String> {
+    cat.prepare(&format!(
+        "SELECT column_name || ' ' || column_type FROM (DESCRIBE {view})"
+    ))
+    .unwrap()
+    .query_map([], |r| r.get(0))
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+fn view_count(cat: &duckdb::Connection, view: &str) -> i64 {
+    cat.query_row(&format!("SELECT count(*) FROM {view}"), [], |r| r.get(0))
+        .unwrap()
+}
+
+/// The catalog is written from a copy of the last one, its views made
+/// again only for the states whose files came or changed columns: a
+/// state's new column shows in its views and in `all_states`, the other
+/// states' views still read (a view DuckDB made over other columns would
+/// fail), new rows show without a view made again, after one state's run
+/// and after an all-states run alike; a deleted catalog is made whole.
+#[test]
+fn the_catalog_makes_again_only_the_views_whose_files_changed_columns() {
+    needs_services!();
+    use outreach_workbench::pipeline::all_states::run_all_states;
+    use outreach_workbench::pipeline::RunOptions;
+    use tokio_util::sync::CancellationToken;
+    let w = World::new("wbcatalog");
+    let mut pg = w.pg();
+    add_company(&mut pg, "c1", Some("A"), Some("a.example"), "WV");
+    add_company(&mut pg, "c2", Some("B"), Some("b.example"), "OH");
+    let all = || {
+        let batch = run_all_states(
+            &w.config,
+            &CancellationToken::new(),
+            &RunOptions::default(),
+            &mut |_, _| {},
+        );
+        assert!(batch.runs.iter().all(|r| r.succeeded()), "{batch:?}");
+    };
+    all();
+    let before = view_columns(&catalog(&w), "oh.companies_good");
+
+    // WV alone runs with a new column: its views and all_states show it,
+    // OH's views (over files without it) still read.
+    pg.batch_execute("ALTER TABLE marketing.company_master ADD COLUMN rating INTEGER")
+        .unwrap();
+    assert!(w.run("WV").succeeded());
+    let cat = catalog(&w);
+    assert!(view_columns(&cat, "wv.companies_good").contains(&"rating INTEGER".to_string()));
+    assert!(view_columns(&cat, "wv.companies_raw").contains(&"rating INTEGER".to_string()));
+    assert_eq!(view_columns(&cat, "oh.companies_good"), before);
+    assert_eq!(view_count(&cat, "oh.companies_good"), 1);
+    assert!(view_columns(&cat, "all_states.companies_good").contains(&"rating INTEGER".to_string()));
+    assert_eq!(view_count(&cat, "all_states.companies_good"), 2);
+    drop(cat);
+
+    // An all-states run: OH gets the column; a new row in WV shows
+    // through views kept as they were.
+    add_company(&mut pg, "c3", Some("C"), Some("c.example"), "WV");
+    all();
+    let cat = catalog(&w);
+    assert!(view_columns(&cat, "oh.companies_good").contains(&"rating INTEGER".to_string()));
+    assert_eq!(view_count(&cat, "wv.companies_good"), 2);
+    assert_eq!(view_count(&cat, "all_states.companies_good"), 3);
+    let states: i64 = cat
+        .query_row("SELECT count(*) FROM main.view_sources", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(states, 2, "one row of sources a state");
+    drop(cat);
+
+    // Deleted, it is made whole by the next run.
+    std::fs::remove_file(outreach_workbench::workbench::Workbench::catalog_path(
+        &w.config.workbench.dir,
+    ))
+    .unwrap();
+    assert!(w.run("OH").succeeded());
+    let cat = catalog(&w);
+    assert_eq!(view_count(&cat, "wv.companies_good"), 2);
+    assert_eq!(view_count(&cat, "oh.companies_raw"), 1);
+}
