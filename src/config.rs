@@ -182,7 +182,7 @@ pub struct WorkbenchConfig {
     /// How long a run waits for another process to release the DuckDB file.
     #[serde(rename = "lock_timeout_secs", deserialize_with = "secs::deserialize")]
     pub lock_timeout: Duration,
-    /// DuckDB's `memory_limit`; above it DuckDB spills to `duck/tmp`. It
+    /// DuckDB's `memory_limit`; above it DuckDB spills to `state/tmp`. It
     /// matters for the link rule's runs, which load the rows into the
     /// workbench file: most of what DuckDB holds then is a cache of blocks
     /// already written, which it evicts without spilling (measured on the

@@ -186,9 +186,12 @@ pub fn ensure_tables(
             return Ok(());
         }
         // One simple-protocol batch is one implicit transaction: the lock
-        // is held until the last CREATE has committed.
+        // is held until the last CREATE has committed. `SET LOCAL` ends
+        // with it too: the server's "already exists, skipping" NOTICEs for
+        // our own `IF NOT EXISTS` were INFO lines in the journal.
         c.batch_execute(&format!(
             "SELECT pg_advisory_xact_lock({CREATE_LOCK_CLASS}, 0);
+             SET LOCAL client_min_messages = warning;
              CREATE SCHEMA IF NOT EXISTS {};
              {};",
             quote_ident(&table.schema),

@@ -195,3 +195,40 @@ fn schedule_lists_the_next_five_fire_times_in_utc_and_local_time() {
         );
     }
 }
+
+/// The ledger's tables made by a run (here the leases and fire claims,
+/// in a schema that exists) leave no NOTICE of PostgreSQL's in the log:
+/// "schema … already exists, skipping" was an INFO line per table.
+#[test]
+fn making_the_ledger_tables_logs_no_notice_of_the_server() {
+    needs_services!();
+    let w = World::new("notices");
+    w.pg()
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS shq;
+             DROP TABLE IF EXISTS shq.outreach_leases, shq.outreach_fire_claims",
+        )
+        .unwrap();
+    let cfg = w.write_config_file();
+    let o = bin_with_secrets()
+        .args(["run", "--state", "WV", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    let made: i64 = w
+        .pg()
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables
+             WHERE table_schema = 'shq' AND table_name IN ('outreach_leases', 'outreach_fire_claims')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(made, 2, "the run made the tables again");
+    assert!(
+        !out.contains("skipping") && !out.contains("NOTICE"),
+        "{out}"
+    );
+}
