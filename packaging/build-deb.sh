@@ -39,8 +39,9 @@ trap 'rm -rf "$stage"' EXIT
 src=$stage/outreach-workbench-$version
 mkdir -p "$src/build/etc" "$src/build/completions"
 cp -r packaging/debian "$src/debian"
-sed -i "s|@MAINTAINER@|$maintainer|" "$src/debian/control" "$src/debian/changelog"
+sed -i "s|@MAINTAINER@|$maintainer|" "$src/debian/control" "$src/debian/changelog" "$src/debian/NEWS"
 cp systemd/outreach-workbench.service "$src/debian/outreach-workbench.service"
+cp "systemd/outreach-workbench-run@.service" "$src/build/outreach-workbench-run@.service"
 install -m 0755 "$OW_BIN" "$src/build/outreach-workbench"
 # Installed at /usr/lib/outreach-workbench, found from /usr/bin through
 # $ORIGIN (also when the package is unpacked anywhere else).

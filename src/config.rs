@@ -28,6 +28,7 @@ mod gates;
 mod notify;
 mod rules;
 mod schedule;
+pub mod secrets;
 mod secs;
 
 pub use gates::GatesConfig;
@@ -38,6 +39,10 @@ pub use rules::{
 };
 pub use schedule::Schedule;
 use schedule::ScheduleConfig;
+
+/// The shipped config's bucket: `check` and the daemon refuse it until the
+/// admin names theirs.
+pub const PLACEHOLDER_BUCKET: &str = "CHANGE-ME";
 
 /// Where the packaged service looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/outreach-workbench/config.toml";
@@ -61,6 +66,13 @@ pub enum ConfigError {
     Figment(#[from] Box<figment::Error>),
     #[error("invalid configuration: {key}: {message}")]
     Invalid { key: String, message: String },
+}
+
+/// Whether loading the config looks its secrets up, and where root's
+/// credential folder is (beside the config file).
+enum Secrets<'a> {
+    Read(Option<&'a Path>),
+    Skip,
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
@@ -105,6 +117,9 @@ pub struct Config {
     /// Webhooks told about runs that need a person (see `notify.rs`).
     #[serde(default)]
     pub notify: Vec<NotifyConfig>,
+    /// Each secret found, by variable name, and where (`check` shows it).
+    #[serde(skip)]
+    pub secret_origins: Vec<(String, secrets::Origin)>,
 }
 
 /// Retries of transient failures (connection refused or reset, timeouts,
@@ -419,6 +434,9 @@ pub struct ReportConfig {
     pub sample_rows: usize,
     /// How many of the state's runs the charts draw.
     pub chart_runs: usize,
+    /// Put the failing rows into the page in the bucket too. Off: the
+    /// bucket's page has the counts, the host's page the rows.
+    pub publish_samples: bool,
 }
 
 impl Default for ReportConfig {
@@ -427,6 +445,7 @@ impl Default for ReportConfig {
             enabled: true,
             sample_rows: 5,
             chart_runs: 30,
+            publish_samples: false,
         }
     }
 }
@@ -509,24 +528,74 @@ impl Config {
         if !path.is_file() {
             return Err(ConfigError::NotFound(path.to_path_buf()));
         }
-        Self::from_figment(Figment::from(Toml::file(path)))
+        Self::from_figment(
+            Figment::from(Toml::file(path)),
+            Secrets::Read(path.parent()),
+        )
+    }
+
+    /// [`Config::load`] without looking any secret up: for `reload`, which
+    /// only judges the file for the daemon (systemd gives the unit's
+    /// ExecReload= no access to the service's credentials).
+    pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigError> {
+        if !path.is_file() {
+            return Err(ConfigError::NotFound(path.to_path_buf()));
+        }
+        Self::from_figment(Figment::from(Toml::file(path)), Secrets::Skip)
     }
 
     /// Same as [`Config::load`] with the TOML given as a string (tests).
     pub fn from_toml_str(toml: &str) -> Result<Config, ConfigError> {
-        Self::from_figment(Figment::from(Toml::string(toml)))
+        Self::from_figment(Figment::from(Toml::string(toml)), Secrets::Read(None))
     }
 
-    fn from_figment(mut figment: Figment) -> Result<Config, ConfigError> {
+    fn from_figment(mut figment: Figment, secrets: Secrets) -> Result<Config, ConfigError> {
+        let (read_secrets, config_dir) = match secrets {
+            Secrets::Read(dir) => (true, dir),
+            Secrets::Skip => (false, None),
+        };
+        let mut origins = Vec::new();
         for (var, key) in LEGACY_ENV {
-            if let Ok(value) = std::env::var(var) {
+            if figment.find_value(key).is_ok() && secrets::NAMES.contains(var) {
+                origins.push((var.to_string(), secrets::Origin::ConfigFile));
+            }
+        }
+        for (var, key) in LEGACY_ENV {
+            let value = match secrets::NAMES.contains(var) {
+                true if !read_secrets => None,
+                true => secrets::lookup(var, config_dir)?.map(|(value, origin)| {
+                    origins.retain(|(name, _)| name != var);
+                    origins.push((var.to_string(), origin));
+                    value
+                }),
+                false => std::env::var(var).ok(),
+            };
+            if let Some(value) = value {
                 figment = figment.merge(Serialized::default(key, value));
+            }
+        }
+        // One-off overrides win over everything (tests, a shell).
+        for (var, key) in LEGACY_ENV
+            .iter()
+            .filter(|(v, _)| secrets::NAMES.contains(v))
+        {
+            let over = format!("OUTREACH_{}", key.replace('.', "__").to_uppercase());
+            if std::env::var_os(&over).is_some() {
+                origins.retain(|(name, _)| name != var);
+                origins.push((var.to_string(), secrets::Origin::Environment(over)));
             }
         }
         // OUTREACH_CONFIG names the file itself, it is not a key.
         figment = figment.merge(Env::prefixed("OUTREACH_").ignore(&["config"]).split("__"));
         let mut config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
+        for n in config.notify.iter_mut().filter(|_| read_secrets) {
+            if let Some((url, origin)) = secrets::lookup(&n.url_env, config_dir)? {
+                n.url = Some(Secret::new(url));
+                origins.push((n.url_env.clone(), origin));
+            }
+        }
+        config.secret_origins = origins;
         let gates = config.gates;
         config.schedules = std::mem::take(&mut config.schedule_entries)
             .iter()

@@ -14,7 +14,7 @@ use crate::workbench::WorkbenchError;
 pub enum PipelineError {
     #[error("{0}")]
     Config(String),
-    #[error("cannot connect to {target}: {}", pg_message(.source))]
+    #[error("cannot connect to {target}: {}{}", pg_message(.source), tls_hint(.source))]
     Connect {
         target: String,
         #[source]
@@ -132,6 +132,15 @@ pub fn pg_message(e: &postgres::Error) -> String {
         return m;
     }
     with_causes(e.to_string(), e)
+}
+
+/// What to do about a certificate the host does not trust: make it
+/// trusted, never check less.
+fn tls_hint(e: &postgres::Error) -> &'static str {
+    match with_causes(e.to_string(), e).contains("certificate verify failed") {
+        true => " (this host does not trust the server's certificate, or it names another host: install Debian's ca-certificates package, which trusts Neon's; for a private CA, put its certificate in /usr/local/share/ca-certificates/ and run update-ca-certificates; and give source.host as the certificate names it)",
+        false => "",
+    }
 }
 
 /// A failure that is about the connection, not about what was asked:

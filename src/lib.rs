@@ -20,7 +20,7 @@
 //! - [`pipeline`]: one run, through the stages above, its report and the
 //!   run history
 //! - on top: [`check`], [`metrics`], [`notify`], [`systemd`],
-//!   [`logging`], [`daemon`]
+//!   [`logging`], [`service_user`], [`manpages`], [`daemon`]
 
 // Every unsafe block is in the ow-duckdb crate, behind its safe API.
 #![forbid(unsafe_code)]
@@ -47,6 +47,8 @@ pub mod pipeline;
 pub mod check;
 pub mod daemon;
 pub mod logging;
+pub mod manpages;
 pub mod metrics;
 pub mod notify;
+pub mod service_user;
 pub mod systemd;

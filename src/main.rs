@@ -22,6 +22,8 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 /// A quality gate stopped the run: nothing was published.
 const EXIT_GATED: u8 = 3;
+/// The daemon lacks a secret every run needs; only the admin can add it.
+const EXIT_SECRETS: u8 = 4;
 
 #[derive(Parser)]
 #[command(
@@ -42,7 +44,7 @@ enum Command {
     /// Run the pipeline once for one state, or every state, now.
     Run {
         /// Two-letter state code, e.g. WV.
-        #[arg(long, required_unless_present = "all_states")]
+        #[arg(long, required_unless_present_any = ["all_states", "instance"])]
         state: Option<StateCode>,
         /// Every state in the source (and every state published before),
         /// from one read of each table.
@@ -58,16 +60,38 @@ enum Command {
         /// Publish even if a quality gate trips (the audit records it).
         #[arg(long)]
         force: bool,
+        /// What outreach-workbench-run@.service passes: `WV`, `all`, or
+        /// either with `:force`.
+        #[arg(long, hide = true, conflicts_with_all = ["state", "all_states"])]
+        instance: Option<Instance>,
     },
-    /// Recent runs from the workbench, newest first.
+    /// Every host's recent runs from the audit table, newest first (this
+    /// host's workbench when PostgreSQL cannot be reached, saying so).
     History {
         /// Only this state.
         #[arg(long)]
         state: Option<StateCode>,
+        /// Only runs of this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only runs started at or after this time (2026-12-01, or RFC 3339).
+        #[arg(long)]
+        since: Option<Since>,
+        /// Only runs that ended so: success, failed, gated, cancelled, abandoned.
+        #[arg(long)]
+        status: Option<String>,
         /// How many runs.
         #[arg(long, default_value_t = 20)]
         limit: usize,
         /// A JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each scheduled state's next fire, last run (any host's) and who runs
+    /// it now; this host's daemon and unwritten audit records. Exits 1 when
+    /// a state's last run failed, 3 when one was gated.
+    Status {
+        /// JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -111,15 +135,41 @@ enum Command {
     },
 }
 
-/// outreach-workbench.1 and the completions, from the definitions above.
+/// A one-off unit's instance name: a state or `all`, and `:force`.
+#[derive(Clone, Debug)]
+struct Instance {
+    /// `None`: every state.
+    state: Option<StateCode>,
+    force: bool,
+}
+
+impl std::str::FromStr for Instance {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (what, force) = match s.split_once(':') {
+            Some((what, "force")) => (what, true),
+            Some((_, other)) => {
+                return Err(format!(
+                    "`{other}` is not `force` (outreach-workbench-run@WV:force)"
+                ))
+            }
+            None => (s, false),
+        };
+        let state = match what.eq_ignore_ascii_case("all") {
+            true => None,
+            false => Some(what.parse::<StateCode>().map_err(|e| e.to_string())?),
+        };
+        Ok(Instance { state, force })
+    }
+}
+
+/// The man pages and the completions, from the definitions above.
 fn write_docs(out: &std::path::Path) -> std::io::Result<()> {
     use clap::CommandFactory;
     use clap_complete::Shell;
     std::fs::create_dir_all(out)?;
     let cmd = Cli::command();
-    let mut page = Vec::new();
-    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
-    std::fs::write(out.join("outreach-workbench.1"), page)?;
+    outreach_workbench::manpages::write(cmd.clone(), out)?;
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
         clap_complete::generate_to(shell, &mut cmd.clone(), "outreach-workbench", out)?;
     }
@@ -153,11 +203,14 @@ fn main() -> ExitCode {
     // `schedule` and `history` start no DuckDB for that.
     let runs_rules = !matches!(
         cli.command,
-        Command::History { .. } | Command::Report { .. } | Command::Schedule
+        Command::History { .. }
+            | Command::Status { .. }
+            | Command::Report { .. }
+            | Command::Schedule
     );
-    let loaded = match runs_rules {
-        true => outreach_workbench::quality::rules::load_config(&path),
-        false => Config::load(&path).map_err(anyhow::Error::from),
+    let loaded = match cli.command {
+        Command::Reload { .. } => Config::load_without_secrets(&path),
+        _ => Config::load(&path),
     };
     let config = match loaded.with_context(|| format!("config {}", path.display())) {
         Ok(c) => c,
@@ -166,18 +219,72 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The daemon's user is the unit's; `reload` signals, `schedule` and
+    // `docs` touch nothing. Before DuckDB starts a thread (the rules'
+    // check below), after the secrets were read as root.
+    let writes_workbench = !matches!(
+        cli.command,
+        Command::Daemon | Command::Reload { .. } | Command::Schedule | Command::Docs { .. }
+    );
+    if writes_workbench {
+        use outreach_workbench::service_user::{become_owner_of, Became};
+        match become_owner_of(&config.workbench.dir) {
+            Ok(Became::Same) => {}
+            Ok(Became::Owner { name, .. }) => eprintln!(
+                "note: running as {name}, the owner of {}",
+                config.workbench.dir.display()
+            ),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+        }
+    }
+    if runs_rules {
+        if let Err(e) = outreach_workbench::quality::rules::check_syntax(&config.rules) {
+            eprintln!(
+                "error: config {}: invalid configuration: {e}",
+                path.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     match cli.command {
         Command::Run {
             state,
-            all_states,
+            all_states: _,
             dry_run,
             link_rule,
             force,
-        } => match (state, all_states) {
-            (Some(state), _) => run(&config, &state, dry_run, link_rule, force),
-            (None, _) => run_all_states(&config, dry_run, link_rule, force),
-        },
-        Command::History { state, limit, json } => history(&config, state.as_ref(), limit, json),
+            instance,
+        } => {
+            let (state, force) = match instance {
+                Some(i) => (i.state, force || i.force),
+                None => (state, force),
+            };
+            match state {
+                Some(state) => run(&config, &state, dry_run, link_rule, force),
+                None => run_all_states(&config, dry_run, link_rule, force),
+            }
+        }
+        Command::History {
+            state,
+            host,
+            since,
+            status,
+            limit,
+            json,
+        } => {
+            let filter = HistoryFilter {
+                state,
+                host,
+                since: since.map(|s| s.0),
+                status,
+                limit,
+            };
+            history(&config, &filter, json)
+        }
+        Command::Status { json } => status(&config, json),
         Command::Report { state, run, out } => report(&config, &state, run.as_deref(), out),
         Command::Daemon => daemon(path, config),
         Command::Reload { pid } => reload(&path, pid),
@@ -233,9 +340,66 @@ fn run_all_states(config: &Config, dry_run: bool, link_rule: bool, force: bool) 
     }
 }
 
-/// `history`: the workbench's recent runs, as a table or JSON.
-fn history(config: &Config, state: Option<&StateCode>, limit: usize, json: bool) -> ExitCode {
-    match pipeline::history::read(config, state, limit) {
+/// `--since`: a date (midnight UTC) or an RFC 3339 time.
+#[derive(Clone, Debug)]
+struct Since(chrono::DateTime<chrono::Utc>);
+
+impl std::str::FromStr for Since {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+            return Ok(Since(t.with_timezone(&chrono::Utc)));
+        }
+        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .map(|d| Since(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc()))
+            .map_err(|_| format!("`{s}` is neither a date (2026-12-01) nor an RFC 3339 time"))
+    }
+}
+
+struct HistoryFilter {
+    state: Option<StateCode>,
+    host: Option<String>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    status: Option<String>,
+    limit: usize,
+}
+
+/// `history`: every host's runs from the audit table; this host's
+/// workbench when PostgreSQL cannot be read. A table or JSON.
+fn history(config: &Config, f: &HistoryFilter, json: bool) -> ExitCode {
+    if let Some(s) = f
+        .status
+        .as_deref()
+        .filter(|s| RunStatus::from_name(s).is_none())
+    {
+        eprintln!("error: --status {s} is not one of success, failed, gated, cancelled, abandoned, skipped");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let filter = outreach_workbench::ledger::audit::RunFilter {
+        state: f.state.as_ref().map(|s| s.to_string()),
+        host: f.host.clone(),
+        status: f.status.clone(),
+        since: f.since,
+        limit: f.limit as i64,
+    };
+    let read = match pipeline::history::read_audited(config, &filter) {
+        Ok(entries) => Ok(entries),
+        Err(e) => {
+            eprintln!("note: PostgreSQL could not be read ({e}); this host's workbench only");
+            pipeline::history::read(config, f.state.as_ref(), usize::MAX >> 1).map(|entries| {
+                entries
+                    .into_iter()
+                    .filter(|e| f.host.is_none() || e.report.host == f.host)
+                    .filter(|e| {
+                        f.status.is_none() || Some(e.report.status.as_str()) == f.status.as_deref()
+                    })
+                    .filter(|e| f.since.is_none_or(|t| e.report.started_at >= t))
+                    .take(f.limit)
+                    .collect()
+            })
+        }
+    };
+    match read {
         Ok(entries) if json => {
             println!(
                 "{}",
@@ -244,7 +408,7 @@ fn history(config: &Config, state: Option<&StateCode>, limit: usize, json: bool)
             ExitCode::SUCCESS
         }
         Ok(entries) if entries.is_empty() => {
-            println!("no runs recorded in {}", config.workbench.dir.display());
+            println!("no runs recorded");
             ExitCode::SUCCESS
         }
         Ok(entries) => {
@@ -256,6 +420,16 @@ fn history(config: &Config, state: Option<&StateCode>, limit: usize, json: bool)
             ExitCode::from(EXIT_FAILED)
         }
     }
+}
+
+/// `status`: a table, or JSON; the exit code says the worst last run.
+fn status(config: &Config, json: bool) -> ExitCode {
+    let s = pipeline::status::read(config, chrono::Utc::now());
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(&s).expect("plain data")),
+        false => print!("{}", pipeline::status::render(&s)),
+    }
+    ExitCode::from(s.exit_code())
 }
 
 /// One line per run, plus a line for a run's error.
@@ -383,6 +557,11 @@ fn daemon(path: PathBuf, config: Config) -> ExitCode {
             tracing::error!("daemon refused to start: {e:#}");
             ExitCode::from(EXIT_CONFIG)
         }
+        // RestartPreventExitStatus= too: a restart cannot fill it in.
+        Err(e) if e.is::<outreach_workbench::daemon::MissingSecrets>() => {
+            tracing::error!("daemon refused to start: {e:#}");
+            ExitCode::from(EXIT_SECRETS)
+        }
         Err(e) => {
             tracing::error!("daemon failed: {e:#}");
             ExitCode::from(EXIT_FAILED)
@@ -450,6 +629,9 @@ fn check(path: &std::path::Path, config: &Config, offline: bool) -> ExitCode {
     } else {
         outreach_workbench::check::online(config)
     };
+    for line in outreach_workbench::check::secret_sources(config) {
+        println!("secret: {line}");
+    }
     for p in &problems {
         println!("problem: {p}");
     }

@@ -75,8 +75,8 @@ pub fn send(entries: &[NotifyConfig], event: &str, details: serde_json::Value) {
         if !n.on.iter().any(|e| e == event) {
             continue;
         }
-        let Ok(url) = std::env::var(&n.url_env) else {
-            tracing::warn!(notify = i, url_env = %n.url_env, "notification not sent: the environment variable is not set");
+        let Some(url) = n.url.as_ref().map(|u| u.expose().to_string()) else {
+            tracing::warn!(notify = i, url_env = %n.url_env, "notification not sent: its URL is set nowhere (a credential, {}_FILE or the variable)", n.url_env);
             continue;
         };
         let body = body(&n.format, event, &details);

@@ -120,7 +120,7 @@ LEVELS = [
     {"bucket"},
     {"ledger"},
     {"pipeline"},
-    {"check", "metrics", "notify", "systemd", "logging", "daemon"},
+    {"check", "metrics", "notify", "systemd", "logging", "service_user", "manpages", "daemon"},
 ]
 
 

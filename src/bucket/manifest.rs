@@ -51,6 +51,15 @@ pub struct Column {
     pub ty: String,
 }
 
+/// The rows the manifest's files hold, both entities, good and bad: what
+/// the source sent for its run, for `max_row_delta`.
+pub fn published_rows(m: &Manifest) -> crate::quality::gates::Previous {
+    crate::quality::gates::Previous {
+        run_id: m.run_id.clone(),
+        rows: m.files.iter().map(|f| f.rows).sum(),
+    }
+}
+
 /// What changed in one file's columns since the manifest in the bucket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SchemaChange {

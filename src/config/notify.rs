@@ -2,12 +2,18 @@
 
 use serde::Deserialize;
 
+use super::Secret;
+
 /// One `[[notify]]` entry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NotifyConfig {
-    /// The environment variable holding the webhook URL.
+    /// The secret holding the webhook URL: a systemd credential, a file
+    /// named by `<url_env>_FILE`, or this environment variable.
     pub url_env: String,
+    /// Its value, looked up when the config loads.
+    #[serde(skip)]
+    pub url: Option<Secret>,
     /// Which outcomes: `failed`, `gated`, `abandoned`, `cancelled`,
     /// `recovered` (a success after a run that was not).
     #[serde(default = "default_on")]

@@ -175,6 +175,12 @@ impl Shared {
 #[error("{0}")]
 pub struct Refused(pub String);
 
+/// A secret every run needs is set nowhere: the service stops instead of
+/// looping until someone fills it in.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct MissingSecrets(pub String);
+
 /// glibc malloc arenas the daemon's threads share. Between fires the
 /// daemon holds no more than it needs (see `release_run_memory`); what a
 /// run's threads freed in arenas of their own would stay. Measured with
@@ -238,6 +244,22 @@ pub async fn serve(
         clock,
         events,
     } = service;
+    if config.storage.bucket == crate::config::PLACEHOLDER_BUCKET {
+        return Err(Refused(crate::check::placeholder_bucket()).into());
+    }
+    if let Some(missing) = crate::check::missing_secrets(&config).into_iter().next() {
+        return Err(MissingSecrets(missing).into());
+    }
+    for name in crate::check::secrets_in_file(&config) {
+        tracing::warn!(
+            "{name} is written in {}: it works, but move it to a credential file (NEWS.Debian, docs/service.md)",
+            config_path.display()
+        );
+    }
+    // `status` tells from it that a daemon serves this workbench.
+    let _presence = crate::workbench::presence::hold(&config.workbench.dir)
+        .map_err(|e| tracing::warn!(error = %e, "`status` will not see this daemon"))
+        .ok();
     let shared = Arc::new(Shared {
         clock,
         events,

@@ -381,6 +381,69 @@ pub fn previous_success(
     }))
 }
 
+/// Which audited runs [`runs`] returns; `None` is no filter.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub state: Option<String>,
+    pub host: Option<String>,
+    pub status: Option<String>,
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    pub limit: i64,
+}
+
+/// Every host's audited runs, newest first, as `(id, details)`.
+pub fn runs(
+    session: &mut Session,
+    table: &QualifiedName,
+    filter: &RunFilter,
+    cancel: &CancellationToken,
+) -> Result<Vec<(i64, serde_json::Value)>, PipelineError> {
+    let sql = format!(
+        "SELECT id::int8, details FROM {} WHERE event_type = $1
+             AND ($2::text IS NULL OR details->>'state' = $2)
+             AND ($3::text IS NULL OR details->>'host' = $3)
+             AND ($4::text IS NULL OR details->>'status' = $4)
+             AND ($5::timestamptz IS NULL OR (details->>'started_at')::timestamptz >= $5)
+         ORDER BY id DESC LIMIT $6",
+        table.quoted()
+    );
+    let f = filter;
+    let rows = session.run("reading the audited runs", cancel, |c| {
+        c.query_typed(
+            &sql,
+            &[
+                (&EVENT_TYPE, Type::TEXT),
+                (&f.state, Type::TEXT),
+                (&f.host, Type::TEXT),
+                (&f.status, Type::TEXT),
+                (&f.since, Type::TIMESTAMPTZ),
+                (&f.limit, Type::INT8),
+            ],
+        )
+        .map_err(err(table))
+    })?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Each state's newest audited run (dry runs are not audited), as
+/// `(id, details)`, in state order.
+pub fn last_per_state(
+    session: &mut Session,
+    table: &QualifiedName,
+    cancel: &CancellationToken,
+) -> Result<Vec<(i64, serde_json::Value)>, PipelineError> {
+    let sql = format!(
+        "SELECT DISTINCT ON (details->>'state') id::int8, details FROM {}
+         WHERE event_type = $1 ORDER BY details->>'state', id DESC",
+        table.quoted()
+    );
+    let rows = session.run("reading each state's last run", cancel, |c| {
+        c.query_typed(&sql, &[(&EVENT_TYPE, Type::TEXT)])
+            .map_err(err(table))
+    })?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// The newest `limit` run records in the audit table, newest first, as
 /// `(id, details)`: what a new state file's history is seeded from.
 pub fn recent_runs(

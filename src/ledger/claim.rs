@@ -434,6 +434,36 @@ pub fn release_dead(
 }
 
 /// The live leases, for `check`: one line each.
+/// The leases not expired, as (state, `host pid N (run R)`).
+pub fn lease_holders(
+    session: &mut Session,
+    config: &Config,
+    cancel: &CancellationToken,
+) -> Result<Vec<(String, String)>, PipelineError> {
+    let table = config.leases_table();
+    let sql = format!(
+        "SELECT state, host, pid, run_id FROM {} WHERE expires_at >= now() ORDER BY state",
+        table.quoted()
+    );
+    let what = format!("reading the leases in {table}");
+    let rows = session.run(&what, cancel, |c| {
+        c.query_typed(&sql, &[]).map_err(sql_err(what.clone()))
+    })?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let state: String = r.get(0);
+            let holder = format!(
+                "{} pid {} (run {})",
+                r.get::<_, String>(1),
+                r.get::<_, i32>(2),
+                r.get::<_, String>(3)
+            );
+            (state, holder)
+        })
+        .collect())
+}
+
 pub fn live_leases(
     session: &mut Session,
     config: &Config,

@@ -41,6 +41,29 @@ pub fn read(
     read_from(&conn, &config.workbench.dir, state, limit)
 }
 
+/// Every host's audited runs that pass `filter`, newest first: what the
+/// audit table holds (dry runs are not audited).
+pub fn read_audited(
+    config: &Config,
+    filter: &crate::ledger::audit::RunFilter,
+) -> Result<Vec<Entry>, crate::error::PipelineError> {
+    let mut session =
+        crate::source::connect::Session::lazy(&config.source, &config.retry.single_try());
+    let never = tokio_util::sync::CancellationToken::new();
+    let rows = crate::ledger::audit::runs(&mut session, &config.audit_table(), filter, &never)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, details)| {
+            let report: RunReport = serde_json::from_value(details).ok()?;
+            Some(Entry {
+                report,
+                audit_id: Some(id),
+                audit_pending: false,
+            })
+        })
+        .collect())
+}
+
 /// [`read`], on a connection already open (a run's own, for its page).
 pub fn read_from(
     conn: &duckdb::Connection,

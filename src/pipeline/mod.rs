@@ -35,6 +35,7 @@ pub mod history;
 pub mod page;
 pub mod report;
 mod stages;
+pub mod status;
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -311,8 +312,9 @@ fn workbench_for_the_end(config: &Config, held: &mut Held) -> Option<Workbench> 
 }
 
 /// The run's report page (`[report]`), from its report, its samples and
-/// the state's history; its path goes into the report. A page that cannot
-/// be written is a warning, not a failed run.
+/// the state's history; its path goes into the report, and the path of
+/// the page for the bucket is returned. A page that cannot be written is a
+/// warning, not a failed run.
 fn write_page(
     config: &Config,
     state: &StateCode,
@@ -327,9 +329,9 @@ fn write_page(
     let written = page::write_run_page(config, state, wb.conn(), report, samples);
     report.stages.report = Some(report.stages.report.unwrap_or(0.0) + t.elapsed().as_secs_f64());
     match written {
-        Ok(path) => {
-            report.page = Some(path.display().to_string());
-            Some(path)
+        Ok((host, public)) => {
+            report.page = Some(host.display().to_string());
+            Some(public)
         }
         Err(e) => {
             tracing::warn!(error = %e, "could not write the run's report page");

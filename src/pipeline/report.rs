@@ -78,6 +78,9 @@ pub struct RunReport {
     /// The all-states run this run was part of: its runs share the id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,
+    /// The host the run ran on (the audit is shared by every host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// The schedule's fire time this run was for; none for a one-off run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fire_time: Option<DateTime<Utc>>,
@@ -137,6 +140,7 @@ impl RunReport {
             status: RunStatus::Running,
             dry_run,
             batch_id: None,
+            host: Some(crate::ledger::claim::holder().0),
             fire_time: None,
             started_at: Utc::now(),
             lease_acquired_at: None,

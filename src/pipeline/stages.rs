@@ -76,7 +76,13 @@ pub(super) fn all(
     report.stages.report = Some(t.elapsed().as_secs_f64());
 
     let bucket = compare_with_bucket(run, wb, report)?;
-    gate(run, session, held.tables_ready, report)?;
+    gate(
+        run,
+        session,
+        held.tables_ready,
+        bucket.previous.as_ref(),
+        report,
+    )?;
     if opts.dry_run {
         return Ok(());
     }
@@ -450,12 +456,17 @@ fn gate(
     run: &RunCtx,
     session: &mut Session,
     tables_ready: bool,
+    manifest: Option<&Manifest>,
     report: &mut RunReport,
 ) -> Result<(), PipelineError> {
     let &RunCtx { opts, .. } = run;
     if let (Some(c), Some(p)) = (&report.companies, &report.people) {
+        // Without an audited success (a new audit table, another
+        // database), the bucket's manifest still has the last published
+        // counts: an emptied source is stopped on its first run here too.
         let previous = match opts.gates.max_row_delta {
-            Some(_) => previous_success(run, session, tables_ready)?,
+            Some(_) => previous_success(run, session, tables_ready)?
+                .or_else(|| manifest.map(manifest::published_rows)),
             None => None,
         };
         report.gates = gates::evaluate(&opts.gates, c, p, previous.as_ref());

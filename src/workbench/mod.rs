@@ -19,6 +19,7 @@
 mod catalog;
 mod open;
 mod outbox;
+pub mod presence;
 mod runs;
 mod schema;
 mod uploads;

@@ -184,7 +184,11 @@ pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_outreach-workbench"));
     // Keep the caller's environment from leaking into the test.
     for (k, _) in std::env::vars() {
-        if k.starts_with("OUTREACH_") || k.starts_with("NEON_") || k.starts_with("B2_") {
+        if k.starts_with("OUTREACH_")
+            || k.starts_with("NEON_")
+            || k.starts_with("B2_")
+            || k == "CREDENTIALS_DIRECTORY"
+        {
             c.env_remove(k);
         }
     }

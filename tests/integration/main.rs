@@ -10,6 +10,7 @@ mod all_states;
 mod cli;
 mod daemon;
 mod gates;
+mod operator;
 mod packaging;
 mod pipeline;
 mod pooled;

@@ -10,30 +10,74 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const BIN: &str = env!("CARGO_BIN_EXE_outreach-workbench");
 
 #[test]
-fn systemd_unit_passes_systemd_analyze_verify() {
+fn systemd_units_pass_systemd_analyze_verify() {
     if !have("systemd-analyze") {
         eprintln!("skipped: systemd-analyze is not installed on this machine");
         return;
     }
     // verify checks that ExecStart's binary exists: point it at this build.
     let dir = tempfile::tempdir().unwrap();
-    let unit = std::fs::read_to_string(Path::new(ROOT).join("systemd/outreach-workbench.service"))
-        .unwrap()
-        .replace("/usr/bin/outreach-workbench", BIN);
-    let path = dir.path().join("outreach-workbench.service");
-    std::fs::write(&path, unit).unwrap();
-    let o = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
-    // Unknown keys are only warnings, with exit code 0: none allowed.
-    assert!(
-        !stderr.contains("outreach-workbench.service"),
-        "warnings: {stderr}"
-    );
+    for (file, name) in [
+        ("outreach-workbench.service", "outreach-workbench.service"),
+        (
+            "outreach-workbench-run@.service",
+            "outreach-workbench-run@WV.service",
+        ),
+    ] {
+        let unit = std::fs::read_to_string(Path::new(ROOT).join("systemd").join(file))
+            .unwrap()
+            .replace("/usr/bin/outreach-workbench", BIN);
+        std::fs::write(dir.path().join(file), unit).unwrap();
+        let o = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(dir.path().join(name))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{name}: {stderr}");
+        // Unknown keys are only warnings, with exit code 0: none allowed.
+        assert!(
+            !stderr.contains("outreach-workbench"),
+            "{name} warnings: {stderr}"
+        );
+    }
+}
+
+/// A one-off run is the daemon's run: the same user, sandbox, credentials
+/// and config, line for line.
+#[test]
+fn the_one_off_unit_has_the_daemons_sandbox_and_credentials() {
+    let read = |f: &str| std::fs::read_to_string(Path::new(ROOT).join("systemd").join(f)).unwrap();
+    let settings = |unit: &str| -> Vec<String> {
+        let service = unit.split("[Service]").nth(1).unwrap();
+        let service = service.split("[Install]").next().unwrap();
+        service
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter(|l| {
+                let key = l.split('=').next().unwrap();
+                !matches!(
+                    key,
+                    "Type"
+                        | "NotifyAccess"
+                        | "WatchdogSec"
+                        | "ExecStart"
+                        | "ExecReload"
+                        | "Restart"
+                        | "RestartSec"
+                        | "RestartPreventExitStatus"
+                        | "TimeoutStopSec"
+                        | "TimeoutStartSec"
+                )
+            })
+            .map(String::from)
+            .collect()
+    };
+    let daemon = settings(&read("outreach-workbench.service"));
+    let one_off = settings(&read("outreach-workbench-run@.service"));
+    assert_eq!(daemon, one_off);
+    assert!(daemon.iter().any(|l| l.starts_with("LoadCredential=")));
 }
 
 /// Builds the package of this build's binary into `dir`; its path.
@@ -131,6 +175,7 @@ fn deb_package_holds_every_file_with_the_right_modes() {
         .arg(root.path().join("etc/outreach-workbench/config.toml"))
         .env("B2_KEY_ID", "k")
         .env("B2_APPLICATION_KEY", "s")
+        .env("B2_BUCKET", "b")
         .output()
         .unwrap();
     assert!(
@@ -138,6 +183,40 @@ fn deb_package_holds_every_file_with_the_right_modes() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
+
+    // Each subcommand's page and the config file's open in man, with the
+    // sections an operator looks for.
+    if have("man") {
+        for page in [
+            "usr/share/man/man1/outreach-workbench-run.1.gz",
+            "usr/share/man/man1/outreach-workbench-status.1.gz",
+            "usr/share/man/man5/outreach-workbench.toml.5.gz",
+        ] {
+            let o = Command::new("man")
+                .arg("-l")
+                .arg(root.path().join(page))
+                .env("MANWIDTH", "100")
+                .output()
+                .unwrap();
+            let shown = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success(),
+                "{page}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            for section in ["NAME", "FILES", "SEE ALSO"] {
+                assert!(shown.contains(section), "{page} lacks {section}:\n{shown}");
+            }
+            if page.contains("man1") {
+                assert!(
+                    shown.contains("EXIT STATUS") && shown.contains("ENVIRONMENT"),
+                    "{shown}"
+                );
+            }
+        }
+    } else {
+        eprintln!("man is not installed: the pages are not opened");
+    }
 }
 
 #[test]

@@ -141,13 +141,18 @@ fn a_run_page_shows_its_report_in_a_browser() {
     let html = std::fs::read(&page).unwrap();
     let latest = page.with_file_name("latest.html");
     assert_eq!(std::fs::read(&latest).unwrap(), html, "latest.html");
-    // Published after the manifest, the same bytes; a run that finds
-    // nothing changed sends nothing, its page included.
-    assert_eq!(get(&w.bucket, "outreach/wv/_report.html"), html);
+    // Published after the manifest: the same page without the failing
+    // rows (personal data); a run that finds nothing changed sends
+    // nothing, its page included.
+    let public = get(&w.bucket, "outreach/wv/_report.html");
+    assert_ne!(public, html);
     let unchanged = w.run("WV");
     assert!(unchanged.succeeded() && unchanged.uploaded == 0);
     assert!(unchanged.page.is_some());
-    assert_eq!(get(&w.bucket, "outreach/wv/_report.html"), html);
+    assert_eq!(get(&w.bucket, "outreach/wv/_report.html"), public);
+    let public_page = w.dir.path().join("bucket.html");
+    std::fs::write(&public_page, &public).unwrap();
+    let seen_public = open(&playwright, &public_page, None, None);
 
     let shot = w.dir.path().join("page.png");
     let seen = open(&playwright, &page, Some(&shot), None);
@@ -188,6 +193,25 @@ fn a_run_page_shows_its_report_in_a_browser() {
     // The same page without JavaScript.
     assert_eq!(seen["without_js"]["metrics"], seen["metrics"]);
     assert_eq!(seen["without_js"]["samples"], seen["samples"]);
+
+    // The bucket's page: every figure, no row, and where the rows are.
+    assert_eq!(seen_public["metrics"], seen["metrics"]);
+    assert_eq!(
+        seen_public["samples"],
+        serde_json::json!({}),
+        "{seen_public:#}"
+    );
+    let text = seen_public["text"].as_str().unwrap();
+    assert!(text.contains("publish_samples = false"), "{text}");
+    assert!(!text.contains("not-an-email"), "{text}");
+
+    // publish_samples = true: the bucket gets the host's page.
+    let mut w = w;
+    w.config.report.publish_samples = true;
+    add_company(&mut w.pg(), "c6", Some("Six"), Some("f.example"), "WV");
+    let r = w.run("WV");
+    let html = std::fs::read(r.page.as_deref().unwrap()).unwrap();
+    assert_eq!(get(&w.bucket, "outreach/wv/_report.html"), html);
 }
 
 #[test]

@@ -12,6 +12,9 @@ use crate::common::*;
 
 const UNIT: &str = "outreach-workbench";
 
+/// An address the shipped `email_invalid` rule catches (no dot after @).
+const BAD_EMAIL: &str = "jane.doe@nodot";
+
 /// A booted container; powered off (and its copy removed) on drop.
 struct Container {
     nspawn: Child,
@@ -160,6 +163,9 @@ fn the_package_under_systemd_starts_reloads_stops_restarts_and_upgrades() {
                 Some("CEO"),
             );
         }
+        // One address the shipped rules find invalid: the host's page
+        // shows it as a sample, the bucket's page must not.
+        add_person(&mut pg, "p-bad", "c0", Some(BAD_EMAIL), Some("CEO"));
     }
 
     // What the container sees at /mnt/ow: the package and the admin's files.
@@ -185,13 +191,33 @@ fn the_package_under_systemd_starts_reloads_stops_restarts_and_upgrades() {
         "broken-rule.toml",
         &format!("{config}\n{schedule}\n[rules]\ncompanies = [{{ code = \"x\", condition = \"no_such_column IS NULL\" }}]\n"),
     );
-    write(
-        "env",
-        &format!(
-            "NEON_PASSWORD={}\nB2_KEY_ID={}\nB2_APPLICATION_KEY={}\n",
-            s.pg_password, s.s3_key, s.s3_secret
-        ),
-    );
+    // The shipped config, with this suite's servers and a schedule of
+    // its own: its gates and report settings as they ship.
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
+        .unwrap()
+        .replace("host = \"localhost\"", &format!("host = \"{}\"", s.pg_host))
+        .replace("port = 5432", &format!("port = {}", s.source_port))
+        .replace(
+            "database = \"marketing\"",
+            &format!("database = \"{}\"", w.db),
+        )
+        .replace("user = \"outreach\"", &format!("user = \"{}\"", s.pg_user))
+        .replace("sslmode = \"verify-full\"", "sslmode = \"disable\"")
+        .replace("https://s3.us-east-003.backblazeb2.com", &s.s3_endpoint)
+        .replace(
+            "bucket = \"CHANGE-ME\"",
+            &format!("bucket = \"{}\"", w.bucket),
+        )
+        .replace("path_style = false", "path_style = true")
+        .replace("cron = \"0 6 * * *\"", "cron = \"0 0 1 1 *\"");
+    write("shipped.toml", &shipped);
+    for (name, value) in [
+        ("NEON_PASSWORD", &s.pg_password),
+        ("B2_KEY_ID", &s.s3_key),
+        ("B2_APPLICATION_KEY", &s.s3_secret),
+    ] {
+        write(name, &format!("{value}\n"));
+    }
 
     let c = Container::boot(&root, share.path());
     assert!(c.ok("systemctl --version").starts_with("systemd 252"));
@@ -204,7 +230,22 @@ fn the_package_under_systemd_starts_reloads_stops_restarts_and_upgrades() {
         c.ok("readlink /var/lib/outreach-workbench/logs"),
         "/var/log/outreach-workbench"
     );
-    c.ok("cp /mnt/ow/config.toml /mnt/ow/env /etc/outreach-workbench/");
+    // Secrets go where the shipped unit loads them; the config first
+    // names no secret, and a secret not there yet stops the service with
+    // one clear line, not a restart loop.
+    c.ok("cp /mnt/ow/config.toml /etc/outreach-workbench/");
+    let start = c.sh(&format!("systemctl start {UNIT}"));
+    assert!(!start.status.success(), "{}", text(&start));
+    c.wait_for("ActiveState", "failed", 30);
+    assert_eq!(c.show("SubState"), "failed");
+    assert_eq!(c.show("ExecMainStatus"), "4");
+    assert!(
+        c.journal().contains("B2_KEY_ID and B2_APPLICATION_KEY"),
+        "{}",
+        c.journal()
+    );
+    c.ok(&format!("systemctl reset-failed {UNIT}"));
+    c.ok("for n in NEON_PASSWORD B2_KEY_ID B2_APPLICATION_KEY; do install -m 0600 /mnt/ow/$n /etc/outreach-workbench/credentials/; done");
 
     // Start returns once the daemon said READY=1 (Type=notify): the
     // status line it sends with READY is already there.
@@ -225,6 +266,18 @@ fn the_package_under_systemd_starts_reloads_stops_restarts_and_upgrades() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no score in {exposure}"));
     assert!(score <= 2.0, "{exposure}");
+    // Secrets are credentials: not in the unit's environment, nor the
+    // daemon's.
+    let environ = c.ok(&format!(
+        "tr '\\0' '\\n' < /proc/{}/environ",
+        c.show("MainPID")
+    ));
+    let environment = c.show("Environment");
+    for secret in [&s.pg_password, &s.s3_secret, &s.s3_key] {
+        assert!(!environ.contains(secret.as_str()), "{environ}");
+        assert!(!environment.contains(secret.as_str()), "{environment}");
+    }
+    assert!(environ.contains("CREDENTIALS_DIRECTORY="), "{environ}");
 
     // A run under the sandbox uploads and is audited.
     wait_for_success(&w, 0, &c);
@@ -304,9 +357,78 @@ fn the_package_under_systemd_starts_reloads_stops_restarts_and_upgrades() {
     assert_eq!(c.show("ExecMainStatus"), "2");
     assert!(c.journal().contains("no_such_column"), "{}", c.journal());
 
-    // An upgrade keeps the admin's "disabled".
+    // The operator's day, with the shipped config: a one-off run as the
+    // service, audited; a run typed as root leaves no file of root's;
+    // every host's status says the same.
+    c.ok("cp /mnt/ow/shipped.toml /etc/outreach-workbench/config.toml");
+    c.ok(&format!("systemctl reset-failed {UNIT} || true"));
+    c.ok(&format!("systemctl start {UNIT}"));
+    let before = successes(&w);
+    c.ok("systemctl start outreach-workbench-run@WV");
+    assert_eq!(successes(&w), before + 1);
+    let one_off = c.ok("journalctl -u outreach-workbench-run@WV --no-pager -o cat");
+    assert!(one_off.contains("state WV: success"), "{one_off}");
+    let page = get(&w.bucket, "outreach/wv/_report.html");
+    let page = String::from_utf8_lossy(&page);
+    assert!(page.contains("email_invalid"), "the page names the rule");
+    assert!(!page.contains(BAD_EMAIL), "an address in the bucket's page");
+    let host_page = c.ok("cat /var/lib/outreach-workbench/reports/WV/latest.html");
+    assert!(
+        host_page.contains(BAD_EMAIL),
+        "the host's page keeps its samples"
+    );
+    let as_root = c.ok("outreach-workbench run --state WV 2>&1");
+    assert!(
+        as_root.contains("running as outreach-workbench"),
+        "{as_root}"
+    );
+    assert_eq!(
+        c.ok("find /var/lib/outreach-workbench /var/log/outreach-workbench -user root"),
+        ""
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&c.ok("outreach-workbench status --json")).unwrap();
+    assert_eq!(status["daemon_running"], true, "{status:#}");
+    let here = bin_with_secrets()
+        .args(["status", "--json", "--config"])
+        .arg(share.path().join("shipped.toml"))
+        .env("OUTREACH_WORKBENCH__DIR", share.path().join("host-bench"))
+        .output()
+        .unwrap();
+    let here: serde_json::Value = serde_json::from_slice(&here.stdout).unwrap();
+    assert_eq!(here["states"], status["states"]);
+    assert_eq!(
+        status["states"][0]["last_run"]["host"], "ow-boot",
+        "{status:#}"
+    );
+
+    // The shipped gates stop an emptied source: the one-off unit fails
+    // (exit 3), the bucket keeps the last good files.
+    let manifest = get(&w.bucket, "outreach/wv/_manifest.json");
+    w.pg()
+        .batch_execute("DELETE FROM marketing.people_master; DELETE FROM marketing.company_master")
+        .unwrap();
+    let gated = c.sh("systemctl start outreach-workbench-run@WV");
+    assert!(!gated.status.success(), "{}", text(&gated));
+    assert_eq!(
+        c.ok("systemctl show outreach-workbench-run@WV --value -p ExecMainStatus"),
+        "3"
+    );
+    assert_eq!(get(&w.bucket, "outreach/wv/_manifest.json"), manifest);
+    let forced = c.sh("systemctl start outreach-workbench-run@WV:force");
+    assert!(forced.status.success(), "{}", text(&forced));
+    assert_ne!(get(&w.bucket, "outreach/wv/_manifest.json"), manifest);
+    c.ok(&format!("systemctl stop {UNIT}"));
+
+    // An upgrade keeps the admin's "disabled", and a mode the admin set
+    // with dpkg-statoverride.
     c.ok(&format!("systemctl disable {UNIT} 2>&1"));
+    c.ok("dpkg-statoverride --update --add root outreach-workbench 0644 /etc/outreach-workbench/config.toml");
     c.ok("dpkg -i /mnt/ow/ow.deb");
+    assert_eq!(
+        c.ok("stat -c %a /etc/outreach-workbench/config.toml"),
+        "644"
+    );
     assert_eq!(
         String::from_utf8_lossy(&c.sh(&format!("systemctl is-enabled {UNIT}")).stdout).trim(),
         "disabled"
@@ -314,6 +436,10 @@ fn the_package_under_systemd_starts_reloads_stops_restarts_and_upgrades() {
 
     // The man page and completions are where man and the shells look.
     c.ok("test -f /usr/share/man/man1/outreach-workbench.1.gz");
+    c.ok("test -f /usr/share/man/man1/outreach-workbench-run.1.gz");
+    c.ok("test -f /usr/share/man/man5/outreach-workbench.toml.5.gz");
+    c.ok("test -f /usr/share/doc/outreach-workbench/NEWS.Debian.gz");
+    c.ok("test -f /lib/systemd/system/outreach-workbench-run@.service");
     c.ok("test -f /usr/share/bash-completion/completions/outreach-workbench");
     c.ok("test -f /usr/share/zsh/vendor-completions/_outreach-workbench");
     c.ok("test -f /usr/share/fish/vendor_completions.d/outreach-workbench.fish");

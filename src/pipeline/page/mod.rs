@@ -74,14 +74,15 @@ fn chart_runs(entries: Vec<history::Entry>, report: &RunReport, n: usize) -> Vec
 
 /// Renders the page of a run that has just ended, from its report and
 /// samples and the state's history on `conn`, and writes it with the
-/// state's `latest.html`. Returns the page's path.
+/// state's `latest.html`. Returns the page's path, and that of the page
+/// for the bucket (the same unless the rows are withheld from it).
 pub fn write_run_page(
     config: &Config,
     state: &StateCode,
     conn: &duckdb::Connection,
     report: &RunReport,
     samples: &[RuleSample],
-) -> Result<PathBuf, String> {
+) -> Result<(PathBuf, PathBuf), String> {
     let entries = history::read_from(
         conn,
         &config.workbench.dir,
@@ -90,16 +91,28 @@ pub fn write_run_page(
     )
     .map_err(|e| e.to_string())?;
     let runs = chart_runs(entries, report, config.report.chart_runs);
-    let html = StatePage {
+    let page = |withheld| StatePage {
         report,
         history: &runs,
         samples,
         sample_rows: config.report.sample_rows,
-    }
-    .render();
+        withheld,
+    };
     let dir = reports_dir(config).join(state.as_str());
-    write_with_latest(&dir, &file_name(report.started_at, &report.run_id), &html)
+    let name = file_name(report.started_at, &report.run_id);
+    let host = write_with_latest(&dir, &name, &page(false).render())?;
+    if config.report.publish_samples || samples.is_empty() {
+        return Ok((host.clone(), host));
+    }
+    // Not `.html`: the pages' pruning and listing pass it by.
+    let public = dir.join(BUCKET_PAGE);
+    std::fs::write(&public, page(true).render())
+        .map_err(|e| format!("could not write {}: {e}", public.display()))?;
+    Ok((host, public))
 }
+
+/// The last run's page as the bucket gets it, beside the state's pages.
+const BUCKET_PAGE: &str = "bucket-page.tmp";
 
 /// The page of the run `run_id` of `state` (its newest without one), from
 /// the workbench alone, as the run wrote it (with the samples it kept,
@@ -134,6 +147,7 @@ pub fn render_from_history(
         history: &runs,
         samples: &samples,
         sample_rows: config.report.sample_rows,
+        withheld: false,
     }
     .render())
 }

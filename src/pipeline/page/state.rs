@@ -19,6 +19,9 @@ pub struct StatePage<'a> {
     pub samples: &'a [RuleSample],
     /// `[report] sample_rows` when the run was made: 0 says samples are off.
     pub sample_rows: usize,
+    /// The page for the bucket, whose readers need not see personal data:
+    /// the rows are left out, and it says where they are.
+    pub withheld: bool,
 }
 
 impl StatePage<'_> {
@@ -185,6 +188,10 @@ impl StatePage<'_> {
         }
         if self.samples.is_empty() {
             out.push_str("<p class=\"note\">No rule caught a row.</p></section>\n");
+            return;
+        }
+        if self.withheld {
+            out.push_str("<p class=\"note\">The failing rows may hold personal data: they are on the page the host keeps (<code>outreach-workbench report</code>), not in the bucket (<code>[report] publish_samples = false</code>).</p></section>\n");
             return;
         }
         let _ = writeln!(
