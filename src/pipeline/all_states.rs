@@ -178,9 +178,16 @@ impl BatchReport {
                 c.as_ref()
                     .map_or("-".to_string(), |c| format!("{}/{}", c.good, c.raw))
             };
+            // What reached the bucket: only a published run has it.
+            let files = match r.status {
+                RunStatus::Success if !r.dry_run => {
+                    format!("  uploaded {}, skipped {}", r.uploaded, r.skipped)
+                }
+                _ => String::new(),
+            };
             let _ = writeln!(
                 s,
-                "  {} {:<9} companies good/pulled {:>19}  people {:>19}{}",
+                "  {} {:<9} companies good/pulled {:>19}  people {:>19}{files}{}",
                 r.state,
                 r.status.as_str(),
                 counts(&r.companies),

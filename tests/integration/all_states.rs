@@ -293,6 +293,21 @@ fn a_vanished_state_is_gated_while_the_others_publish() {
     // PA's last good files stay in the bucket; WV's new ones are there.
     let wv = second.runs.iter().find(|r| r.state == "WV").unwrap();
     assert_eq!(wv.companies.as_ref().unwrap().raw, 3);
+    // The summary says per state what reached the bucket.
+    let summary = second.summary();
+    let line = |state: &str| {
+        summary
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{state} ")))
+            .unwrap_or_else(|| panic!("no {state} line: {summary}"))
+            .to_string()
+    };
+    assert!(
+        line("WV").contains(&format!("uploaded {}, skipped {}", wv.uploaded, wv.skipped)),
+        "{summary}"
+    );
+    assert!(wv.uploaded > 0, "{summary}");
+    assert!(!line("PA").contains("uploaded"), "{summary}");
     assert!(head(
         &w.bucket,
         "outreach/pa/companies/good/companies_good.parquet"
