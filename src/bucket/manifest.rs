@@ -20,13 +20,45 @@ use sha2::{Digest, Sha256};
 use crate::error::PipelineError;
 use crate::files::ExportedFile;
 
+/// The manifest format this version writes. 1 (no `format` key) had no
+/// change sets; it is read as having none.
+pub const FORMAT: u32 = 2;
+
 /// The manifest's object, as uploaded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
+    #[serde(default = "format_1")]
+    pub format: u32,
     pub run_id: String,
     pub state: String,
     pub finished_at: DateTime<Utc>,
     pub files: Vec<ManifestFile>,
+    /// The run of the snapshot this one's change sets are relative to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_run_id: Option<String>,
+    /// Why this snapshot has no change sets and starts a new baseline (the
+    /// first publish, a schema change, a previous snapshot not had whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
+    /// This publish's change sets, one per entity that changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<ManifestChange>,
+}
+
+fn format_1() -> u32 {
+    1
+}
+
+/// One change file, as the manifest lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestChange {
+    pub entity: String,
+    pub key: String,
+    pub sha256: String,
+    pub bytes: u64,
+    pub added: u64,
+    pub changed: u64,
+    pub removed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,6 +263,10 @@ mod tests {
     #[test]
     fn drift_names_added_removed_and_retyped_columns() {
         let old = Manifest {
+            format: FORMAT,
+            base_run_id: None,
+            baseline: None,
+            changes: Vec::new(),
             run_id: "r".into(),
             state: "WV".into(),
             finished_at: Utc::now(),

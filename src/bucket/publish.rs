@@ -141,51 +141,11 @@ pub fn publish(
     fence: &mut dyn FnMut(&str) -> Result<(), PipelineError>,
     out: &mut Progress,
 ) -> Result<(), PipelineError> {
-    let how = Sending {
-        part_size: (cfg.part_size_mib * 1024 * 1024) as usize,
-        retry: retry_cfg,
-    };
-    let rt = runtime("")?;
-    for file in files {
-        if cancel.is_cancelled() {
-            return Err(PipelineError::Cancelled);
-        }
-        let key = object_key(cfg, state, file);
-        let action = retry(retry_cfg, cancel, &format!("publishing {key}"), || {
-            // The kept client, or after a failed try a new one: its
-            // connections are new, not the ones a 500 or a reset came from.
-            let bucket = bucket(cfg)?;
-            let remote = rt.block_on(remote_sha256(&bucket, &key))?;
-            if remote.as_deref() == Some(file.sha256.as_str()) {
-                tracing::info!(key, "unchanged, not uploading");
-                return Ok(PublishAction::Skipped);
-            }
-            // Outside the async runtime: the fence talks to PostgreSQL
-            // through the blocking client, which has a runtime of its own.
-            fence(&key)?;
-            rt.block_on(upload(
-                &bucket,
-                &key,
-                state,
-                file,
-                &how,
-                cancel,
-                &mut out.unfinished,
-            ))?;
-            rt.block_on(verify(&bucket, &key, file))?;
-            tracing::info!(key, bytes = file.bytes, "uploaded");
-            Ok(PublishAction::Uploaded)
-        })?;
-        out.objects.push(PublishedObject {
-            table_name: file.table_name.clone(),
-            url: format!("s3://{}/{key}", cfg.bucket),
-            key,
-            sha256: file.sha256.clone(),
-            bytes: file.bytes,
-            action,
-        });
-    }
-    Ok(())
+    let keyed: Vec<(ExportedFile, String)> = files
+        .iter()
+        .map(|f| (f.clone(), object_key(cfg, state, f)))
+        .collect();
+    publish_keyed(cfg, retry_cfg, state, &keyed, cancel, fence, out)
 }
 
 /// Reads the uploaded object's size and `sha256` back: an upload counts only
@@ -212,6 +172,111 @@ async fn verify(bucket: &Bucket, key: &str, file: &ExportedFile) -> Result<(), P
             file.sha256
         ),
     })
+}
+
+/// [`publish`] to the keys given (the state's files, its change sets).
+pub fn publish_keyed(
+    cfg: &StorageConfig,
+    retry_cfg: &RetryConfig,
+    state: &StateCode,
+    files: &[(ExportedFile, String)],
+    cancel: &CancellationToken,
+    fence: &mut dyn FnMut(&str) -> Result<(), PipelineError>,
+    out: &mut Progress,
+) -> Result<(), PipelineError> {
+    let how = Sending {
+        part_size: (cfg.part_size_mib * 1024 * 1024) as usize,
+        retry: retry_cfg,
+    };
+    let rt = runtime("")?;
+    for (file, key) in files {
+        if cancel.is_cancelled() {
+            return Err(PipelineError::Cancelled);
+        }
+        let action = retry(retry_cfg, cancel, &format!("publishing {key}"), || {
+            // The kept client, or after a failed try a new one: its
+            // connections are new, not the ones a 500 or a reset came from.
+            let bucket = bucket(cfg)?;
+            let remote = rt.block_on(remote_sha256(&bucket, key))?;
+            if remote.as_deref() == Some(file.sha256.as_str()) {
+                tracing::info!(key, "unchanged, not uploading");
+                return Ok(PublishAction::Skipped);
+            }
+            // Outside the async runtime: the fence talks to PostgreSQL
+            // through the blocking client, which has a runtime of its own.
+            fence(key)?;
+            rt.block_on(upload(
+                &bucket,
+                key,
+                state,
+                file,
+                &how,
+                cancel,
+                &mut out.unfinished,
+            ))?;
+            rt.block_on(verify(&bucket, key, file))?;
+            tracing::info!(key, bytes = file.bytes, "uploaded");
+            Ok(PublishAction::Uploaded)
+        })?;
+        out.objects.push(PublishedObject {
+            table_name: file.table_name.clone(),
+            url: format!("s3://{}/{key}", cfg.bucket),
+            key: key.clone(),
+            sha256: file.sha256.clone(),
+            bytes: file.bytes,
+            action,
+        });
+    }
+    Ok(())
+}
+
+/// Deletes `keys`, each tried on its own; the keys it could not delete.
+pub fn delete_all(cfg: &StorageConfig, keys: &[String]) -> Vec<String> {
+    let Ok(rt) = runtime("") else {
+        return keys.to_vec();
+    };
+    let Ok(bucket) = bucket(cfg) else {
+        return keys.to_vec();
+    };
+    keys.iter()
+        .filter(|key| rt.block_on(wire::delete(&bucket, key, "deleting")).is_err())
+        .cloned()
+        .collect()
+}
+
+/// Writes the object at `key` to `dest` when its bytes hash to `sha256`;
+/// `Ok(false)` when the bucket holds no such object or other bytes.
+pub fn download_verified(
+    cfg: &StorageConfig,
+    retry_cfg: &RetryConfig,
+    key: &str,
+    sha256: &str,
+    dest: &std::path::Path,
+    cancel: &CancellationToken,
+) -> Result<bool, PipelineError> {
+    use sha2::{Digest, Sha256};
+    let rt = runtime(key)?;
+    let body = retry(retry_cfg, cancel, &format!("reading {key}"), || {
+        rt.block_on(wire::get(
+            &*bucket(cfg)?,
+            key,
+            "reading the previous snapshot",
+        ))
+        .map_err(|f| failed(key, f))
+    })?;
+    let Some(body) = body else {
+        return Ok(false);
+    };
+    if hex::encode(Sha256::digest(&body)) != sha256 {
+        return Ok(false);
+    }
+    std::fs::write(dest, &body).map_err(|e| PipelineError::Publish {
+        key: key.to_string(),
+        transient: false,
+        retry_after: None,
+        message: format!("could not write {}: {e}", dest.display()),
+    })?;
+    Ok(true)
 }
 
 /// The state's manifest in the bucket, `None` when there is none (or it

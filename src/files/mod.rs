@@ -31,6 +31,7 @@ use crate::names::{Entity, FileKind};
 use crate::state::StateCode;
 use crate::workbench::Workbench;
 
+pub mod changes;
 mod streamed;
 pub use streamed::StreamedExport;
 
@@ -214,6 +215,11 @@ fn prepare_tmp(path: &Path) -> Result<PathBuf, PipelineError> {
 
 /// The `COPY` writing `query`'s rows to `tmp` as Parquet.
 pub fn copy_sql(query: &str, tmp: &Path, cfg: &ExportConfig) -> String {
+    copy_sql_with(query, tmp, cfg, "")
+}
+
+/// [`copy_sql`] with more `COPY` options (`, KV_METADATA {…}`).
+pub fn copy_sql_with(query: &str, tmp: &Path, cfg: &ExportConfig, more: &str) -> String {
     let compression = match cfg.compression {
         Compression::Snappy => "COMPRESSION snappy".to_string(),
         Compression::Uncompressed => "COMPRESSION uncompressed".to_string(),
@@ -223,7 +229,7 @@ pub fn copy_sql(query: &str, tmp: &Path, cfg: &ExportConfig) -> String {
         },
     };
     format!(
-        "COPY ({query}) TO '{}' (FORMAT parquet, {compression}, ROW_GROUP_SIZE {ROW_GROUP_ROWS})",
+        "COPY ({query}) TO '{}' (FORMAT parquet, {compression}, ROW_GROUP_SIZE {ROW_GROUP_ROWS}{more})",
         tmp.to_string_lossy().replace('\'', "''"),
     )
 }

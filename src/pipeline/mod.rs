@@ -31,6 +31,7 @@
 //! page beside it in the bucket.
 
 pub mod all_states;
+mod changes;
 pub mod history;
 pub mod page;
 pub mod report;

@@ -105,6 +105,16 @@ pub struct RunReport {
     pub forced: bool,
     /// Columns added, removed or retyped since the bucket's manifest.
     pub schema_changes: Vec<crate::bucket::manifest::SchemaChange>,
+    /// This publish's change sets, one per entity that changed (none on a
+    /// new baseline, or when nothing changed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<crate::files::changes::ChangeFile>,
+    /// The run of the snapshot the change sets are relative to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes_base_run_id: Option<String>,
+    /// Why this publish wrote no change set and starts a new baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes_baseline: Option<String>,
     /// Multipart uploads under the state's prefix left unfinished for more
     /// than a day (by a crash, another tool) and aborted by this run.
     #[serde(default)]
@@ -157,6 +167,9 @@ impl RunReport {
             gates: Vec::new(),
             forced: false,
             schema_changes: Vec::new(),
+            changes: Vec::new(),
+            changes_base_run_id: None,
+            changes_baseline: None,
             stale_uploads_aborted: Vec::new(),
             manifest: None,
             page: None,
@@ -273,6 +286,19 @@ impl RunReport {
             let _ = writeln!(s, "  nothing published: a quality gate tripped");
         } else if !self.objects.is_empty() || !self.dry_run {
             let _ = writeln!(s, "  uploaded {}, skipped {}", self.uploaded, self.skipped);
+        }
+        for c in &self.changes {
+            let _ = writeln!(
+                s,
+                "  changes {:<9} {} added, {} changed, {} removed",
+                c.entity.as_str(),
+                c.added,
+                c.changed,
+                c.removed
+            );
+        }
+        if let Some(why) = &self.changes_baseline {
+            let _ = writeln!(s, "  no change set, a new baseline: {why}");
         }
         let st = &self.stages;
         let stages: Vec<String> = [

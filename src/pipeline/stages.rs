@@ -86,7 +86,16 @@ pub(super) fn all(
     if opts.dry_run {
         return Ok(());
     }
-    publish(run, session, held.lease.as_ref(), wb, bucket, report)
+    let changes = super::changes::prepare(run, wb, bucket.previous.as_ref(), report);
+    publish(
+        run,
+        session,
+        held.lease.as_ref(),
+        wb,
+        bucket,
+        changes,
+        report,
+    )
 }
 
 /// Everything that can be refused is refused before any work is done: the
@@ -517,6 +526,19 @@ fn previous_success(
     }
 }
 
+/// A change file, for the uploader.
+fn change_as_file(c: &crate::files::changes::ChangeFile) -> ExportedFile {
+    ExportedFile {
+        entity: c.entity,
+        kind: crate::names::FileKind::Good,
+        table_name: format!("{}_changes", c.entity.as_str()),
+        path: c.path.clone(),
+        rows: c.rows(),
+        bytes: c.bytes,
+        sha256: c.sha256.clone(),
+    }
+}
+
 /// Uploads what changed, fenced by the lease, then the manifest that names
 /// this run's files (left alone when it already names exactly these).
 /// First the litter: uploads an earlier run could not abort, and any under
@@ -527,6 +549,7 @@ fn publish(
     lease: Option<&claim::Lease>,
     wb: &Workbench,
     bucket: BucketView,
+    changes: super::changes::Plan,
     report: &mut RunReport,
 ) -> Result<(), PipelineError> {
     let &RunCtx {
@@ -591,16 +614,62 @@ fn publish(
     if manifest::unchanged(previous.as_ref(), &entries) {
         report.manifest = Some(format!("unchanged {url}"));
     } else {
-        fence(&manifest_key)?;
-        let m = Manifest {
-            run_id: report.run_id.clone(),
-            state: state.to_string(),
-            finished_at: Utc::now(),
-            files: entries,
-        };
-        publish::write_manifest(&config.storage, &config.retry, &manifest_key, &m, cancel)?;
+        // The change sets go up after the files, before the manifest that
+        // lists them; one that the manifest then does not list is deleted.
+        let keyed: Vec<(ExportedFile, String)> = changes
+            .files
+            .iter()
+            .map(|(c, key)| (change_as_file(c), key.clone()))
+            .collect();
+        let mut sent = publish::Progress::default();
+        let changes_up = publish::publish_keyed(
+            &config.storage,
+            &config.retry,
+            state,
+            &keyed,
+            cancel,
+            &mut fence,
+            &mut sent,
+        );
+        let m = changes_up.and_then(|()| {
+            fence(&manifest_key)?;
+            let m = Manifest {
+                format: manifest::FORMAT,
+                run_id: report.run_id.clone(),
+                state: state.to_string(),
+                finished_at: Utc::now(),
+                files: entries,
+                base_run_id: report.changes_base_run_id.clone(),
+                baseline: report.changes_baseline.clone(),
+                changes: changes
+                    .files
+                    .iter()
+                    .map(|(c, key)| manifest::ManifestChange {
+                        entity: c.entity.as_str().to_string(),
+                        key: key.clone(),
+                        sha256: c.sha256.clone(),
+                        bytes: c.bytes,
+                        added: c.added,
+                        changed: c.changed,
+                        removed: c.removed,
+                    })
+                    .collect(),
+            };
+            publish::write_manifest(&config.storage, &config.retry, &manifest_key, &m, cancel)
+        });
+        if let Err(e) = m {
+            let keys: Vec<String> = sent.objects.iter().map(|o| o.key.clone()).collect();
+            for key in publish::delete_all(&config.storage, &keys) {
+                tracing::warn!(
+                    key,
+                    "a change set the manifest does not list could not be deleted"
+                );
+            }
+            return Err(e);
+        }
         report.manifest = Some(format!("written {url}"));
     }
+    super::changes::keep_published(run, &report.files);
     report.stages.publish = Some(t.elapsed().as_secs_f64());
     if stop_asked.is_cancelled() {
         tracing::warn!(

@@ -7,6 +7,7 @@
 mod common;
 
 mod all_states;
+mod changes;
 mod cli;
 mod daemon;
 mod gates;
