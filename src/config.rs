@@ -108,6 +108,8 @@ pub struct Config {
     pub gates: GatesConfig,
     #[serde(default)]
     pub report: ReportConfig,
+    #[serde(default)]
+    pub changes: ChangesConfig,
     /// `[[schedule]]` as written; parsed into `schedules` at load.
     #[serde(default, rename = "schedule")]
     schedule_entries: Vec<ScheduleConfig>,
@@ -420,6 +422,21 @@ impl Default for AuditConfig {
         AuditConfig {
             table: QualifiedName::new("shq", "audit_log"),
         }
+    }
+}
+
+/// `[changes]`: the change sets each publish uploads (docs/changes.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChangesConfig {
+    /// Change files older than this are deleted after a successful
+    /// publish (never the snapshot, nor the sets its manifest lists).
+    pub keep_days: u32,
+}
+
+impl Default for ChangesConfig {
+    fn default() -> Self {
+        ChangesConfig { keep_days: 90 }
     }
 }
 

@@ -230,6 +230,14 @@ pub fn publish_keyed(
     Ok(())
 }
 
+/// Every key under `prefix`.
+pub fn list_keys(cfg: &StorageConfig, prefix: &str) -> Result<Vec<String>, PipelineError> {
+    let bucket = bucket(cfg)?;
+    runtime(prefix)?
+        .block_on(wire::list_keys(&bucket, prefix, "listing"))
+        .map_err(|f| failed(prefix, f))
+}
+
 /// Deletes `keys`, each tried on its own; the keys it could not delete.
 pub fn delete_all(cfg: &StorageConfig, keys: &[String]) -> Vec<String> {
     let Ok(rt) = runtime("") else {

@@ -332,6 +332,34 @@ pub async fn list_folders(
     }
 }
 
+/// Every key under `prefix`.
+pub async fn list_keys(bucket: &Bucket, prefix: &str, doing: &str) -> Result<Vec<String>, Failure> {
+    let mut out = Vec::new();
+    let mut token = None;
+    loop {
+        let command = Command::ListObjectsV2 {
+            prefix: prefix.to_string(),
+            delimiter: None,
+            continuation_token: token.take(),
+            start_after: None,
+            max_keys: None,
+        };
+        let reply = send(bucket, "/", command, doing, false)
+            .await?
+            .expect("not absent_ok");
+        let body = String::from_utf8_lossy(&reply.body);
+        out.extend(
+            blocks(&body, "Contents")
+                .into_iter()
+                .filter_map(|b| tag(b, "Key")),
+        );
+        token = tag(&body, "NextContinuationToken");
+        if tag(&body, "IsTruncated").as_deref() != Some("true") || token.is_none() {
+            return Ok(out);
+        }
+    }
+}
+
 /// Starts a multipart upload; returns its id.
 pub async fn start_multipart(
     bucket: &Bucket,

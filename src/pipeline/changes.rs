@@ -154,6 +154,50 @@ fn previous_file(run: &RunCtx, entry: &ManifestFile) -> Result<Option<PathBuf>, 
     Ok(got.then_some(fetched))
 }
 
+/// After a publish: deletes the state's change files older than
+/// `[changes] keep_days` (by the time in their names), never one the
+/// manifest in force lists. Problems are warnings: the data is published.
+pub(super) fn prune(run: &RunCtx, listed: &[String], now: chrono::DateTime<chrono::Utc>) {
+    let prefix = run
+        .config
+        .storage
+        .key(&format!("{}/changes/", run.state.lower()));
+    let keys = match publish::list_keys(&run.config.storage, &prefix) {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list the change files to delete old ones");
+            return;
+        }
+    };
+    let limit = now - chrono::Duration::days(i64::from(run.config.changes.keep_days));
+    let old: Vec<String> = keys
+        .into_iter()
+        .filter(|k| !listed.contains(k))
+        .filter(|k| stamp_of(k).is_some_and(|t| t < limit || run.config.changes.keep_days == 0))
+        .collect();
+    if old.is_empty() {
+        return;
+    }
+    let failed = publish::delete_all(&run.config.storage, &old);
+    tracing::info!(
+        deleted = old.len() - failed.len(),
+        keep_days = run.config.changes.keep_days,
+        "old change files deleted"
+    );
+    for key in failed {
+        tracing::warn!(key, "could not delete an old change file");
+    }
+}
+
+/// The UTC time a change file's name starts with.
+fn stamp_of(key: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let name = key.rsplit('/').next()?;
+    let stamp = name.split('_').next()?;
+    chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ")
+        .ok()
+        .map(|t| t.and_utc())
+}
+
 /// After a publish whose manifest names this run's files: keeps each good
 /// file as the snapshot the next run compares with. A hard link costs no
 /// copy (the export renames a new file in, so the link keeps these bytes).

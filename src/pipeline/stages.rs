@@ -668,6 +668,8 @@ fn publish(
             return Err(e);
         }
         report.manifest = Some(format!("written {url}"));
+        let listed: Vec<String> = changes.files.iter().map(|(_, k)| k.clone()).collect();
+        super::changes::prune(run, &listed, Utc::now());
     }
     super::changes::keep_published(run, &report.files);
     report.stages.publish = Some(t.elapsed().as_secs_f64());

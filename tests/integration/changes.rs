@@ -9,18 +9,31 @@ use crate::common::*;
 /// `(key, change, changed_columns)` of a change file in the bucket.
 type Rows = Vec<(String, String, Option<String>)>;
 
-/// The manifest's change files, by entity, with their rows and metadata.
+/// WV's change files, by entity, with their rows and metadata.
 fn change_sets(
     w: &World,
     key_of: &dyn Fn(&str) -> &'static str,
 ) -> BTreeMap<String, (Rows, BTreeMap<String, String>)> {
+    state_change_sets(w, "wv", key_of)
+}
+
+/// The change files the manifest of `state` lists.
+fn state_change_sets(
+    w: &World,
+    state: &str,
+    key_of: &dyn Fn(&str) -> &'static str,
+) -> BTreeMap<String, (Rows, BTreeMap<String, String>)> {
+    let manifest_key = format!("outreach/{state}/_manifest.json");
     let manifest: serde_json::Value =
-        serde_json::from_slice(&get(&w.bucket, "outreach/wv/_manifest.json")).unwrap();
+        serde_json::from_slice(&get(&w.bucket, &manifest_key)).unwrap();
     let duck = duckdb::Connection::open_in_memory().unwrap();
     let mut out = BTreeMap::new();
     for c in manifest["changes"].as_array().cloned().unwrap_or_default() {
         let entity = c["entity"].as_str().unwrap().to_string();
-        let path = w.dir.path().join(format!("{entity}-changes.parquet"));
+        let path = w
+            .dir
+            .path()
+            .join(format!("{state}-{entity}-changes.parquet"));
         std::fs::write(&path, get(&w.bucket, c["key"].as_str().unwrap())).unwrap();
         let file = path.display().to_string();
         let key = key_of(&entity);
@@ -157,6 +170,11 @@ fn a_change_set_holds_exactly_what_changed_since_the_last_publish() {
     assert_eq!(change_keys(&w).len(), 2);
 
     // The workbench lost: the previous snapshot comes from the bucket.
+    // With keep_days = 0, the second run's change files go once the
+    // fourth's are listed.
+    let mut w = w;
+    w.config.changes.keep_days = 0;
+    let second_keys = change_keys(&w);
     std::fs::remove_dir_all(w.dir.path().join("published")).unwrap();
     w.pg()
         .batch_execute("UPDATE marketing.company_master SET company_name = 'CC' WHERE company_unique_id = 'c3'")
@@ -170,8 +188,14 @@ fn a_change_set_holds_exactly_what_changed_since_the_last_publish() {
     );
     assert!(!sets.contains_key("people"), "{sets:?}");
     assert_eq!(sets["companies"].1["base_run_id"], second.run_id);
+    let now = change_keys(&w);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert!(second_keys.iter().all(|k| !now.contains(k)), "{now:?}");
+    assert!(now[0].contains(&fourth.run_id), "{now:?}");
 
-    // A new column starts a new baseline rather than marking every row.
+    // A new column starts a new baseline rather than marking every row
+    // (and, kept 90 days, the change files before it stay).
+    w.config.changes.keep_days = 90;
     w.pg()
         .batch_execute("ALTER TABLE marketing.company_master ADD COLUMN extra TEXT")
         .unwrap();
@@ -191,4 +215,48 @@ fn a_change_set_holds_exactly_what_changed_since_the_last_publish() {
         serde_json::from_slice(&get(&w.bucket, "outreach/wv/_manifest.json")).unwrap();
     assert!(manifest["changes"].is_null(), "{manifest:#}");
     assert!(manifest["baseline"].as_str().is_some(), "{manifest:#}");
+}
+
+#[test]
+fn an_all_states_run_gives_each_state_its_change_set() {
+    needs_services!();
+    let w = World::new("changesall");
+    let key_of = |entity: &str| match entity {
+        "companies" => "company_unique_id",
+        _ => "unique_id",
+    };
+    {
+        let mut pg = w.pg();
+        for (id, state) in [("w1", "WV"), ("w2", "WV"), ("o1", "OH"), ("o2", "OH")] {
+            add_company(&mut pg, id, Some("A"), Some("a.example"), state);
+        }
+    }
+    let all = || {
+        let opts = outreach_workbench::pipeline::RunOptions::for_all_states(&w.config);
+        let never = tokio_util::sync::CancellationToken::new();
+        outreach_workbench::pipeline::all_states::run_all_states(
+            &w.config,
+            &never,
+            &opts,
+            &mut |_, _| {},
+        )
+    };
+    let first = all();
+    assert!(first.succeeded(), "{}", first.summary());
+    w.pg()
+        .batch_execute(
+            "UPDATE marketing.company_master SET website_url = 'w.example' WHERE company_unique_id = 'w2';
+             DELETE FROM marketing.company_master WHERE company_unique_id = 'o1';",
+        )
+        .unwrap();
+    let second = all();
+    assert!(second.succeeded(), "{}", second.summary());
+    let wv = state_change_sets(&w, "wv", &key_of);
+    assert_eq!(
+        wv["companies"].0,
+        vec![row("w2", "changed", Some("website_url"))]
+    );
+    let oh = state_change_sets(&w, "oh", &key_of);
+    assert_eq!(oh["companies"].0, vec![row("o1", "removed", None)]);
+    assert!(!wv.contains_key("people") && !oh.contains_key("people"));
 }
