@@ -270,6 +270,17 @@ fn the_one_off_units_instance_names_a_state_or_all_and_may_force() {
         assert_eq!(o.status.code(), Some(2), "{}", text(&o));
         assert!(text(&o).contains(says), "{}", text(&o));
     }
+    // `@all:force` (dry here): every state, from one read.
+    add_company(&mut w.pg(), "c1", Some("A"), Some("a.example"), "WV");
+    let o = bin_with_secrets()
+        .args(["run", "--dry-run", "--instance", "all:force", "--config"])
+        .arg(&cfg)
+        .env("B2_BUCKET", &w.bucket)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("all-states run"), "{}", text(&o));
+    assert!(text(&o).contains("WV success"), "{}", text(&o));
 }
 
 /// `status` and `history` read every host's runs from PostgreSQL: a second
