@@ -64,6 +64,8 @@ pub struct Metrics {
     last_run: Family<State, Seconds>,
     runs: Family<StateStatus, Counter>,
     rows: Family<Rows, Gauge>,
+    /// The last publish's change sets: `kind` is added, changed, removed.
+    changes: Family<Rows, Gauge>,
     uploaded_bytes: Family<State, Counter>,
     objects: Family<Action, Counter>,
     duration: Family<Stage, Seconds>,
@@ -95,6 +97,7 @@ impl Metrics {
             last_run: Family::default(),
             runs: Family::default(),
             rows: Family::default(),
+            changes: Family::default(),
             uploaded_bytes: Family::default(),
             objects: Family::default(),
             duration: Family::default(),
@@ -123,6 +126,11 @@ impl Metrics {
             "rows",
             "Good and bad rows of the state's last run that got that far",
             m.rows.clone(),
+        );
+        r.register(
+            "changes",
+            "Rows added, changed and removed by the state's last publish (its change sets; 0 on a new baseline)",
+            m.changes.clone(),
         );
         r.register(
             "uploaded_bytes",
@@ -208,6 +216,24 @@ impl Metrics {
                         kind: kind.to_string(),
                     })
                     .set(n as i64);
+            }
+        }
+        if r.succeeded() && !r.dry_run {
+            for entity in Entity::ALL {
+                let set = r.changes.iter().find(|c| c.entity == entity);
+                for (kind, n) in [
+                    ("added", set.map_or(0, |c| c.added)),
+                    ("changed", set.map_or(0, |c| c.changed)),
+                    ("removed", set.map_or(0, |c| c.removed)),
+                ] {
+                    self.changes
+                        .get_or_create(&Rows {
+                            state: r.state.clone(),
+                            entity: entity.to_string(),
+                            kind: kind.into(),
+                        })
+                        .set(n as i64);
+                }
             }
         }
         for o in &r.objects {
@@ -485,6 +511,36 @@ mod tests {
             "{om}"
         );
         assert!(om.ends_with("# EOF\n"), "{om}");
+    }
+
+    #[test]
+    fn a_publishs_change_sets_show_per_entity_and_kind() {
+        let m = Metrics::new();
+        let mut r = RunReport::new(&crate::state::StateCode::parse("WV").unwrap(), false);
+        r.changes.push(crate::files::changes::ChangeFile {
+            entity: Entity::Companies,
+            path: "x".into(),
+            bytes: 1,
+            sha256: "s".into(),
+            added: 2,
+            changed: 1,
+            removed: 3,
+            examples: Default::default(),
+        });
+        r.finish(None);
+        m.record(&r);
+        let text = m.render();
+        for (entity, kind, n) in [
+            ("companies", "added", 2),
+            ("companies", "changed", 1),
+            ("companies", "removed", 3),
+            ("people", "added", 0),
+        ] {
+            let line = format!(
+                "outreach_workbench_changes{{state=\"WV\",entity=\"{entity}\",kind=\"{kind}\"}} {n}\n"
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
     }
 
     #[test]

@@ -33,7 +33,13 @@ pub struct ChangeFile {
     pub added: u64,
     pub changed: u64,
     pub removed: u64,
+    /// A few keys of each kind, in key order, for the report page.
+    #[serde(default)]
+    pub examples: std::collections::BTreeMap<String, Vec<String>>,
 }
+
+/// Keys of each kind the report page shows.
+const EXAMPLES: i64 = 5;
 
 impl ChangeFile {
     pub fn rows(&self) -> u64 {
@@ -229,6 +235,25 @@ pub fn diff(conn: &Connection, s: &Sides, cfg: &ExportConfig) -> Result<Diff, Pi
         path: s.out.to_path_buf(),
         message: format!("renaming {}: {e}", tmp.display()),
     })?;
+    let mut examples = std::collections::BTreeMap::<String, Vec<String>>::new();
+    {
+        let err = sql_err(s.out, "reading keys of the change set");
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT change, {k}::VARCHAR FROM read_parquet({})
+                 QUALIFY row_number() OVER (PARTITION BY change ORDER BY {k}) <= {EXAMPLES}
+                 ORDER BY change, {k}",
+                quote_path(s.out)
+            ))
+            .map_err(&err)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(&err)?;
+        for row in rows {
+            let (change, key) = row.map_err(&err)?;
+            examples.entry(change).or_default().push(key);
+        }
+    }
     let (bytes, sha256) = crate::files::hash_file(s.out).map_err(|e| PipelineError::Export {
         path: s.out.to_path_buf(),
         message: format!("hashing: {e}"),
@@ -241,5 +266,6 @@ pub fn diff(conn: &Connection, s: &Sides, cfg: &ExportConfig) -> Result<Diff, Pi
         added: counts[0],
         changed: counts[1],
         removed: counts[2],
+        examples,
     }))
 }

@@ -68,6 +68,12 @@ fn expected_metrics(r: &RunReport) -> serde_json::Map<String, Value> {
             m.insert(format!("{e}.rule.{code}"), (*n).into());
         }
     }
+    for c in &r.changes {
+        let e = c.entity;
+        m.insert(format!("changes.{e}.added"), c.added.into());
+        m.insert(format!("changes.{e}.changed"), c.changed.into());
+        m.insert(format!("changes.{e}.removed"), c.removed.into());
+    }
     m
 }
 
@@ -165,6 +171,12 @@ fn a_run_page_shows_its_report_in_a_browser() {
     for (k, v) in expected_metrics(&r) {
         assert_eq!(shown.get(&k), Some(&v), "{k} on the page: {shown:?}");
     }
+    // The change set: c5 added, shown by count and by key.
+    assert_eq!(r.changes.len(), 1, "{}", r.summary());
+    assert_eq!(shown.get("changes.companies.added"), Some(&1.into()));
+    let text = seen["text"].as_str().unwrap();
+    assert!(text.contains("Changes since the last publish"), "{text}");
+    assert!(text.contains("companies\tadded\t1\tc5"), "{text}");
     // The charts: both runs, oldest first, with their own figures.
     let c = |r: &RunReport| r.companies.clone().unwrap();
     assert_eq!(

@@ -34,6 +34,7 @@ impl StatePage<'_> {
         self.gates(&mut body);
         self.charts(&mut body);
         self.schema(&mut body);
+        self.changes(&mut body);
         self.samples(&mut body);
         self.files(&mut body);
         let title = format!("{} · {} · outreach-workbench", r.state, r.status.as_str());
@@ -176,6 +177,51 @@ impl StatePage<'_> {
                 }
                 out.push_str("</ul>\n");
             }
+        }
+        out.push_str("</section>\n");
+    }
+
+    /// The change sets this publish sent, or why there are none.
+    fn changes(&self, out: &mut String) {
+        let r = self.report;
+        out.push_str("<section id=\"changes\"><h2>Changes since the last publish</h2>\n");
+        if let Some(why) = &r.changes_baseline {
+            let _ = writeln!(
+                out,
+                "<p class=\"note\">No change set: this snapshot starts a new baseline ({}).</p>",
+                esc(why)
+            );
+        } else if r.changes_base_run_id.is_none() {
+            out.push_str("<p class=\"note\">Not compared: only a run that publishes compares its rows with the last published snapshot.</p>\n");
+        } else if r.changes.is_empty() {
+            out.push_str("<p class=\"note\">No good row added, changed or removed since the last publish.</p>\n");
+        } else {
+            let _ = writeln!(
+                out,
+                "<p class=\"note\">Against the snapshot of run <code>{}</code>; a row that turned bad is removed here, a bad row fixed is added.</p>",
+                esc(r.changes_base_run_id.as_deref().unwrap_or_default())
+            );
+            out.push_str("<table><tr><th>Entity</th><th>Change</th><th class=\"num\">Rows</th><th>First keys</th></tr>\n");
+            for c in &r.changes {
+                for (kind, n) in [
+                    ("added", c.added),
+                    ("changed", c.changed),
+                    ("removed", c.removed),
+                ] {
+                    let keys = c
+                        .examples
+                        .get(kind)
+                        .map(|k| k.join(", "))
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "<tr><th>{entity}</th><td>{kind}</td><td class=\"num\" data-metric=\"changes.{entity}.{kind}\" data-value=\"{n}\">{n}</td><td class=\"mono\">{}</td></tr>",
+                        esc(&keys),
+                        entity = c.entity.as_str(),
+                    );
+                }
+            }
+            out.push_str("</table>\n");
         }
         out.push_str("</section>\n");
     }
