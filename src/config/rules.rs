@@ -15,6 +15,13 @@ pub struct Rule {
     /// warning alone does not make it bad.
     #[serde(default, skip_serializing_if = "Severity::is_error")]
     pub severity: Severity,
+    /// What a failing row means, in words for the data's owner (the report
+    /// page shows it beside the code).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// How to fix a failing row at the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +58,17 @@ pub(crate) fn rule(code: &str, condition: &str) -> Rule {
         code: code.into(),
         condition: condition.into(),
         severity: Severity::Error,
+        description: None,
+        fix: None,
+    }
+}
+
+/// A production rule, with its words for the report page.
+fn explained(code: &str, condition: &str, description: &str, fix: &str) -> Rule {
+    Rule {
+        description: Some(description.into()),
+        fix: Some(fix.into()),
+        ..rule(code, condition)
     }
 }
 
@@ -88,11 +106,23 @@ pub const LINK_RULE_CODE: &str = "company_not_valid";
 /// The production rules for companies (SPEC step 3), in reporting order.
 pub fn default_company_rules() -> Vec<Rule> {
     vec![
-        rule("company_name_missing", "company_name IS NULL"),
-        rule("website_url_missing", "website_url IS NULL"),
-        rule(
+        explained(
+            "company_name_missing",
+            "company_name IS NULL",
+            "The company has no name.",
+            "Fill company_name at the source.",
+        ),
+        explained(
+            "website_url_missing",
+            "website_url IS NULL",
+            "The company has no website.",
+            "Fill website_url with the company's domain (example.com).",
+        ),
+        explained(
             "website_url_invalid",
             "website_url IS NOT NULL AND website_url NOT LIKE '%.%'",
+            "The website has no dot, so it names no domain (placeholders such as 'n/a' or 'none').",
+            "Set website_url to the company's domain, or to NULL when it is not known.",
         ),
     ]
 }
@@ -102,10 +132,17 @@ pub fn default_company_rules() -> Vec<Rule> {
 /// literals do not process backslashes, so `\.` is one backslash.
 pub fn default_people_rules() -> Vec<Rule> {
     vec![
-        rule(
+        explained(
             "email_invalid",
             r"email IS NULL OR NOT regexp_matches(email, '^[^@]+@[^@]+\.[^@]+')",
+            "The e-mail address is missing, or not shaped like name@domain.tld.",
+            "Correct or fill email at the source; outreach cannot reach this person.",
         ),
-        rule("title_missing", "title IS NULL"),
+        explained(
+            "title_missing",
+            "title IS NULL",
+            "The person has no job title.",
+            "Fill title at the source.",
+        ),
     ]
 }

@@ -137,6 +137,27 @@ pub(crate) struct Held {
     samples: Vec<crate::quality::samples::RuleSample>,
 }
 
+/// The run's rules in words, for its page: the configured ones, and the
+/// link rule when it is on (its condition as the config implies it).
+fn rule_notes(config: &Config, opts: &RunOptions) -> Vec<report::RuleNote> {
+    let mut notes = Vec::new();
+    for entity in crate::names::Entity::ALL {
+        for r in config.rules.of(entity) {
+            notes.push(report::RuleNote::of(entity, r));
+        }
+    }
+    if opts.link_rule {
+        let s = &config.source;
+        let link = crate::quality::rules::company_not_valid_rule(
+            "<state>",
+            &s.people_company_column,
+            &s.company_key,
+        );
+        notes.push(report::RuleNote::of(crate::names::Entity::People, &link));
+    }
+    notes
+}
+
 /// Runs the whole pipeline for `state` and reports what happened.
 pub fn run(
     config: &Config,
@@ -145,6 +166,7 @@ pub fn run(
     opts: &RunOptions,
 ) -> RunReport {
     let mut report = RunReport::new(state, opts.dry_run);
+    report.rules = rule_notes(config, opts);
     report.forced = opts.force;
     report.fire_time = opts.fire_time;
     report.batch_id = opts.batch.as_ref().map(|b| b.id.clone());

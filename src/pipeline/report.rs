@@ -105,6 +105,9 @@ pub struct RunReport {
     pub forced: bool,
     /// Columns added, removed or retyped since the bucket's manifest.
     pub schema_changes: Vec<crate::bucket::manifest::SchemaChange>,
+    /// The rules the run judged by, with their words for the page.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleNote>,
     /// This publish's change sets, one per entity that changed (none on a
     /// new baseline, or when nothing changed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -142,6 +145,30 @@ pub struct RunReport {
     pub state_file_set_aside: Option<crate::workbench::SetAside>,
 }
 
+/// A rule as the run's page shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleNote {
+    pub entity: Entity,
+    pub code: String,
+    pub condition: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl RuleNote {
+    pub fn of(entity: Entity, r: &crate::config::Rule) -> RuleNote {
+        RuleNote {
+            entity,
+            code: r.code.clone(),
+            condition: r.condition.clone(),
+            description: r.description.clone(),
+            fix: r.fix.clone(),
+        }
+    }
+}
+
 impl RunReport {
     pub fn new(state: &StateCode, dry_run: bool) -> Self {
         RunReport {
@@ -167,6 +194,7 @@ impl RunReport {
             gates: Vec::new(),
             forced: false,
             schema_changes: Vec::new(),
+            rules: Vec::new(),
             changes: Vec::new(),
             changes_base_run_id: None,
             changes_baseline: None,

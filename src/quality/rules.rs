@@ -48,7 +48,7 @@ pub fn check_syntax(rules: &RulesConfig) -> Result<(), RuleError> {
 
 /// The optional link rule: a person whose company is not good is bad.
 pub fn company_not_valid_rule(schema: &str, link_column: &str, company_key: &str) -> Rule {
-    rule(
+    let link = rule(
         LINK_RULE_CODE,
         &format!(
             "NOT coalesce({link} IN (SELECT {key} FROM {s}.{good}), false)",
@@ -57,7 +57,17 @@ pub fn company_not_valid_rule(schema: &str, link_column: &str, company_key: &str
             s = quote_ident(schema),
             good = quote_ident(&Entity::Companies.table(FileKind::Good)),
         ),
-    )
+    );
+    Rule {
+        description: Some(
+            "The person's company is bad, or is not in the state's companies.".into(),
+        ),
+        fix: Some(
+            "Fix the company's row first (see the companies' rules), or the person's company id."
+                .into(),
+        ),
+        ..link
+    }
 }
 
 const NO_AGGREGATE: &str = "an aggregate judges no single row; to compare a row with the rest of \

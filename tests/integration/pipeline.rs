@@ -1032,6 +1032,8 @@ fn a_warning_rule_leaves_good_rows_good() {
         .push(outreach_workbench::config::Rule {
             code: "name_short".into(),
             condition: "length(company_name) < 3".into(),
+            description: None,
+            fix: None,
             severity: outreach_workbench::config::Severity::Warn,
         });
     let mut pg = w.pg();
@@ -1092,6 +1094,8 @@ fn a_duplicate_email_rule_reads_the_whole_state() {
         .push(outreach_workbench::config::Rule {
             code: "email_duplicate".into(),
             condition: "count(*) OVER (PARTITION BY lower(email)) > 1".into(),
+            description: None,
+            fix: None,
             severity: Default::default(),
         });
     let mut pg = w.pg();

@@ -106,6 +106,8 @@ fn warn_rule(code: &str, condition: &str) -> Rule {
     Rule {
         code: code.into(),
         condition: condition.into(),
+        description: None,
+        fix: None,
         severity: Severity::Warn,
     }
 }
@@ -171,6 +173,36 @@ fn a_run_page_shows_its_report_in_a_browser() {
     for (k, v) in expected_metrics(&r) {
         assert_eq!(shown.get(&k), Some(&v), "{k} on the page: {shown:?}");
     }
+    // Each rule in words, against the last run, worse ones first, with a
+    // query for all its rows.
+    let text = seen["text"].as_str().unwrap();
+    assert!(text.contains("The company has no name."), "{text}");
+    assert!(
+        text.contains("Fix: Fill company_name at the source."),
+        "{text}"
+    );
+    assert_eq!(shown.get("companies.rule.name_short.last"), Some(&2.into()));
+    assert_eq!(
+        shown.get("companies.rule.name_short.difference"),
+        Some(&1.into())
+    );
+    assert_eq!(
+        shown.get("companies.rule.company_name_missing.difference"),
+        Some(&0.into())
+    );
+    assert!(text.contains("Worse than the last run:"), "{text}");
+    assert!(
+        text.contains("name_short (companies): 2 → 3 rows (+1)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("All its rows: SELECT * FROM read_parquet('s3://"),
+        "{text}"
+    );
+    assert!(
+        text.contains("WHERE list_contains(validation_errors, 'company_name_missing')"),
+        "{text}"
+    );
     // The change set: c5 added, shown by count and by key.
     assert_eq!(r.changes.len(), 1, "{}", r.summary());
     assert_eq!(shown.get("changes.companies.added"), Some(&1.into()));

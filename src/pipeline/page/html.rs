@@ -81,6 +81,8 @@ td.null { color: var(--muted); font-style: italic; }
 .status-failed, .status-abandoned { background: #fbd5d5; color: #8a1c1c; }
 .tripped { color: #8a1c1c; font-weight: 600; } .ok { color: #135c2b; }
 .note { color: var(--muted); }
+.worse { border-left: 4px solid #8a1c1c; padding: 2px 12px; margin: 8px 0 12px; background: #fdf3f3; }
+tr.detail td { border-bottom: 1px solid var(--line); color: var(--muted); font-size: 13px; padding-top: 0; }
 .charts { display: flex; flex-wrap: wrap; gap: 16px; }
 figure { margin: 0; width: 500px; } figcaption { font-weight: 600; margin-bottom: 4px; }
 svg text { font: 11px system-ui, sans-serif; fill: var(--muted); }

@@ -111,27 +111,137 @@ impl StatePage<'_> {
     }
 
     fn rules(&self, out: &mut String) {
+        out.push_str("<section id=\"rules\"><h2>Rules</h2>\n");
+        let previous = self.previous_counts();
+        let before = |e: Entity, code: &str| {
+            previous.and_then(|p| p.counts(e)).map(|c| {
+                c.errors
+                    .get(code)
+                    .or(c.warnings.get(code))
+                    .copied()
+                    .unwrap_or(0)
+            })
+        };
+        // Worse since the last run that counted: said first.
+        let mut worse = Vec::new();
+        for (e, c) in self.validated() {
+            for (code, n, _) in rule_counts(c) {
+                if let Some(b) = before(e, code).filter(|b| n > *b) {
+                    worse.push(format!(
+                        "<li data-worse=\"{e}.{code}\"><code>{code}</code> ({e}): {} → {} rows (+{})</li>",
+                        int(b),
+                        int(n),
+                        int(n - b),
+                        code = esc(code)
+                    ));
+                }
+            }
+        }
+        if !worse.is_empty() {
+            let _ = writeln!(
+                out,
+                "<div class=\"worse\"><p><strong>Worse than the last run:</strong></p><ul>{}</ul></div>",
+                worse.join("")
+            );
+        }
         out.push_str(
-            "<section id=\"rules\"><h2>Rules</h2>\n<table><tr><th>Entity</th><th>Rule</th><th>Severity</th>\
-             <th class=\"num\">Rows</th><th class=\"num\">Share</th></tr>\n",
+            "<table><tr><th>Entity</th><th>Rule</th><th>Severity</th>\
+             <th class=\"num\">Rows</th><th class=\"num\">Share</th>\
+             <th class=\"num\">Last run</th><th class=\"num\">Difference</th></tr>\n",
         );
         let mut any = false;
         for (e, c) in self.validated() {
             for (code, n, severity) in rule_counts(c) {
                 any = true;
+                let note = self
+                    .report
+                    .rules
+                    .iter()
+                    .find(|r| r.entity == e && &r.code == code);
+                let description = note
+                    .and_then(|r| r.description.as_deref())
+                    .map(|d| format!("<div class=\"note\" data-description>{}</div>", esc(d)))
+                    .unwrap_or_default();
+                let (last, diff) = match before(e, code) {
+                    Some(b) => (
+                        format!(
+                            "<td class=\"num\" data-metric=\"{e}.rule.{code}.last\" data-value=\"{b}\">{}</td>",
+                            int(b),
+                            code = esc(code)
+                        ),
+                        format!(
+                            "<td class=\"num\" data-metric=\"{e}.rule.{code}.difference\" data-value=\"{d}\">{d:+}</td>",
+                            d = n as i64 - b as i64,
+                            code = esc(code)
+                        ),
+                    ),
+                    None => ("<td class=\"num\">-</td>".into(), "<td class=\"num\">-</td>".into()),
+                };
                 let _ = writeln!(
                     out,
-                    "<tr><td>{e}</td><td><code>{}</code></td><td>{severity}</td>{}<td class=\"num\">{}</td></tr>",
+                    "<tr><td>{e}</td><td><code>{}</code>{description}</td><td>{severity}</td>{}<td class=\"num\">{}</td>{last}{diff}</tr>",
                     esc(code),
                     num_cell(&format!("{e}.rule.{code}"), n),
                     share(n, c.raw),
                 );
+                if let Some(r) = note {
+                    let _ = writeln!(
+                        out,
+                        "<tr class=\"detail\"><td></td><td colspan=\"6\">When <code>{}</code>.{}{}</td></tr>",
+                        esc(&r.condition),
+                        r.fix
+                            .as_deref()
+                            .map(|f| format!(" <strong>Fix:</strong> <span data-fix>{}</span>", esc(f)))
+                            .unwrap_or_default(),
+                        self.query(e, code, severity, n),
+                    );
+                }
             }
         }
         if !any {
-            out.push_str("<tr><td colspan=\"5\" class=\"note\">No rule was evaluated.</td></tr>\n");
+            out.push_str("<tr><td colspan=\"7\" class=\"note\">No rule was evaluated.</td></tr>\n");
         }
         out.push_str("</table></section>\n");
+    }
+
+    /// The last run before this one that counted its rows.
+    fn previous_counts(&self) -> Option<&RunReport> {
+        let r = self.report;
+        self.history
+            .iter()
+            .rev()
+            .filter(|h| h.run_id != r.run_id && h.started_at <= r.started_at)
+            .find(|h| h.companies.is_some() || h.people.is_some())
+    }
+
+    /// A DuckDB query listing every row a rule caught: over the bad file in
+    /// the bucket when the run published it, else the one on this host.
+    fn query(&self, e: Entity, code: &str, severity: &str, n: u64) -> String {
+        if n == 0 || severity != "error" {
+            return String::new();
+        }
+        let table = e.table(crate::names::FileKind::Bad);
+        let place = self
+            .report
+            .objects
+            .iter()
+            .find(|o| o.table_name == table)
+            .map(|o| o.url.clone())
+            .or_else(|| {
+                self.report
+                    .files
+                    .iter()
+                    .find(|f| f.table_name == table)
+                    .map(|f| f.path.display().to_string())
+            });
+        let Some(place) = place else {
+            return String::new();
+        };
+        format!(
+            " All its rows: <code data-query>SELECT * FROM read_parquet('{}') WHERE list_contains(validation_errors, '{}')</code>",
+            esc(&place.replace('\'', "''")),
+            esc(&code.replace('\'', "''"))
+        )
     }
 
     fn gates(&self, out: &mut String) {
