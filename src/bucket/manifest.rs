@@ -43,6 +43,12 @@ pub struct Manifest {
     /// This publish's change sets, one per entity that changed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changes: Vec<ManifestChange>,
+    /// Earlier publishes' change sets still kept (`[changes] keep_days`),
+    /// oldest first: with `changes`, every change file the state's folder
+    /// may hold. Anything else there (a set whose run died before its
+    /// manifest) is deleted by the next publish.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retained_changes: Vec<ManifestChange>,
 }
 
 fn format_1() -> u32 {
@@ -52,6 +58,12 @@ fn format_1() -> u32 {
 /// One change file, as the manifest lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ManifestChange {
+    /// The run that published it, and the run of the snapshot it is
+    /// relative to.
+    #[serde(default)]
+    pub run_id: String,
+    #[serde(default)]
+    pub base_run_id: String,
     pub entity: String,
     pub key: String,
     pub sha256: String,
@@ -267,6 +279,7 @@ mod tests {
             base_run_id: None,
             baseline: None,
             changes: Vec::new(),
+            retained_changes: Vec::new(),
             run_id: "r".into(),
             state: "WV".into(),
             finished_at: Utc::now(),

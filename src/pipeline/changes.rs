@@ -154,10 +154,32 @@ fn previous_file(run: &RunCtx, entry: &ManifestFile) -> Result<Option<PathBuf>, 
     Ok(got.then_some(fetched))
 }
 
-/// After a publish: deletes the state's change files older than
-/// `[changes] keep_days` (by the time in their names), never one the
-/// manifest in force lists. Problems are warnings: the data is published.
-pub(super) fn prune(run: &RunCtx, listed: &[String], now: chrono::DateTime<chrono::Utc>) {
+/// The change sets the new manifest keeps listing: the previous
+/// manifest's, both its own and those it kept, still within
+/// `[changes] keep_days` (by the time in their names), oldest first.
+pub(super) fn retained(
+    run: &RunCtx,
+    previous: Option<&Manifest>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<crate::bucket::manifest::ManifestChange> {
+    let Some(p) = previous else {
+        return Vec::new();
+    };
+    let keep = run.config.changes.keep_days;
+    let limit = now - chrono::Duration::days(i64::from(keep));
+    p.retained_changes
+        .iter()
+        .chain(&p.changes)
+        .filter(|c| keep > 0 && stamp_of(&c.key).is_some_and(|t| t >= limit))
+        .cloned()
+        .collect()
+}
+
+/// After a publish that wrote a manifest: deletes every change file of
+/// the state it does not list (expired, or left by a run that died
+/// between its upload and its manifest). Problems are warnings: the data
+/// is published.
+pub(super) fn prune(run: &RunCtx, listed: &[String]) {
     let prefix = run
         .config
         .storage
@@ -169,12 +191,7 @@ pub(super) fn prune(run: &RunCtx, listed: &[String], now: chrono::DateTime<chron
             return;
         }
     };
-    let limit = now - chrono::Duration::days(i64::from(run.config.changes.keep_days));
-    let old: Vec<String> = keys
-        .into_iter()
-        .filter(|k| !listed.contains(k))
-        .filter(|k| stamp_of(k).is_some_and(|t| t < limit || run.config.changes.keep_days == 0))
-        .collect();
+    let old: Vec<String> = keys.into_iter().filter(|k| !listed.contains(k)).collect();
     if old.is_empty() {
         return;
     }
@@ -182,10 +199,13 @@ pub(super) fn prune(run: &RunCtx, listed: &[String], now: chrono::DateTime<chron
     tracing::info!(
         deleted = old.len() - failed.len(),
         keep_days = run.config.changes.keep_days,
-        "old change files deleted"
+        "change files the manifest does not list deleted"
     );
     for key in failed {
-        tracing::warn!(key, "could not delete an old change file");
+        tracing::warn!(
+            key,
+            "could not delete a change file the manifest does not list"
+        );
     }
 }
 
@@ -198,15 +218,70 @@ fn stamp_of(key: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         .map(|t| t.and_utc())
 }
 
+/// A dry run reads no manifest: it counts its changes against the
+/// snapshot this host last published, and keeps no file.
+pub(super) fn count_dry(run: &RunCtx, wb: &Workbench, report: &mut RunReport) {
+    let dir = kept_dir(run);
+    let Ok(base) = std::fs::read_to_string(dir.join(BASE_RUN)) else {
+        return;
+    };
+    for entity in Entity::ALL {
+        let Some(new) = good_of(&report.files, entity) else {
+            continue;
+        };
+        let old = dir.join(format!("{}.parquet", new.table_name));
+        if !old.exists() {
+            continue;
+        }
+        let out = wb
+            .exports_dir()
+            .join(run.state.lower())
+            .join("changes")
+            .join(entity.as_str())
+            .join(format!("dry_{}.parquet", report.run_id));
+        let sides = Sides {
+            entity,
+            key: run.config.source.key(entity),
+            old: &old,
+            new: &new.path,
+            out: &out,
+            run_id: &report.run_id,
+            base_run_id: base.trim(),
+        };
+        match changes::diff(wb.conn(), &sides, &run.config.export) {
+            Ok(Diff::Same) => {}
+            Ok(Diff::Written(f)) => {
+                let _ = std::fs::remove_file(&f.path);
+                report.changes.push(f);
+            }
+            Ok(Diff::Baseline(why)) => {
+                report.changes.clear();
+                report.changes_baseline = Some(why);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a dry run could not count its changes");
+                report.changes.clear();
+                return;
+            }
+        }
+    }
+    report.changes_base_run_id = Some(base.trim().to_string());
+}
+
+/// The run whose snapshot `published/<state>/` holds.
+const BASE_RUN: &str = "run_id";
+
 /// After a publish whose manifest names this run's files: keeps each good
 /// file as the snapshot the next run compares with. A hard link costs no
 /// copy (the export renames a new file in, so the link keeps these bytes).
-pub(super) fn keep_published(run: &RunCtx, files: &[ExportedFile]) {
+pub(super) fn keep_published(run: &RunCtx, files: &[ExportedFile], manifest_run: &str) {
     let dir = kept_dir(run);
     if let Err(e) = std::fs::create_dir_all(&dir) {
         tracing::warn!(error = %e, "could not keep the published snapshot; the next change set reads it from the bucket");
         return;
     }
+    let _ = std::fs::write(dir.join(BASE_RUN), manifest_run);
     for f in files.iter().filter(|f| f.kind == FileKind::Good) {
         let kept = dir.join(format!("{}.parquet", f.table_name));
         let tmp = kept.with_extension("parquet.tmp");

@@ -105,6 +105,10 @@ pub struct RunReport {
     pub forced: bool,
     /// Columns added, removed or retyped since the bucket's manifest.
     pub schema_changes: Vec<crate::bucket::manifest::SchemaChange>,
+    /// The run of the bucket's manifest the columns were compared with;
+    /// `""` when the bucket had none; `None` when nothing was compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_compared: Option<String>,
     /// The rules the run judged by, with their words for the page.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RuleNote>,
@@ -194,6 +198,7 @@ impl RunReport {
             gates: Vec::new(),
             forced: false,
             schema_changes: Vec::new(),
+            manifest_compared: None,
             rules: Vec::new(),
             changes: Vec::new(),
             changes_base_run_id: None,

@@ -84,6 +84,7 @@ pub(super) fn all(
         report,
     )?;
     if opts.dry_run {
+        super::changes::count_dry(run, wb, report);
         return Ok(());
     }
     let changes = super::changes::prepare(run, wb, bucket.previous.as_ref(), report);
@@ -446,6 +447,11 @@ fn compare_with_bucket(
         .collect();
     let entries = manifest::entries(wb.conn(), &keyed)?;
     let previous = publish::read_manifest(&config.storage, &config.retry, &manifest_key, cancel)?;
+    report.manifest_compared = Some(
+        previous
+            .as_ref()
+            .map_or(String::new(), |m| m.run_id.clone()),
+    );
     if let Some(p) = &previous {
         report.schema_changes = manifest::drift(p, &entries);
     }
@@ -611,6 +617,11 @@ fn publish(
         entries,
     } = bucket;
     let url = format!("s3://{}/{manifest_key}", config.storage.bucket);
+    // The run whose snapshot the manifest in force names, after this.
+    let manifest_run = match (manifest::unchanged(previous.as_ref(), &entries), &previous) {
+        (true, Some(p)) => p.run_id.clone(),
+        _ => report.run_id.clone(),
+    };
     if manifest::unchanged(previous.as_ref(), &entries) {
         report.manifest = Some(format!("unchanged {url}"));
     } else {
@@ -641,10 +652,13 @@ fn publish(
                 files: entries,
                 base_run_id: report.changes_base_run_id.clone(),
                 baseline: report.changes_baseline.clone(),
+                retained_changes: super::changes::retained(run, previous.as_ref(), Utc::now()),
                 changes: changes
                     .files
                     .iter()
                     .map(|(c, key)| manifest::ManifestChange {
+                        run_id: report.run_id.clone(),
+                        base_run_id: report.changes_base_run_id.clone().unwrap_or_default(),
                         entity: c.entity.as_str().to_string(),
                         key: key.clone(),
                         sha256: c.sha256.clone(),
@@ -655,23 +669,32 @@ fn publish(
                     })
                     .collect(),
             };
-            publish::write_manifest(&config.storage, &config.retry, &manifest_key, &m, cancel)
+            publish::write_manifest(&config.storage, &config.retry, &manifest_key, &m, cancel)?;
+            Ok(m)
         });
-        if let Err(e) = m {
-            let keys: Vec<String> = sent.objects.iter().map(|o| o.key.clone()).collect();
-            for key in publish::delete_all(&config.storage, &keys) {
-                tracing::warn!(
-                    key,
-                    "a change set the manifest does not list could not be deleted"
-                );
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                let keys: Vec<String> = sent.objects.iter().map(|o| o.key.clone()).collect();
+                for key in publish::delete_all(&config.storage, &keys) {
+                    tracing::warn!(
+                        key,
+                        "a change set the manifest does not list could not be deleted"
+                    );
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         report.manifest = Some(format!("written {url}"));
-        let listed: Vec<String> = changes.files.iter().map(|(_, k)| k.clone()).collect();
-        super::changes::prune(run, &listed, Utc::now());
+        let listed: Vec<String> = m
+            .changes
+            .iter()
+            .chain(&m.retained_changes)
+            .map(|c| c.key.clone())
+            .collect();
+        super::changes::prune(run, &listed);
     }
-    super::changes::keep_published(run, &report.files);
+    super::changes::keep_published(run, &report.files, &manifest_run);
     report.stages.publish = Some(t.elapsed().as_secs_f64());
     if stop_asked.is_cancelled() {
         tracing::warn!(

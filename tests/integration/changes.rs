@@ -160,6 +160,29 @@ fn a_change_set_holds_exactly_what_changed_since_the_last_publish() {
     let audit = audit_details(&w, second.audit_id.unwrap());
     assert_eq!(audit["changes"][0]["removed"], 1, "{audit:#}");
 
+    // A dry run counts its changes against this host's last publish.
+    w.pg()
+        .batch_execute("UPDATE marketing.company_master SET website_url = 'z.example' WHERE company_unique_id = 'c5'")
+        .unwrap();
+    let dry = w.run_with(
+        "WV",
+        &outreach_workbench::pipeline::RunOptions {
+            dry_run: true,
+            ..Default::default()
+        },
+    );
+    assert!(dry.succeeded(), "{}", dry.summary());
+    assert_eq!(dry.changes.len(), 1, "{}", dry.summary());
+    assert_eq!((dry.changes[0].added, dry.changes[0].changed), (0, 1));
+    assert_eq!(
+        dry.changes_base_run_id.as_deref(),
+        Some(second.run_id.as_str())
+    );
+    assert_eq!(change_keys(&w).len(), 2, "a dry run uploads none");
+    w.pg()
+        .batch_execute("UPDATE marketing.company_master SET website_url = 'e.example' WHERE company_unique_id = 'c5'")
+        .unwrap();
+
     // Nothing changed: no change file, the manifest as it was.
     let third = w.run("WV");
     assert!(
@@ -200,6 +223,15 @@ fn a_change_set_holds_exactly_what_changed_since_the_last_publish() {
         .batch_execute("ALTER TABLE marketing.company_master ADD COLUMN extra TEXT")
         .unwrap();
     let before = change_keys(&w).len();
+    // A change set whose run died before its manifest: the next publish
+    // deletes it; those the manifest lists (its kept ones) stay.
+    let orphan = format!(
+        "outreach/wv/changes/companies/{}_dead.parquet",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+    );
+    let s = services();
+    rt().block_on(s3_bucket(&s, &w.bucket).put_object(&orphan, b"PAR1"))
+        .unwrap();
     let fifth = w.run("WV");
     assert!(fifth.succeeded(), "{}", fifth.summary());
     assert!(
@@ -211,9 +243,14 @@ fn a_change_set_holds_exactly_what_changed_since_the_last_publish() {
         fifth.summary()
     );
     assert_eq!(change_keys(&w).len(), before);
+    assert!(!change_keys(&w).contains(&orphan));
     let manifest: serde_json::Value =
         serde_json::from_slice(&get(&w.bucket, "outreach/wv/_manifest.json")).unwrap();
     assert!(manifest["changes"].is_null(), "{manifest:#}");
+    assert_eq!(
+        manifest["retained_changes"][0]["run_id"],
+        fourth.run_id.as_str()
+    );
     assert!(manifest["baseline"].as_str().is_some(), "{manifest:#}");
 }
 

@@ -412,3 +412,27 @@ fn the_all_states_overview_links_every_state_and_sorts() {
     }
     assert_eq!(seen["links"].as_array().unwrap().len(), 3);
 }
+
+/// A run that failed before it compared anything says so, and draws no
+/// empty chart, instead of claiming nothing changed.
+#[test]
+fn a_failed_runs_page_says_what_was_not_compared() {
+    needs_services!();
+    let mut w = a_state_with_failures("pagefailed");
+    w.config.storage.bucket = "no-such-bucket".into();
+    let r = w.run("WV");
+    assert_eq!(r.status, RunStatus::Failed, "{}", r.summary());
+    let page =
+        std::fs::read_to_string(r.page.as_deref().expect("a failed run writes its page")).unwrap();
+    assert!(
+        page.contains("Not compared: the run ended before it read the bucket"),
+        "{page}"
+    );
+    assert!(!page.contains("No column added"), "{page}");
+    assert!(page.contains("nothing to chart"), "{page}");
+    assert!(!page.contains("<figure"), "{page}");
+    assert!(
+        page.contains("Not compared: only a run that publishes"),
+        "{page}"
+    );
+}

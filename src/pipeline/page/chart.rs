@@ -22,6 +22,9 @@ pub struct Series {
 const COLOURS: [&str; 8] = [
     "#2f6fdf", "#1f9d55", "#d64545", "#c27c0e", "#7b4fd1", "#0f8f8f", "#b8467f", "#5b6576",
 ];
+/// Each line's dash pattern as well as its colour, so that the lines and
+/// the legend read without colour (printed in grey, or colour-blind).
+const DASHES: [&str; 6] = ["", "7 4", "2 3", "9 3 2 3", "1 6", "12 6"];
 const W: f64 = 500.0;
 const H: f64 = 200.0;
 const LEFT: f64 = 56.0;
@@ -81,7 +84,7 @@ pub fn line_chart(id: &str, caption: &str, runs: &[RunMark], series: &[Series]) 
             );
         }
     }
-    for (s, colour) in series.iter().zip(COLOURS.iter().cycle()) {
+    for (n, (s, colour)) in series.iter().zip(COLOURS.iter().cycle()).enumerate() {
         let points: Vec<(usize, u64)> = s
             .values
             .iter()
@@ -95,8 +98,9 @@ pub fn line_chart(id: &str, caption: &str, runs: &[RunMark], series: &[Series]) 
             .join(" ");
         let _ = writeln!(
             svg,
-            "<g data-series=\"{name}\"><polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{line}\"/>",
-            name = esc(&s.name)
+            "<g data-series=\"{name}\"><polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\" points=\"{line}\"/>",
+            name = esc(&s.name),
+            dash = DASHES[n % DASHES.len()],
         );
         for (i, v) in points {
             let run = &runs[i];
@@ -115,10 +119,11 @@ pub fn line_chart(id: &str, caption: &str, runs: &[RunMark], series: &[Series]) 
         svg.push_str("</g>\n");
     }
     svg.push_str("</svg>\n<div class=\"legend\">");
-    for (s, colour) in series.iter().zip(COLOURS.iter().cycle()) {
+    for (n, (s, colour)) in series.iter().zip(COLOURS.iter().cycle()).enumerate() {
         let _ = write!(
             svg,
-            "<span><i style=\"background:{colour}\"></i>{}</span>",
+            "<span><svg width=\"26\" height=\"8\" aria-hidden=\"true\"><line x1=\"0\" y1=\"4\" x2=\"26\" y2=\"4\" stroke=\"{colour}\" stroke-width=\"2\" stroke-dasharray=\"{}\"/></svg> {}</span>",
+            DASHES[n % DASHES.len()],
             esc(&s.name)
         );
     }
@@ -150,5 +155,19 @@ mod tests {
         assert!(svg.contains("data-run=\"a\" data-value=\"10\""), "{svg}");
         assert!(!svg.contains("data-run=\"b\""), "{svg}");
         assert!(svg.contains("<title>first · good: 10</title>"), "{svg}");
+        // A second line differs by its dashes too, on the chart and in
+        // the legend.
+        let two = [
+            Series {
+                name: "good".into(),
+                values: vec![Some(1), Some(2)],
+            },
+            Series {
+                name: "bad".into(),
+                values: vec![Some(3), Some(4)],
+            },
+        ];
+        let svg = line_chart("c", "Companies", &runs, &two);
+        assert_eq!(svg.matches("stroke-dasharray=\"7 4\"").count(), 2, "{svg}");
     }
 }

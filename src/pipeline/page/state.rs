@@ -276,11 +276,25 @@ impl StatePage<'_> {
 
     fn schema(&self, out: &mut String) {
         out.push_str("<section id=\"schema\"><h2>Schema changes</h2>\n");
-        match self.report.schema_changes.as_slice() {
-            [] => out.push_str(
-                "<p class=\"note\">No column added, removed or retyped since the bucket's manifest.</p>\n",
+        let r = self.report;
+        match (r.schema_changes.as_slice(), r.manifest_compared.as_deref()) {
+            ([], None) if r.dry_run => out.push_str(
+                "<p class=\"note\">Not compared: a dry run does not read the bucket's manifest.</p>\n",
             ),
-            changes => {
+            ([], None) => out.push_str(
+                "<p class=\"note\">Not compared: the run ended before it read the bucket's manifest.</p>\n",
+            ),
+            ([], Some("")) => out.push_str(
+                "<p class=\"note\">The bucket has no manifest of this state yet: nothing to compare with.</p>\n",
+            ),
+            ([], Some(run)) => {
+                let _ = writeln!(
+                    out,
+                    "<p class=\"note\">No column added, removed or retyped since the bucket's manifest (run <code>{}</code>).</p>",
+                    esc(run)
+                );
+            }
+            (changes, _) => {
                 out.push_str("<ul>\n");
                 for c in changes {
                     let _ = writeln!(out, "<li><code>{}</code></li>", esc(&c.describe()));
@@ -404,6 +418,10 @@ impl StatePage<'_> {
             .iter()
             .filter(|r| r.companies.is_some() || r.people.is_some())
             .collect();
+        if runs.is_empty() {
+            out.push_str("<section id=\"charts\"><h2>Recent runs</h2>\n<p class=\"note\">No run of this state has counted its rows yet: nothing to chart.</p></section>\n");
+            return;
+        }
         let _ = writeln!(
             out,
             "<section id=\"charts\"><h2>Recent runs</h2>\n<p class=\"note\">The state's last {} runs that counted their rows, oldest first.</p>\n<div class=\"charts\">",
