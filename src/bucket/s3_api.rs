@@ -300,10 +300,33 @@ pub async fn list_one(bucket: &Bucket, prefix: &str, doing: &str) -> Result<(), 
     send(bucket, "/", command, doing, false).await.map(drop)
 }
 
-/// The "folders" right under `prefix` (`outreach/wv/`), every page of them.
+/// The "folders" right under `prefix` (`<prefix>wv/`, ...).
 pub async fn list_folders(
     bucket: &Bucket,
     prefix: &str,
+    doing: &str,
+) -> Result<Vec<String>, Failure> {
+    list(
+        bucket,
+        prefix,
+        Some("/"),
+        ("CommonPrefixes", "Prefix"),
+        doing,
+    )
+    .await
+}
+
+/// Every key under `prefix`.
+pub async fn list_keys(bucket: &Bucket, prefix: &str, doing: &str) -> Result<Vec<String>, Failure> {
+    list(bucket, prefix, None, ("Contents", "Key"), doing).await
+}
+
+/// One `field` of each `block` of every page of a listing of `prefix`.
+async fn list(
+    bucket: &Bucket,
+    prefix: &str,
+    delimiter: Option<&str>,
+    (block, field): (&str, &str),
     doing: &str,
 ) -> Result<Vec<String>, Failure> {
     let mut out = Vec::new();
@@ -311,7 +334,7 @@ pub async fn list_folders(
     loop {
         let command = Command::ListObjectsV2 {
             prefix: prefix.to_string(),
-            delimiter: Some("/".to_string()),
+            delimiter: delimiter.map(str::to_string),
             continuation_token: token.take(),
             start_after: None,
             max_keys: None,
@@ -321,37 +344,9 @@ pub async fn list_folders(
             .expect("not absent_ok");
         let body = String::from_utf8_lossy(&reply.body);
         out.extend(
-            blocks(&body, "CommonPrefixes")
+            blocks(&body, block)
                 .into_iter()
-                .filter_map(|b| tag(b, "Prefix")),
-        );
-        token = tag(&body, "NextContinuationToken");
-        if tag(&body, "IsTruncated").as_deref() != Some("true") || token.is_none() {
-            return Ok(out);
-        }
-    }
-}
-
-/// Every key under `prefix`.
-pub async fn list_keys(bucket: &Bucket, prefix: &str, doing: &str) -> Result<Vec<String>, Failure> {
-    let mut out = Vec::new();
-    let mut token = None;
-    loop {
-        let command = Command::ListObjectsV2 {
-            prefix: prefix.to_string(),
-            delimiter: None,
-            continuation_token: token.take(),
-            start_after: None,
-            max_keys: None,
-        };
-        let reply = send(bucket, "/", command, doing, false)
-            .await?
-            .expect("not absent_ok");
-        let body = String::from_utf8_lossy(&reply.body);
-        out.extend(
-            blocks(&body, "Contents")
-                .into_iter()
-                .filter_map(|b| tag(b, "Key")),
+                .filter_map(|b| tag(b, field)),
         );
         token = tag(&body, "NextContinuationToken");
         if tag(&body, "IsTruncated").as_deref() != Some("true") || token.is_none() {
