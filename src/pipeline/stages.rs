@@ -618,11 +618,12 @@ fn publish(
     } = bucket;
     let url = format!("s3://{}/{manifest_key}", config.storage.bucket);
     // The run whose snapshot the manifest in force names, after this.
-    let manifest_run = match (manifest::unchanged(previous.as_ref(), &entries), &previous) {
+    let unchanged = manifest::unchanged(previous.as_ref(), &entries);
+    let manifest_run = match (unchanged, &previous) {
         (true, Some(p)) => p.run_id.clone(),
         _ => report.run_id.clone(),
     };
-    if manifest::unchanged(previous.as_ref(), &entries) {
+    if unchanged {
         report.manifest = Some(format!("unchanged {url}"));
     } else {
         // The change sets go up after the files, before the manifest that
